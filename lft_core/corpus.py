@@ -1,0 +1,197 @@
+"""Text sources -> fixed-length token windows with a deterministic train / held-out split.
+
+Corpus specs:
+
+* ``builtin``: the Python reference documentation that ships inside CPython (``pydoc_data.topics``,
+  ~465k characters of English prose, ~110k SmolLM2 tokens), topics in sorted order. Always offline.
+* a path to a ``.txt`` / ``.md`` file, a ``.jsonl`` file (one JSON object a line with a ``"text"`` field;
+  bad lines are skipped and counted), or a folder of such files (sorted, recursive).
+* ``hf:NAME[:CONFIG]`` a Hugging Face dataset's ``train`` split ``text`` column, when online and the optional
+  ``datasets`` package is installed.
+
+Windows: the texts are tokenized (no special tokens), joined with the tokenizer's EOS token, and cut into
+consecutive non-overlapping windows of ``seq_len`` tokens. Window j is held out when j % 10 == 9 (10%,
+spread over the whole corpus); training never sees those.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import LFTError
+
+BUILTIN = "builtin"
+HELDOUT_EVERY = 10  # window j is held out when j % HELDOUT_EVERY == HELDOUT_EVERY - 1
+MAX_FILE_BYTES = 200 * 1024 * 1024
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".jsonl"}
+
+
+class CorpusError(LFTError):
+    """The corpus cannot be read or is too short."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Texts with an id (what the user named) and a content hash (what the texts are)."""
+
+    id: str
+    texts: tuple[str, ...]
+    content_hash: str
+    skipped_lines: int = 0
+    sources: tuple[str, ...] = field(default=())
+
+    @property
+    def n_chars(self) -> int:
+        return sum(len(t) for t in self.texts)
+
+
+def _hash_texts(texts: list[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def _builtin_texts() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [topics[k].strip() for k in sorted(topics) if topics[k].strip()]
+
+
+def _read_text_file(path: Path) -> str:
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise CorpusError(f"{path} is {size / 2**20:.0f} MiB; the limit is {MAX_FILE_BYTES // 2**20} MiB")
+        raw = path.read_bytes()
+    except PermissionError:
+        raise CorpusError(f"{path} cannot be read (permission denied)") from None
+    except OSError as e:
+        raise CorpusError(f"{path} cannot be read: {e.strerror or e}") from None
+    if not raw.strip():
+        raise CorpusError(f"{path} is empty")
+    if b"\x00" in raw[:8192]:
+        raise CorpusError(f"{path} looks binary, not text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{path} is not UTF-8 text (bad byte at offset {e.start})") from None
+
+
+def _read_jsonl(path: Path) -> tuple[list[str], int]:
+    texts, skipped = [], 0
+    for line in _read_text_file(path).splitlines():
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            text = obj["text"] if isinstance(obj, dict) else None
+        except (json.JSONDecodeError, KeyError):
+            text = None
+        if isinstance(text, str) and text.strip():
+            texts.append(text.strip())
+        else:
+            skipped += 1
+    if not texts:
+        raise CorpusError(f"{path} has no line with a non-empty \"text\" field ({skipped} bad lines)")
+    return texts, skipped
+
+
+def _read_path(path: Path) -> tuple[list[str], int, list[str]]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        if not files:
+            raise CorpusError(f"folder {path} has no .txt/.md/.rst/.jsonl files")
+        texts, skipped = [], 0
+        for f in files:
+            t, s, _ = _read_path(f)
+            texts += t
+            skipped += s
+        return texts, skipped, [str(f) for f in files]
+    if path.suffix.lower() == ".jsonl":
+        texts, skipped = _read_jsonl(path)
+        return texts, skipped, [str(path)]
+    return [_read_text_file(path).strip()], 0, [str(path)]
+
+
+def load_corpus(spec: str = BUILTIN) -> Corpus:
+    """Read a corpus from a spec (see the module docstring). Raises CorpusError with a clear message."""
+    spec = (spec or "").strip()
+    if spec in ("", BUILTIN):
+        texts = _builtin_texts()
+        return Corpus(BUILTIN, tuple(texts), _hash_texts(texts), sources=("pydoc_data.topics",))
+    if spec.startswith("hf:"):
+        return _load_hf(spec)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise CorpusError(f"corpus {spec!r} not found: use 'builtin', a .txt/.jsonl file or folder, or hf:NAME")
+    texts, skipped, sources = _read_path(path)
+    return Corpus(str(path.resolve()), tuple(texts), _hash_texts(texts), skipped, tuple(sources))
+
+
+def _load_hf(spec: str) -> Corpus:
+    parts = spec.split(":")
+    name, config = parts[1], (parts[2] if len(parts) > 2 else None)
+    try:
+        import datasets  # optional dependency
+    except ImportError:
+        raise CorpusError("hf: corpora need the optional package `datasets` (pip install datasets)") from None
+    try:
+        ds = datasets.load_dataset(name, config, split="train")
+    except Exception as e:  # the hub raises many kinds; all mean "not available"
+        raise CorpusError(f"dataset {name!r} is not available ({type(e).__name__}); are you online?") from None
+    if "text" not in ds.column_names:
+        raise CorpusError(f"dataset {name!r} has no 'text' column (columns: {ds.column_names})")
+    texts = [t.strip() for t in ds["text"] if isinstance(t, str) and t.strip()]
+    return Corpus(spec, tuple(texts), _hash_texts(texts), sources=(spec,))
+
+
+def tokenize_corpus(corpus: Corpus, tokenizer) -> np.ndarray:
+    """All texts as one int32 token stream, texts joined by the EOS token (if the tokenizer has one)."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for i, enc in enumerate(tokenizer(list(corpus.texts), add_special_tokens=False)["input_ids"]):
+        if i and eos is not None:
+            stream.append(int(eos))
+        stream.extend(enc)
+    return np.asarray(stream, dtype=np.int32)
+
+
+def available_windows(n_tokens: int, seq_len: int, split: str = "train") -> int:
+    """How many windows of ``seq_len`` the split offers for a stream of ``n_tokens`` tokens."""
+    total = n_tokens // seq_len
+    held = total // HELDOUT_EVERY
+    return held if split == "heldout" else total - held
+
+
+def make_windows(
+    corpus: Corpus, tokenizer, seq_len: int, n_windows: int | None = None, split: str = "train"
+) -> np.ndarray:
+    """Token windows of one split, shape (n_windows, seq_len), int32, deterministic.
+
+    ``n_windows=None`` takes every window of the split. Raises CorpusError when the corpus is too short.
+    """
+    if split not in ("train", "heldout"):
+        raise CorpusError(f"split must be 'train' or 'heldout', got {split!r}")
+    if seq_len < 2:
+        raise CorpusError(f"seq_len must be at least 2, got {seq_len}")
+    if n_windows is not None and n_windows < 1:
+        raise CorpusError(f"the number of windows must be at least 1, got {n_windows}")
+    stream = tokenize_corpus(corpus, tokenizer)
+    total = len(stream) // seq_len
+    if total == 0:
+        raise CorpusError(f"corpus {corpus.id!r} has {len(stream)} tokens, fewer than one window of {seq_len}")
+    windows = stream[: total * seq_len].reshape(total, seq_len)
+    heldout = (np.arange(total) % HELDOUT_EVERY) == HELDOUT_EVERY - 1
+    chosen = windows[heldout] if split == "heldout" else windows[~heldout]
+    if len(chosen) == 0 or (n_windows is not None and n_windows > len(chosen)):
+        raise CorpusError(
+            f"corpus {corpus.id!r} ({len(stream)} tokens) has {len(chosen)} {split} windows of {seq_len} "
+            f"tokens, {n_windows} were asked for: use fewer windows, a shorter seq_len or a larger corpus"
+        )
+    return np.ascontiguousarray(chosen[:n_windows] if n_windows is not None else chosen)

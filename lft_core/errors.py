@@ -1,0 +1,3 @@
+"""Errors the engine raises for bad input; the CLI prints them as one line and exits 2."""
+class LFTError(Exception):
+    """Base class: a user-facing problem with a clear one-line message."""

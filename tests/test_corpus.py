@@ -1,0 +1,62 @@
+"""Corpus: the built-in source, files, deterministic windows and split, clear errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lft_core.corpus import CorpusError, load_corpus, make_windows, tokenize_corpus
+
+
+def test_builtin_is_large_and_deterministic(smol):
+    a, b = load_corpus("builtin"), load_corpus("builtin")
+    assert a.content_hash == b.content_hash and a.id == "builtin"
+    assert len(tokenize_corpus(a, smol.tokenizer)) >= 100_000
+    w1 = make_windows(a, smol.tokenizer, 64, 20)
+    w2 = make_windows(b, smol.tokenizer, 64, 20)
+    assert w1.shape == (20, 64) and np.array_equal(w1, w2)
+
+
+def test_train_and_heldout_are_disjoint(smol):
+    c = load_corpus("builtin")
+    train = make_windows(c, smol.tokenizer, 128)
+    held = make_windows(c, smol.tokenizer, 128, split="heldout")
+    assert len(held) > 0 and len(train) > 8 * len(held)
+    seen = {w.tobytes() for w in train}
+    assert not any(w.tobytes() in seen for w in held)
+
+
+def test_files_and_folders(tmp_path, smol):
+    (tmp_path / "a.txt").write_text("Hello world. " * 400)
+    lines = [json.dumps({"text": "Line number %d is here." % i}) for i in range(300)] + ["{bad json", '{"x": 1}']
+    (tmp_path / "b.jsonl").write_text("\n".join(lines))
+    c = load_corpus(str(tmp_path))
+    assert len(c.texts) == 301 and c.skipped_lines == 2
+    assert make_windows(c, smol.tokenizer, 32, 4).shape == (4, 32)
+    assert load_corpus(str(tmp_path / "a.txt")).content_hash != c.content_hash
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "empty"), (b"   \n", "empty"), (b"\x00\x01\x02binary" * 10, "binary"), (b"caf\xe9 " * 50, "not UTF-8")],
+)
+def test_bad_files(tmp_path, content, message):
+    p = tmp_path / "x.txt"
+    p.write_bytes(content)
+    with pytest.raises(CorpusError, match=message):
+        load_corpus(str(p))
+
+
+def test_missing_and_short(tmp_path, smol):
+    with pytest.raises(CorpusError, match="not found"):
+        load_corpus(str(tmp_path / "nope.txt"))
+    p = tmp_path / "short.txt"
+    p.write_text("Just a few words.")
+    with pytest.raises(CorpusError, match="fewer than one window"):
+        make_windows(load_corpus(str(p)), smol.tokenizer, 128)
+    with pytest.raises(CorpusError, match="windows"):
+        make_windows(load_corpus("builtin"), smol.tokenizer, 128, 100_000)
+    (tmp_path / "empty.jsonl").write_text('{"title": 1}\n')
+    with pytest.raises(CorpusError, match="no line"):
+        load_corpus(str(tmp_path / "empty.jsonl"))

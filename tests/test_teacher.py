@@ -1,0 +1,76 @@
+"""Teacher: hidden states by hooks, logits with a span replaced or skipped, loading errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lft_core.errors import LFTError
+from lft_core.teacher import TeacherLoadError, load_teacher
+
+
+def _check_hidden_states(teacher):
+    ids = teacher.encode("The quick brown fox jumps over the lazy dog. " * 3)
+    L = teacher.n_layers
+    mine = teacher.hidden_states(ids, range(L + 1))
+    with torch.no_grad():
+        ref = teacher.model(ids, output_hidden_states=True).hidden_states
+    for i in range(L):
+        torch.testing.assert_close(mine[i], ref[i].float(), rtol=0, atol=0)
+    # h_L is the last block's output BEFORE the final norm; HF's last entry is after it.
+    final_norm = teacher._layout.final_norm
+    torch.testing.assert_close(final_norm(mine[L]), ref[L].float(), rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(mine[L], ref[L].float())
+    return ids, mine
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gpt2"])
+def test_tiny_families(family, tiny_neox_dir, tiny_gpt2_dir):
+    teacher = load_teacher(str(tiny_neox_dir if family == "gpt_neox" else tiny_gpt2_dir))
+    assert teacher.family == family and teacher.n_layers == 4 and teacher.d_model == 64
+    ids, hs = _check_hidden_states(teacher)
+    full = teacher.logits(ids)
+    # degenerate cases: empty skip, and a "flow" that returns x1 exactly
+    assert torch.equal(teacher.logits(ids, skip=(1, 0)), full)
+    x1 = hs[3]
+    assert torch.equal(teacher.logits(ids, replace=(1, 3, lambda h, k: x1, 1)), full)
+    # a real skip changes the logits, and the model is restored afterwards
+    assert not torch.allclose(teacher.logits(ids, skip=(1, 2)), full)
+    assert torch.equal(teacher.logits(ids), full)
+
+
+def test_embedded_model(smol):
+    assert smol.family == "llama" and smol.n_layers == 30 and smol.d_model == 576
+    ids, hs = _check_hidden_states(smol)
+    out = smol.model.generate(smol.encode("The capital of France is"), max_new_tokens=2, do_sample=False)
+    assert "Paris" in smol.tokenizer.decode(out[0])
+    full = smol.logits(ids)
+    x1 = hs[12]
+    assert torch.equal(smol.logits(ids, replace=(6, 12, lambda h, k: x1, 1)), full)
+
+
+def test_surgery_restores_blocks_on_error(tiny_neox):
+    blocks = list(tiny_neox._layout.blocks)
+    with pytest.raises(RuntimeError):
+        with tiny_neox.replaced_span(0, 3, lambda h: h):
+            raise RuntimeError("boom")
+    assert list(tiny_neox._layout.blocks) == blocks
+
+
+def test_span_checks(tiny_neox):
+    for m, n in [(3, 3), (3, 1), (-1, 2), (0, 5)]:
+        with pytest.raises(LFTError, match="span"):
+            tiny_neox.check_span(m, n)
+    assert tiny_neox.span_params(0, 2) == 2 * tiny_neox.span_params(0, 1)
+
+
+def test_absent_model_offline_is_a_clear_error():
+    with pytest.raises(TeacherLoadError, match="not available on this machine"):
+        load_teacher("EleutherAI/pythia-410m-this-does-not-exist")
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(TeacherLoadError, match="not a model folder"):
+        load_teacher(str(tmp_path))
+    with pytest.raises(TeacherLoadError, match="does not exist"):
+        load_teacher(str(tmp_path / "missing"))
