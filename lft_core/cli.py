@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from .errors import LFTError
 
 
@@ -72,7 +74,106 @@ def cmd_cache(a: argparse.Namespace) -> dict:
     return result
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {"cache": cmd_cache}
+def cmd_train(a: argparse.Namespace) -> dict:
+    from .training import TrainConfig, train_flow
+
+    cfg = TrainConfig(model=a.model, corpus=a.corpus, span=a.span, method=a.method, k=a.k, alpha=a.alpha,
+                      steps=a.steps, batch=a.batch, seq_len=a.seq_len, windows=a.windows,
+                      heldout_windows=a.heldout_windows, lr=a.lr, seed=a.seed,
+                      init_from_teacher=a.init_from_teacher, normalise=not a.no_normalise,
+                      eval_every=a.eval_every, checkpoint_every=a.checkpoint_every, name=a.name)
+    stop_file = Path(a.stop_file) if a.stop_file else None
+    progress = _progress_writer(Path(a.progress_file)) if a.progress_file else None
+    result = train_flow(cfg, progress=progress, should_stop=(lambda: stop_file.exists()) if stop_file else None,
+                        resume=a.resume)
+    out = result.to_json()
+    print(f"{'stopped' if result.stopped else 'trained'} {result.name}: loss {result.final_loss:.5f}, "
+          f"held-out NMSE {result.heldout_nmse:.4f}, {result.seconds:.1f} s on {result.device}")
+    return out
+
+
+def _progress_writer(path: Path) -> Callable[[dict], None]:
+    """Append one JSON line per progress event (read by the app's job view)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(event: dict) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(event) + "\n")
+
+    return write
+
+
+def cmd_eval(a: argparse.Namespace) -> dict:
+    from .evaluation import eval_windows, evaluate
+    from .teacher import load_teacher
+    from .training import open_flow, read_flow_config
+
+    if a.text and a.corpus_given:
+        raise LFTError("give either --text or --corpus, not both")
+    config = read_flow_config(a.flow)
+    teacher = load_teacher(a.model or config["model"])
+    flow, config = open_flow(a.flow, teacher)
+    text = None
+    if a.text:
+        try:
+            text = Path(a.text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise LFTError(f"cannot read {a.text}: {e}") from None
+    ids = eval_windows(teacher, a.corpus, text, a.windows, a.seq_len or config.get("seq_len", 128))
+    result = evaluate(teacher, flow, tuple(config["span"]), ids, ks=a.k, skips=a.skip,
+                      progress=lambda s: print(s, file=sys.stderr))
+    print(result.table())
+    return result.to_json()
+
+
+def cmd_recoupling(a: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    from .coupling import parse_spans, recoupling_for_model
+    from .teacher import load_teacher
+
+    teacher = load_teacher(a.model, trust_remote_code=a.trust_remote_code)
+    spans = parse_spans(a.spans, teacher.n_layers)
+    bar = tqdm(desc="recoupling", unit="span", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    grid = recoupling_for_model(teacher, a.corpus, a.pairs, spans, a.seq_len, a.windows,
+                                drop_first=not a.include_first, seed=a.seed, progress=progress)
+    bar.close()
+    L = teacher.n_layers
+    values = grid.matrix[np.isfinite(grid.matrix)]
+    print(f"recoupling ratio over {values.size} spans of {teacher.model_id} ({grid.pairs} pairs, first positions "
+          f"{'included' if a.include_first else 'excluded'}): min {values.min():.3f}, median "
+          f"{np.median(values):.3f}, max {values.max():.3f} in {grid.seconds:.1f} s")
+    return {"model": teacher.model_id, "layers": L, "pairs": grid.pairs, "drop_first": grid.drop_first,
+            "matrix": grid.to_json_matrix(), "seconds": round(grid.seconds, 3)}
+
+
+def cmd_toy(a: argparse.Namespace) -> dict:
+    from .toy import run_toy
+
+    result = run_toy(a.dataset, a.method, a.steps, k=a.k, n_points=a.points, seed=a.seed)
+    out = result.to_json()
+    print(f"{a.dataset} {a.method}: data R {out['data_recoupling_ratio']:.3f}, endpoint MSE "
+          f"{out['endpoint_mse']:.4f}, recoupled by the flow {out['flow_recoupled_fraction']:.3f} "
+          f"({out['seconds']:.1f} s)")
+    return out
+
+
+def cmd_bench(a: argparse.Namespace) -> dict:
+    from . import bench
+
+    return bench.run(a.what.split(","), a.model)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {
+    "cache": cmd_cache, "train": cmd_train, "eval": cmd_eval, "recoupling": cmd_recoupling, "toy": cmd_toy,
+    "bench": cmd_bench,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,18 +195,69 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--split", choices=["train", "heldout"], default="train")
     c.add_argument("--batch-size", type=_positive, default=8)
 
-    for register in _EXTRA_PARSERS:
-        register(sub, common)
+    t = sub.add_parser("train", help="train a latent flow replacing a span")
+    common(t)
+    t.add_argument("--span", type=_span, required=True, help="M:N, the blocks M..N-1 to replace")
+    t.add_argument("--method", choices=["sfm", "fw", "hybrid"], default="fw")
+    t.add_argument("--steps", type=_positive, default=300)
+    t.add_argument("--batch", type=_positive, default=8)
+    t.add_argument("--seq-len", type=_positive, default=128)
+    t.add_argument("--windows", type=_positive, default=256)
+    t.add_argument("--heldout-windows", type=_positive, default=16)
+    t.add_argument("--k", type=int, default=3, help="integration steps (Flow Walking walks k steps)")
+    t.add_argument("--alpha", type=float, default=0.1, help="weight of the SFM term in hybrid")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--init-from-teacher", action="store_true", help="initialise from block M of the teacher")
+    t.add_argument("--no-normalise", action="store_true", help="do not standardise x0/x1 per dimension")
+    t.add_argument("--eval-every", type=_positive, default=50)
+    t.add_argument("--checkpoint-every", type=_positive, default=100)
+    t.add_argument("--name", help="flow name (default: derived from the settings)")
+    t.add_argument("--resume", action="store_true", help="continue from the flow's last checkpoint")
+    t.add_argument("--progress-file", help=argparse.SUPPRESS)
+    t.add_argument("--stop-file", help=argparse.SUPPRESS)
+
+    e = sub.add_parser("eval", help="KL / NMSE / PPL of a flow against the teacher and layer skipping")
+    e.add_argument("--flow", required=True, help="flow name (in cache/flows) or folder")
+    e.add_argument("--model", default=None, help="defaults to the flow's model")
+    e.add_argument("--text", help="evaluate on this text file instead of held-out corpus windows")
+    e.add_argument("--corpus", default=None)
+    e.add_argument("--windows", type=_positive, default=16)
+    e.add_argument("--seq-len", type=_positive, default=None)
+    e.add_argument("--k", type=_int_list, default=[1, 2, 3], help="LFT integration steps, e.g. 1,2,3")
+    e.add_argument("--skip", type=_int_list, default=[1, 2, 3], help="skip-k baselines, e.g. 1,2,3")
+    e.add_argument("--json", metavar="PATH")
+
+    r = sub.add_parser("recoupling", help="recoupling ratio of every span (optimal transport vs true pairing)")
+    common(r)
+    r.add_argument("--pairs", type=_positive, default=512, help="token pairs sampled per span")
+    r.add_argument("--spans", default="all", help="all or M:N,M:N")
+    r.add_argument("--seq-len", type=_positive, default=128)
+    r.add_argument("--windows", type=_positive, default=16)
+    r.add_argument("--include-first", action="store_true", help="keep position 0 (attention sinks)")
+    r.add_argument("--seed", type=int, default=0)
+
+    y = sub.add_parser("toy", help="2-D teaching lab: SFM vs Flow Walking on paired point clouds")
+    y.add_argument("--dataset", default="mirror", help="mirror, rotation, swap or identity")
+    y.add_argument("--method", choices=["sfm", "fw", "hybrid"], default="fw")
+    y.add_argument("--steps", type=_positive, default=1500)
+    y.add_argument("--k", type=_positive, default=3)
+    y.add_argument("--points", type=_positive, default=256)
+    y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--json", metavar="PATH")
+
+    b = sub.add_parser("bench", help="benchmarks (see docs/BENCHMARKS.md)")
+    b.add_argument("--what", default="cache,train,recoupling,umap", help="comma list of benchmarks")
+    b.add_argument("--model", default="smollm2-135m")
+    b.add_argument("--json", metavar="PATH")
     return p
-
-
-# Other modules' commands register here (kept in this file so the CLI is one place).
-_EXTRA_PARSERS: list[Callable] = []
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "eval":
+        args.corpus_given = args.corpus is not None
     start = time.perf_counter()
     try:
         result = COMMANDS[args.command](args)

@@ -1,0 +1,160 @@
+"""Benchmarks (``python -m lft_core bench --what ...``): each returns a dict of what it measured.
+
+Not a test: numbers depend on the machine. docs/BENCHMARKS.md records them with the command that made them.
+"""
+from __future__ import annotations
+
+import gc
+import platform
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .activations import ensure_activations
+from .corpus import load_corpus, make_windows
+
+
+def machine() -> dict:
+    return {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_cache(teacher, windows: int = 32, seq_len: int = 128, batch: int = 8, repeats: int = 2) -> dict:
+    """Caching every layer vs a plain ``model(input_ids)`` forward over the same windows (best of repeats)."""
+    corpus = load_corpus("builtin")
+    ids = torch.from_numpy(make_windows(corpus, teacher.tokenizer, seq_len, windows).astype(np.int64))
+    tokens = ids.numel()
+    with torch.no_grad():
+        teacher.model(ids[:batch], use_cache=False)  # warm-up
+    fwd = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        with torch.no_grad():
+            for s in range(0, windows, batch):
+                teacher.model(ids[s : s + batch], use_cache=False)
+        fwd.append(time.perf_counter() - t)
+    cache = []
+    for _ in range(repeats):
+        root = Path(tempfile.mkdtemp(prefix="lft-bench-"))
+        try:
+            t = time.perf_counter()
+            ensure_activations(teacher, corpus, seq_len, windows, range(teacher.n_layers + 1), progress=False,
+                               root=root, batch_size=batch)
+            cache.append(time.perf_counter() - t)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    f, c = min(fwd), min(cache)
+    return {"windows": windows, "seq_len": seq_len, "tokens": tokens, "layers": teacher.n_layers + 1,
+            "forward_seconds": round(f, 3), "cache_seconds": round(c, 3),
+            "forward_tokens_per_s": round(tokens / f, 1), "cache_tokens_per_s": round(tokens / c, 1),
+            "ratio": round(f / c, 3)}
+
+
+def bench_train(teacher, span=(6, 12), steps: int = 20, batch: int = 8, seq_len: int = 128, k: int = 3,
+                device: str | None = None) -> dict:
+    """Steps/s and tokens/s of SFM and FW (k steps) on random pairs of the teacher's width, and peak memory."""
+    from .flow import LatentFlow, VelocityField
+    from .losses import compute_loss
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = {"device": device, "span": list(span), "batch": batch, "seq_len": seq_len, "k": k, "steps": steps}
+    for method in ("sfm", "fw"):
+        torch.manual_seed(0)
+        flow = LatentFlow(VelocityField(teacher.field_spec()), span=span).to(device)
+        opt = torch.optim.AdamW(flow.field.parameters(), lr=1e-4)
+        x0 = torch.randn(batch, seq_len, teacher.d_model, device=device)
+        x1 = torch.randn(batch, seq_len, teacher.d_model, device=device)
+        gen = torch.Generator().manual_seed(0)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for i in range(steps + 2):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+                loss = compute_loss(method, flow.velocity, x0, x1, k, 0.1, gen)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if i >= 2:  # skip warm-up steps
+                times.append(time.perf_counter() - t)
+        sec = float(np.median(times))
+        out[method] = {"steps_per_s": round(1 / sec, 3), "tokens_per_s": round(batch * seq_len / sec, 1),
+                       "peak_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)
+                       if device.startswith("cuda") else round(peak_rss_mib(), 1)}
+        del flow, opt
+        gc.collect()
+    out["fw_cost_vs_sfm"] = round(out["sfm"]["steps_per_s"] / out["fw"]["steps_per_s"], 2)
+    return out
+
+
+def bench_recoupling(teacher, pairs: int = 512, windows: int = 16, seq_len: int = 128) -> dict:
+    """Recoupling grid over every span from an all-layer cache (cache time reported separately)."""
+    from .coupling import all_layer_cache
+    from .metrics import recoupling_grid
+
+    t = time.perf_counter()
+    cache = all_layer_cache(teacher, "builtin", seq_len, windows, progress=False)
+    cache_s = time.perf_counter() - t
+    grid = recoupling_grid(cache.layer, teacher.n_layers, pairs=pairs)
+    return {"layers": teacher.n_layers, "spans": int(np.isfinite(grid.matrix).sum()), "pairs": pairs,
+            "grid_seconds": round(grid.seconds, 2), "cache_seconds": round(cache_s, 2), "cache_hit": cache.hit}
+
+
+def bench_umap(points: int = 20_000, d: int = 576, seed: int = 0) -> dict:
+    """UMAP (PCA to 50 dims first) of ``points`` random clustered points, then the cached reopen."""
+    from .projection import project
+
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(20, d)) * 5
+    x = (centres[rng.integers(0, 20, points)] + rng.normal(size=(points, d))).astype(np.float32)
+    cache = Path(tempfile.mkdtemp(prefix="lft-umap-"))
+    try:
+        first = project(x, "umap", seed=seed, cache_dir=cache)
+        t = time.perf_counter()
+        again = project(x, "umap", seed=seed, cache_dir=cache)
+        reopen = time.perf_counter() - t
+        pca = project(x, "pca", seed=seed, cache_dir=cache)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    assert again.cached
+    return {"points": points, "d": d, "umap_seconds": round(first.seconds, 2), "reopen_seconds": round(reopen, 4),
+            "pca_seconds": round(pca.seconds, 3)}
+
+
+def run(what: list[str], model: str = "smollm2-135m") -> dict:
+    """Run the named benchmarks (cache, train, recoupling, umap) and return their figures."""
+    from .errors import LFTError
+    from .teacher import load_teacher
+
+    known = {"cache", "train", "recoupling", "umap"}
+    unknown = set(what) - known
+    if unknown:
+        raise LFTError(f"unknown benchmark(s) {sorted(unknown)}; known: {sorted(known)}")
+    out: dict = {"machine": machine()}
+    teacher = load_teacher(model) if set(what) & {"cache", "train", "recoupling"} else None
+    for name in what:
+        t = time.perf_counter()
+        if name == "cache":
+            out["cache"] = bench_cache(teacher)
+        elif name == "train":
+            out["train"] = bench_train(teacher)
+        elif name == "recoupling":
+            out["recoupling"] = bench_recoupling(teacher)
+        elif name == "umap":
+            out["umap"] = bench_umap()
+        print(f"{name}: {out[name]} ({time.perf_counter() - t:.1f} s)", flush=True)
+    out["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    return out

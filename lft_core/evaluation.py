@@ -1,0 +1,174 @@
+"""Held-out evaluation of a latent flow against the teacher and against plain layer skipping.
+
+For every token of the evaluation text: KL(P_teacher || P_model) of next-token distributions (the paper's
+"KL of LM logits"), where the model is the LFT (span replaced by the flow, k integration steps) or skip-k
+(k blocks removed). Also NMSE of the flow's end point against h_n, and perplexities.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .corpus import load_corpus, make_windows
+from .errors import LFTError
+from .metrics import kl_per_token, nll_per_token, nmse
+
+
+@dataclass
+class EvalRow:
+    model: str  # "lft" | "skip"
+    k: int
+    kl: float
+    ppl: float
+    nmse: float | None = None
+    where: str | None = None  # skip rows: "span" (first k blocks of the span) or "best"
+    start: int | None = None  # first skipped block
+
+
+@dataclass
+class EvalResult:
+    span: tuple[int, int]
+    tokens: int
+    teacher_ppl: float
+    rows: list[EvalRow] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"span": list(self.span), "tokens": self.tokens, "teacher_ppl": self.teacher_ppl,
+                "rows": [{k: v for k, v in asdict(r).items() if v is not None} for r in self.rows],
+                "seconds": round(self.seconds, 3)}
+
+    def table(self) -> str:
+        lines = [f"span {self.span[0]}:{self.span[1]}  tokens {self.tokens}  teacher ppl {self.teacher_ppl:.3f}",
+                 f"{'model':<6} {'k':>3} {'where':<10} {'KL':>8} {'NMSE':>8} {'PPL':>9}"]
+        for r in self.rows:
+            where = "" if r.where is None else f"{r.where}@{r.start}"
+            nm = "" if r.nmse is None else f"{r.nmse:.4f}"
+            lines.append(f"{r.model:<6} {r.k:>3} {where:<10} {r.kl:>8.4f} {nm:>8} {r.ppl:>9.3f}")
+        return "\n".join(lines)
+
+
+def _batched_logits(teacher, ids: torch.Tensor, batch: int, **kw) -> torch.Tensor:
+    return torch.cat([teacher.logits(ids[s : s + batch], **kw) for s in range(0, len(ids), batch)])
+
+
+def _kl_ppl(ref_logits: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, float]:
+    kl = float(kl_per_token(ref_logits, logits).mean())
+    ppl = float(torch.exp(nll_per_token(logits, ids).mean()))
+    return kl, ppl
+
+
+def best_skip_start(teacher, ids: torch.Tensor, ref_logits: torch.Tensor, k: int, batch: int = 8) -> tuple[int, float]:
+    """The start position whose k-block skip has the lowest mean KL on ``ids`` (searched over all positions)."""
+    best = (0, float("inf"))
+    for start in range(0, teacher.n_layers - k + 1):
+        logits = _batched_logits(teacher, ids, batch, skip=(start, k))
+        kl = float(kl_per_token(ref_logits, logits).mean())
+        if kl < best[1]:
+            best = (start, kl)
+    return best
+
+
+def evaluate(
+    teacher,
+    flow,
+    span: tuple[int, int],
+    ids: torch.Tensor,
+    ks: Sequence[int] = (1, 2, 3),
+    skips: Sequence[int] = (1, 2, 3),
+    best_skip: bool = True,
+    batch: int = 8,
+    progress: Callable[[str], None] | None = None,
+) -> EvalResult:
+    """Rows of KL / NMSE / PPL for the LFT at each k and skip-k (in the span, and at the best position).
+
+    ``ids`` shape (windows, seq_len), held-out text. ``flow`` is a LatentFlow (or None for skip rows only).
+    """
+    start_time = time.perf_counter()
+    m, n = span
+    teacher.check_span(m, n)
+    if ids.ndim != 2 or ids.shape[1] < 2:
+        raise LFTError("evaluation needs token windows of at least 2 tokens")
+    for k in ks:
+        if not 1 <= k <= 64:
+            raise LFTError(f"k must be between 1 and 64, got {k}")
+    for k in skips:
+        if not 1 <= k <= teacher.n_layers:
+            raise LFTError(f"skip k must be between 1 and {teacher.n_layers}, got {k}")
+    say = progress or (lambda s: None)
+    ref = _batched_logits(teacher, ids, batch)
+    result = EvalResult(span=(m, n), tokens=int(ids.numel()),
+                        teacher_ppl=float(torch.exp(nll_per_token(ref, ids).mean())))
+    if flow is not None:
+        hs = {}
+        for s in range(0, len(ids), batch):
+            part = teacher.hidden_states(ids[s : s + batch], [m, n])
+            for key, v in part.items():
+                hs.setdefault(key, []).append(v)
+        x0, x1 = torch.cat(hs[m]), torch.cat(hs[n])
+        for k in ks:
+            say(f"LFT k={k}")
+            with torch.no_grad():
+                x_hat = torch.cat([flow(x0[s : s + batch], k=k).float() for s in range(0, len(x0), batch)])
+            logits = _batched_logits(teacher, ids, batch, replace=(m, n, flow, k))
+            kl, ppl = _kl_ppl(ref, logits, ids)
+            result.rows.append(EvalRow("lft", k, kl, ppl, nmse=float(nmse(x_hat, x1))))
+    for k in skips:
+        if k <= n - m:
+            say(f"skip k={k} in span")
+            logits = _batched_logits(teacher, ids, batch, skip=(m, k))
+            kl, ppl = _kl_ppl(ref, logits, ids)
+            result.rows.append(EvalRow("skip", k, kl, ppl, where="span", start=m))
+        if best_skip:
+            say(f"skip k={k} best position")
+            start, _ = best_skip_start(teacher, ids[: max(1, min(len(ids), 4))], ref[: max(1, min(len(ids), 4))], k, batch)
+            logits = _batched_logits(teacher, ids, batch, skip=(start, k))
+            kl, ppl = _kl_ppl(ref, logits, ids)
+            result.rows.append(EvalRow("skip", k, kl, ppl, where="best", start=start))
+    result.seconds = time.perf_counter() - start_time
+    return result
+
+
+def eval_windows(teacher, corpus_spec: str | None = None, text: str | None = None, windows: int = 16,
+                 seq_len: int = 128) -> torch.Tensor:
+    """Held-out token windows (windows, seq_len) from a corpus, or one window of a given text (1, T)."""
+    if text is not None:
+        ids = teacher.encode(text, max_tokens=min(seq_len * windows, teacher.max_positions))
+        return ids.cpu()
+    corpus = load_corpus(corpus_spec or "builtin")
+    return torch.from_numpy(make_windows(corpus, teacher.tokenizer, seq_len, windows, "heldout").astype(np.int64))
+
+
+@dataclass
+class TokenKL:
+    """Per-token view of one text for the KL page: tokens, KL of each model, top-5 next tokens."""
+
+    tokens: list[str]
+    kl: dict[str, np.ndarray]  # model label -> (T,) KL(teacher || model) for the prediction at each position
+    top: dict[str, list[list[tuple[str, float]]]]  # label -> per position [(token, prob)] * 5
+    ppl: dict[str, float]
+
+
+@torch.no_grad()
+def token_kl(teacher, ids: torch.Tensor, models: dict[str, dict], top_k: int = 5) -> TokenKL:
+    """KL per token for several models on one text, ``ids`` shape (1, T).
+
+    ``models`` maps a label to the keyword arguments of ``teacher.logits`` (``{"replace": (m, n, flow, k)}``
+    or ``{"skip": (start, k)}``); the teacher itself is always included as ``"teacher"``.
+    """
+    ref = teacher.logits(ids)
+    tok = teacher.tokenizer
+    tokens = [tok.decode([int(i)]) for i in ids[0]]
+    out_kl, out_top, out_ppl = {}, {}, {}
+    for label, kw in {"teacher": {}, **models}.items():
+        logits = ref if not kw else teacher.logits(ids, **kw)
+        out_kl[label] = kl_per_token(ref, logits)[0].numpy()
+        probs = torch.softmax(logits[0].float(), -1)
+        p, i = probs.topk(top_k, dim=-1)
+        out_top[label] = [[(tok.decode([int(a)]), float(b)) for a, b in zip(ii, pp)] for ii, pp in zip(i, p)]
+        out_ppl[label] = float(torch.exp(nll_per_token(logits, ids).mean()))
+    return TokenKL(tokens, out_kl, out_top, out_ppl)

@@ -1,0 +1,192 @@
+"""Long work (cache, train, eval, recoupling) as background subprocesses of the CLI, with progress files.
+
+A job lives in ``cache/jobs/<id>/``::
+
+    job.json         what was asked: kind, CLI arguments, label, created, pid of the runner
+    progress.jsonl   one JSON event per line, appended by the command (training: step, loss, ...)
+    log.txt          the command's stdout and stderr
+    result.json      the command's --json output (written atomically at the end)
+    exit_code        written by the runner when the command ends
+    STOP             created by ``stop_job``; the command checks it before every step
+
+The runner (``python -m lft_core.jobs <dir>``) starts the CLI as its child, waits, and writes ``exit_code``.
+A job whose runner is gone without an ``exit_code`` (killed, machine rebooted) reads as ``failed``, never as
+running forever. Jobs survive page reloads: the app only reads these files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .errors import LFTError
+from .paths import REPO_ROOT, cache_dir
+
+KINDS = ("cache", "train", "eval", "recoupling", "toy")
+
+
+@dataclass
+class Job:
+    id: str
+    dir: Path
+    kind: str
+    label: str
+    args: list[str]
+    created: str
+    status: str  # "running" | "complete" | "failed" | "stopped" | "stopping"
+    events: list[dict] = field(default_factory=list)
+    result: dict | None = None
+    exit_code: int | None = None
+
+    @property
+    def last(self) -> dict:
+        return self.events[-1] if self.events else {}
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join((self.dir / "log.txt").read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def error_line(self) -> str | None:
+        """The command's ``error: ...`` line, if it failed with one."""
+        for line in reversed(self.log_tail(50).splitlines()):
+            if line.startswith("error: "):
+                return line[len("error: "):]
+        return None
+
+
+def jobs_dir() -> Path:
+    return cache_dir("jobs")
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def start_job(kind: str, cli_args: list[str], label: str = "") -> Job:
+    """Start ``python -m lft_core <kind> <cli_args>`` in the background; returns at once."""
+    if kind not in KINDS:
+        raise LFTError(f"unknown job kind {kind!r}")
+    job_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    d = jobs_dir() / job_id
+    d.mkdir(parents=True)
+    args = [kind, *cli_args, "--json", str(d / "result.json")]
+    if kind == "train":
+        args += ["--progress-file", str(d / "progress.jsonl"), "--stop-file", str(d / "STOP")]
+    meta = {"id": job_id, "kind": kind, "label": label or " ".join(cli_args), "args": args,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "pid": None}
+    _atomic_json(d / "job.json", meta)
+    with open(d / "log.txt", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "lft_core.jobs", str(d)], cwd=str(REPO_ROOT),
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    meta["pid"] = proc.pid
+    _atomic_json(d / "job.json", meta)
+    return read_job(job_id)
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (finished, not yet reaped by its parent) is not running
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def read_job(job_id: str) -> Job:
+    d = jobs_dir() / job_id
+    try:
+        meta = json.loads((d / "job.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise LFTError(f"job {job_id} not found or damaged") from None
+    events = []
+    try:
+        for line in (d / "progress.jsonl").read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a line being written right now
+    except OSError:
+        pass
+    result = None
+    try:
+        result = json.loads((d / "result.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        pass
+    exit_code = None
+    try:
+        exit_code = int((d / "exit_code").read_text().strip())
+    except (OSError, ValueError):
+        pass
+    if exit_code is not None:
+        status = "complete" if exit_code == 0 else "failed"
+        if exit_code == 0 and result and result.get("stopped"):
+            status = "stopped"
+    elif _alive(meta.get("pid")):
+        status = "stopping" if (d / "STOP").exists() else "running"
+    else:
+        status = "failed"
+    return Job(job_id, d, meta["kind"], meta.get("label", ""), meta["args"], meta["created"], status, events,
+               result, exit_code)
+
+
+def list_jobs(kind: str | None = None) -> list[Job]:
+    """Every job, newest first."""
+    out = []
+    for d in sorted(jobs_dir().iterdir(), reverse=True):
+        if d.is_dir():
+            try:
+                job = read_job(d.name)
+            except LFTError:
+                continue
+            if kind is None or job.kind == kind:
+                out.append(job)
+    return out
+
+
+def stop_job(job_id: str, kill_after: float | None = None) -> None:
+    """Ask a job to stop (it finishes its current step and checkpoints); optionally kill it after a delay."""
+    d = jobs_dir() / job_id
+    (d / "STOP").touch()
+    if kill_after is not None:
+        deadline = time.time() + kill_after
+        pid = json.loads((d / "job.json").read_text()).get("pid")
+        while time.time() < deadline and _alive(pid):
+            time.sleep(0.2)
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _run(job_dir: Path) -> int:
+    """The runner: run the job's CLI command as a child and record its exit code."""
+    meta = json.loads((job_dir / "job.json").read_text())
+    code = subprocess.call([sys.executable, "-m", "lft_core", *meta["args"]], cwd=str(REPO_ROOT))
+    tmp = job_dir / "exit_code.tmp"
+    tmp.write_text(str(code))
+    os.replace(tmp, job_dir / "exit_code")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(_run(Path(sys.argv[1])))

@@ -1,0 +1,118 @@
+"""Training losses of a Latent Flow Transformer, generic over any velocity ``u(x, t)``.
+
+x0, x1: paired states, shape (batch, ...) (a token's h_m and h_n, or a 2-D toy point and its partner).
+
+* Standard flow matching (SFM): straight path x_t = (1−t)·x0 + t·x1 with t ~ U(0, 1) per sample,
+  loss = mean ‖u(x_t, t) − (x1 − x0)‖².
+* Flow Walking (FW): per sample sorted random times 0 < t_1 < … < t_{k−1} < 1, Euler-integrate x0 through
+  [0, t_1, …, t_{k−1}, 1] with u (gradients through every step), loss = mean ‖x̂_1 − x1‖².
+* Hybrid: FW + α·SFM.
+
+All losses are means over every element (batch, seq and feature), computed in float32.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .errors import LFTError
+from .solvers import Velocity, integrate
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """U(0, 1) samples of ``shape`` on ``device``, drawn from ``generator`` (which may live on another device)."""
+    if generator is None:
+        return torch.rand(shape, device=device)
+    return torch.rand(shape, generator=generator, device=generator.device).to(device)
+
+
+def _check_pair(x0: Tensor, x1: Tensor) -> None:
+    assert x0.shape == x1.shape, f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}"
+    assert x0.dim() >= 1 and x0.shape[0] > 0, f"x0 must have a non-empty batch dimension, got {tuple(x0.shape)}"
+
+
+def straight_path(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
+    """x_t = (1 − t)·x0 + t·x1; x0, x1 shape (batch, ...), t shape (batch,) -> shape (batch, ...)."""
+    assert t.shape == (x0.shape[0],), f"t must have shape ({x0.shape[0]},), got {tuple(t.shape)}"
+    tb = t.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+    return (1 - tb) * x0 + tb * x1
+
+
+def sfm_loss(
+    velocity: Velocity, x0: Tensor, x1: Tensor, t: Tensor | None = None, generator: torch.Generator | None = None
+) -> Tensor:
+    """Standard flow matching: mean (u(x_t, t) − (x1 − x0))² with x_t on the straight path.
+
+    x0, x1: shape (batch, ...); t: optional times, shape (batch,), default U(0, 1) per sample.
+    """
+    _check_pair(x0, x1)
+    if t is None:
+        t = _uniform((x0.shape[0],), generator, x0.device)
+    t = t.to(device=x0.device, dtype=torch.float32)
+    x_t = straight_path(x0, x1, t)
+    target = (x1 - x0).float()
+    return (velocity(x_t, t).float() - target).pow(2).mean()
+
+
+def walk_times(batch: int, k: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
+    """Flow Walking's per-sample time grids: 0, sorted U(0,1) inner times t_1 < … < t_{k−1}, 1.
+
+    Returns shape (k+1, batch), float32.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise LFTError(f"Flow Walking needs k >= 1 steps, got {k!r}")
+    inner = _uniform((k - 1, batch), generator, torch.device(device)).sort(dim=0).values
+    zeros = torch.zeros(1, batch, device=device)
+    return torch.cat([zeros, inner, zeros + 1.0], dim=0)
+
+
+def flow_walking_loss(
+    velocity: Velocity, x0: Tensor, x1: Tensor, k: int = 3, generator: torch.Generator | None = None
+) -> Tensor:
+    """Flow Walking: mean (x̂_1 − x1)², x̂_1 = k Euler steps from x0 through random sorted times.
+
+    x0, x1: shape (batch, ...). Gradients reach u through every one of the k steps.
+    """
+    _check_pair(x0, x1)
+    times = walk_times(x0.shape[0], k, generator, x0.device)
+    x_hat = integrate(velocity, x0, k, method="euler", times=times)
+    return (x_hat.float() - x1.float()).pow(2).mean()
+
+
+def hybrid_loss(
+    velocity: Velocity,
+    x0: Tensor,
+    x1: Tensor,
+    k: int = 3,
+    alpha: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """FW + α·SFM on the same batch; x0, x1 shape (batch, ...)."""
+    return flow_walking_loss(velocity, x0, x1, k=k, generator=generator) + alpha * sfm_loss(
+        velocity, x0, x1, generator=generator
+    )
+
+
+LOSSES: dict[str, Callable[..., Tensor]] = {"sfm": sfm_loss, "fw": flow_walking_loss, "hybrid": hybrid_loss}
+"""Training methods by their short names (``--method`` on the CLI)."""
+
+
+def compute_loss(
+    method: str,
+    velocity: Velocity,
+    x0: Tensor,
+    x1: Tensor,
+    k: int = 3,
+    alpha: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The loss of ``method`` ("sfm", "fw" or "hybrid") on one batch; ``k`` and ``alpha`` apply where they mean something."""
+    if method == "sfm":
+        return sfm_loss(velocity, x0, x1, generator=generator)
+    if method == "fw":
+        return flow_walking_loss(velocity, x0, x1, k=k, generator=generator)
+    if method == "hybrid":
+        return hybrid_loss(velocity, x0, x1, k=k, alpha=alpha, generator=generator)
+    raise LFTError(f"unknown training method {method!r}; choose one of {', '.join(LOSSES)}")

@@ -1,0 +1,379 @@
+"""Training a latent flow for a span [m, n): standard flow matching, Flow Walking, or the hybrid.
+
+Data: pairs (x0, x1) = (h_m, h_n) of whole windows, shape (batch, seq_len, d), read from the activation cache
+(train split) and a held-out cache (held-out split, never trained on) for NMSE during training.
+
+Optimisation: AdamW, linear warm-up then cosine decay, gradient clipping, seeded. CUDA with bf16 autocast when
+available, else CPU in float32. ``progress(event)`` gets a dict per step (step, steps, loss, lr,
+tokens_per_s, eta_s, and heldout_nmse on evaluation steps); ``should_stop()`` is checked before every step.
+Checkpoints (``cache/flows/<name>/``: model.safetensors + config.json, plus training_state.safetensors/.json
+for resuming) are written every ``checkpoint_every`` steps and at the end, atomically.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .activations import ensure_activations
+from .corpus import load_corpus
+from .errors import LFTError
+from .flow import LatentFlow, VelocityField, load_flow, save_flow
+from .losses import compute_loss
+from .paths import cache_dir
+
+METHODS = ("sfm", "fw", "hybrid")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. The defaults give a useful flow in minutes on 2 CPU cores."""
+
+    model: str = "smollm2-135m"
+    corpus: str = "builtin"
+    span: tuple[int, int] = (6, 12)
+    method: str = "fw"
+    k: int = 3
+    alpha: float = 0.1
+    steps: int = 300
+    batch: int = 8
+    seq_len: int = 128
+    windows: int = 256
+    heldout_windows: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.05
+    grad_clip: float = 1.0
+    seed: int = 0
+    init_from_teacher: bool = False
+    normalise: bool = True
+    eval_every: int = 50
+    checkpoint_every: int = 100
+    name: str | None = None
+
+    def validate(self, n_layers: int | None = None) -> None:
+        m, n = self.span
+        if m >= n or m < 0 or (n_layers is not None and n > n_layers):
+            limit = f" <= {n_layers}" if n_layers is not None else ""
+            raise LFTError(f"span {m}:{n} is not valid: need 0 <= m < n{limit}")
+        if self.method not in METHODS:
+            raise LFTError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not 1 <= self.k <= 64:
+            raise LFTError(f"k must be between 1 and 64, got {self.k}")
+        for name in ("steps", "batch", "seq_len", "windows", "heldout_windows"):
+            if getattr(self, name) < 1:
+                raise LFTError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch > self.windows:
+            raise LFTError(f"batch ({self.batch}) cannot exceed the number of windows ({self.windows})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise LFTError(f"learning rate must be positive, got {self.lr}")
+        if self.name is not None and not NAME_RE.match(self.name):
+            raise LFTError(f"flow name {self.name!r}: use letters, digits, '-', '_' or '.' (at most 80)")
+
+    def default_name(self) -> str:
+        m, n = self.span
+        model = Path(self.model).name.replace("/", "_")
+        return f"{model}-{m}-{n}-{self.method}-k{self.k}-s{self.steps}"
+
+
+@dataclass
+class TrainResult:
+    name: str
+    dir: str
+    span: tuple[int, int]
+    method: str
+    steps: int
+    final_loss: float
+    heldout_nmse: float
+    seconds: float
+    device: str
+    params: int
+    teacher_span_params: int
+    stopped: bool = False
+    history: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["span"] = list(self.span)
+        d.pop("history")
+        return d
+
+
+@dataclass
+class PairData:
+    """Training and held-out pairs in memory, float32: x0/x1 shape (windows, seq_len, d)."""
+
+    x0: torch.Tensor
+    x1: torch.Tensor
+    held_x0: torch.Tensor
+    held_x1: torch.Tensor
+    train_key: str
+    heldout_key: str
+
+
+def load_pairs(teacher, cfg: TrainConfig, progress: bool = True) -> PairData:
+    """Cache (if needed) and read h_m, h_n for the train and held-out windows of the config's corpus."""
+    m, n = cfg.span
+    corpus = load_corpus(cfg.corpus)
+    train = ensure_activations(teacher, corpus, cfg.seq_len, cfg.windows, [m, n], "train", progress=progress)
+    held = ensure_activations(teacher, corpus, cfg.seq_len, cfg.heldout_windows, [m, n], "heldout", progress=progress)
+    f = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))  # noqa: E731
+    return PairData(f(train.layer(m)), f(train.layer(n)), f(held.layer(m)), f(held.layer(n)), train.key, held.key)
+
+
+def normalisation_stats(x0: torch.Tensor, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std of the pooled x0 and x1 tokens, shape (d,) each (float64 accumulation)."""
+    pooled = torch.cat([x0.reshape(-1, x0.shape[-1]), x1.reshape(-1, x1.shape[-1])]).double()
+    return pooled.mean(0).float(), pooled.std(0).float()
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup`` of the steps, then cosine decay to 10% of the peak."""
+    warm = max(1, int(cfg.warmup * cfg.steps))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, cfg.steps - warm)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def heldout_nmse(flow: LatentFlow, x0: torch.Tensor, x1: torch.Tensor, k: int, batch: int = 8) -> float:
+    """Mean over held-out tokens of ||x̂_1 - x1||² / ||x1||² with a k-step Euler walk (original units)."""
+    from .metrics import nmse
+
+    device = next(flow.parameters()).device
+    preds = []
+    for s in range(0, len(x0), batch):
+        preds.append(flow(x0[s : s + batch].to(device), k=k).float().cpu())
+    return float(nmse(torch.cat(preds), x1))
+
+
+def flows_dir() -> Path:
+    return cache_dir("flows")
+
+
+def _save_state(directory: Path, opt: torch.optim.Optimizer, step: int, gen: torch.Generator) -> None:
+    """Optimizer moments and RNG in safetensors (no pickle), the rest in JSON; both written atomically."""
+    from safetensors.torch import save_file
+
+    tensors, scalars = {}, {"step": step, "param_state": {}}
+    for idx, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.ndim > 0:
+                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars["param_state"][f"{idx}.{key}"] = float(value)
+    tensors["rng"] = gen.get_state()
+    tmp = directory / "training_state.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, directory / "training_state.safetensors")
+    tmp_json = directory / "training_state.json.tmp"
+    tmp_json.write_text(json.dumps(scalars))
+    os.replace(tmp_json, directory / "training_state.json")
+
+
+def _load_state(directory: Path, opt: torch.optim.Optimizer, gen: torch.Generator) -> int:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(directory / "training_state.safetensors"))
+    scalars = json.loads((directory / "training_state.json").read_text())
+    state: dict = {}
+    for name, value in tensors.items():
+        if name == "rng":
+            gen.set_state(value)
+            continue
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    for name, value in scalars["param_state"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = torch.tensor(value)
+    sd = opt.state_dict()
+    sd["state"] = state
+    opt.load_state_dict(sd)
+    return int(scalars["step"])
+
+
+def train_flow(
+    cfg: TrainConfig,
+    teacher=None,
+    progress: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    resume: bool = False,
+    device: str | None = None,
+    verbose: bool = True,
+) -> TrainResult:
+    """Train (or resume) a latent flow for ``cfg.span``; returns the result and leaves a checkpoint.
+
+    Only one process trains a given flow name at a time (a file lock); a second gets a clear error."""
+    from .teacher import load_teacher
+
+    from filelock import FileLock, Timeout
+
+    teacher = teacher or load_teacher(cfg.model)
+    cfg.validate(teacher.n_layers)
+    name = cfg.name or cfg.default_name()
+    lock = FileLock(str(flows_dir() / f".{name}.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise LFTError(f"flow {name!r} is being trained by another job; pick another name") from None
+    try:
+        return _train_locked(cfg, teacher, name, progress, should_stop, resume, device, verbose)
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg: TrainConfig, teacher, name: str, progress, should_stop, resume: bool, device: str | None,
+                  verbose: bool) -> TrainResult:
+    from tqdm import tqdm
+
+    out_dir = flows_dir() / name
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    data = load_pairs(teacher, cfg, progress=verbose)
+    m, n = cfg.span
+    start_step, history = 0, []
+    if resume and (out_dir / "training_state.json").is_file():
+        flow, saved = load_flow(out_dir)
+        if saved.get("model") != teacher.model_id or tuple(saved.get("span", ())) != cfg.span:
+            raise LFTError(f"cannot resume {name}: it was trained for another model or span")
+        history = saved.get("history", [])
+    else:
+        field_spec = teacher.field_spec()
+        flow = LatentFlow(VelocityField(field_spec), span=cfg.span)
+        if cfg.init_from_teacher:
+            flow.field.init_from_block(teacher.block_weights(m))
+        if cfg.normalise:
+            flow.set_normalisation(*normalisation_stats(data.x0, data.x1))
+    flow.to(device)
+    opt = torch.optim.AdamW(flow.field.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if resume and (out_dir / "training_state.json").is_file():
+        start_step = _load_state(out_dir, opt, gen)
+
+    config = {
+        **{k: v for k, v in asdict(cfg).items() if k != "name"},
+        "span": [m, n],
+        "name": name,
+        "model": teacher.model_id,
+        "weights_hash": teacher.weights_hash,
+        "n_layers": teacher.n_layers,
+        "data_key": data.train_key,
+        "heldout_key": data.heldout_key,
+        "teacher_span_params": teacher.span_params(m, n),
+        "params": sum(p.numel() for p in flow.field.parameters()),
+    }
+
+    def checkpoint(step: int, status: str) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_flow(flow, out_dir, {**config, "steps_done": step, "status": status, "history": history})
+        _save_state(out_dir, opt, step, gen)
+
+    use_amp = device.startswith("cuda")
+    tokens_per_step = cfg.batch * cfg.seq_len
+    t0 = time.perf_counter()
+    loss_value, stopped, step = float("nan"), False, start_step
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=f"{cfg.method} {m}:{n}", disable=not verbose)
+    flow.train()
+    for step in range(start_step, cfg.steps):
+        if should_stop is not None and should_stop():
+            stopped = True
+            break
+        step_start = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(0, len(data.x0), (cfg.batch,), generator=gen)
+        x0 = flow.normalise(data.x0[idx].to(device))
+        x1 = flow.normalise(data.x1[idx].to(device))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            loss = compute_loss(cfg.method, flow.velocity, x0, x1, cfg.k, cfg.alpha, gen)
+        if not torch.isfinite(loss):
+            checkpoint(step, "failed")
+            raise LFTError(f"training diverged at step {step} (loss {loss.item()}); try a lower learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(flow.field.parameters(), cfg.grad_clip)
+        opt.step()
+        loss_value = float(loss.detach())
+        elapsed = time.perf_counter() - step_start
+        event = {"step": step + 1, "steps": cfg.steps, "loss": loss_value, "lr": lr,
+                 "tokens_per_s": tokens_per_step / max(elapsed, 1e-9),
+                 "eta_s": (time.perf_counter() - t0) / (step + 1 - start_step) * (cfg.steps - step - 1)}
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            flow.eval()
+            event["heldout_nmse"] = heldout_nmse(flow, data.held_x0, data.held_x1, cfg.k)
+            flow.train()
+        history.append({k: (round(v, 6) if isinstance(v, float) else v) for k, v in event.items()
+                        if k in ("step", "loss", "lr", "tokens_per_s", "heldout_nmse")})
+        if progress is not None:
+            progress(event)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            checkpoint(step + 1, "running")
+    else:
+        step = cfg.steps
+    bar.close()
+    flow.eval()
+    nmse_value = heldout_nmse(flow, data.held_x0, data.held_x1, cfg.k)
+    checkpoint(step, "stopped" if stopped else "complete")
+    return TrainResult(
+        name=name, dir=str(out_dir), span=cfg.span, method=cfg.method, steps=step, final_loss=loss_value,
+        heldout_nmse=nmse_value, seconds=time.perf_counter() - t0, device=device, params=config["params"],
+        teacher_span_params=config["teacher_span_params"], stopped=stopped, history=history,
+    )
+
+
+def list_flows() -> list[dict]:
+    """Config of every saved flow (damaged ones are listed with an ``error``)."""
+    out = []
+    for d in sorted(flows_dir().iterdir()):
+        if d.is_dir() and not d.name.startswith("."):
+            try:
+                cfg = json.loads((d / "config.json").read_text())
+                out.append({**cfg, "name": d.name, "dir": str(d)})
+            except (OSError, json.JSONDecodeError) as e:
+                out.append({"name": d.name, "dir": str(d), "error": f"unreadable config ({e})"})
+    return out
+
+
+def flow_path(name: str) -> Path:
+    """The folder of a flow given by name (in cache/flows) or by path; LFTError if there is none."""
+    path = Path(name)
+    if not (path.is_dir() and (path / "config.json").exists()):
+        if not NAME_RE.match(name):
+            raise LFTError(f"bad flow name {name!r}")
+        path = flows_dir() / name
+    if not path.is_dir():
+        raise LFTError(f"no flow named {name!r} (see the flows in {flows_dir()})")
+    return path
+
+
+def read_flow_config(name: str) -> dict:
+    """A flow's config.json without loading its weights."""
+    path = flow_path(name)
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise LFTError(f"flow {name!r} has a missing or damaged config.json") from None
+
+
+def open_flow(name: str, teacher=None) -> tuple[LatentFlow, dict]:
+    """Load a saved flow by name or folder; with a teacher, check it was trained for that model."""
+    flow, config = load_flow(flow_path(name))
+    if teacher is not None:
+        if config.get("model") != teacher.model_id or config.get("weights_hash") != teacher.weights_hash:
+            raise LFTError(f"flow {name!r} was trained for model {config.get('model')!r}, not {teacher.model_id!r}")
+        teacher.check_span(*config["span"])
+    return flow, config
