@@ -330,16 +330,6 @@ class VelocityField(nn.Module):
 # The latent flow: normalisation + field + solver
 
 
-def normalisation_stats(samples: Tensor, floor: float = 1e-3) -> tuple[Tensor, Tensor]:
-    """Per-dimension mean and floored standard deviation of states, shape (..., d) -> two shape (d,) float32.
-
-    sigma_j = max(std_j, floor · median_j(std_j)): see ``LatentFlow.set_normalisation``.
-    """
-    x = samples.reshape(-1, samples.shape[-1]).double()
-    mu, sigma = x.mean(0), x.std(0, unbiased=False)
-    return mu.float(), floor_sigma(sigma.float(), floor)
-
-
 def floor_sigma(sigma: Tensor, floor: float = 1e-3) -> Tensor:
     """sigma_j floored at floor · median(sigma) (and at 1e-8), shape (d,)."""
     sigma = sigma.float()
@@ -493,9 +483,11 @@ def load_flow(directory: str | Path, map_location: str | torch.device = "cpu") -
         state = load_file(str(model_path), device=str(map_location))
     except Exception as exc:  # safetensors raises its own error types for truncated / corrupt files
         raise FlowCheckpointError(f"cannot read flow weights {model_path} (truncated or corrupt?): {exc}") from None
-    flow = LatentFlow(spec, span=span)  # type: ignore[arg-type]
     try:
+        flow = LatentFlow(spec, span=span)  # type: ignore[arg-type]
         flow.load_state_dict(state, strict=True)
+    except LFTError as exc:
+        raise FlowCheckpointError(f"invalid flow config {config_path}: {exc}") from None
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         raise FlowCheckpointError(f"flow weights {model_path} do not match its config: {' '.join(first[:3])}") from None

@@ -40,12 +40,19 @@ def straight_path(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
     return (1 - tb) * x0 + tb * x1
 
 
-def sfm_loss(
-    velocity: Velocity, x0: Tensor, x1: Tensor, t: Tensor | None = None, generator: torch.Generator | None = None
-) -> Tensor:
-    """Standard flow matching: mean (u(x_t, t) − (x1 − x0))² with x_t on the straight path.
+def _weighted_mean(sq: Tensor, weight: Tensor | None) -> Tensor:
+    """mean(weight · sq); ``weight`` broadcasts to sq's shape (e.g. (batch, seq, 1) per token, (d,) per dim)."""
+    return sq.mean() if weight is None else (sq * weight.to(sq.dtype)).mean()
 
-    x0, x1: shape (batch, ...); t: optional times, shape (batch,), default U(0, 1) per sample.
+
+def sfm_loss(
+    velocity: Velocity, x0: Tensor, x1: Tensor, t: Tensor | None = None, generator: torch.Generator | None = None,
+    weight: Tensor | None = None,
+) -> Tensor:
+    """Standard flow matching: mean w·(u(x_t, t) − (x1 − x0))² with x_t on the straight path.
+
+    x0, x1: shape (batch, ...); t: optional times, shape (batch,), default U(0, 1) per sample;
+    weight: optional, broadcastable to x0 (default 1).
     """
     _check_pair(x0, x1)
     if t is None:
@@ -53,7 +60,7 @@ def sfm_loss(
     t = t.to(device=x0.device, dtype=torch.float32)
     x_t = straight_path(x0, x1, t)
     target = (x1 - x0).float()
-    return (velocity(x_t, t).float() - target).pow(2).mean()
+    return _weighted_mean((velocity(x_t, t).float() - target).pow(2), weight)
 
 
 def walk_times(batch: int, k: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> Tensor:
@@ -69,16 +76,17 @@ def walk_times(batch: int, k: int, generator: torch.Generator | None = None, dev
 
 
 def flow_walking_loss(
-    velocity: Velocity, x0: Tensor, x1: Tensor, k: int = 3, generator: torch.Generator | None = None
+    velocity: Velocity, x0: Tensor, x1: Tensor, k: int = 3, generator: torch.Generator | None = None,
+    weight: Tensor | None = None,
 ) -> Tensor:
-    """Flow Walking: mean (x̂_1 − x1)², x̂_1 = k Euler steps from x0 through random sorted times.
+    """Flow Walking: mean w·(x̂_1 − x1)², x̂_1 = k Euler steps from x0 through random sorted times.
 
-    x0, x1: shape (batch, ...). Gradients reach u through every one of the k steps.
+    x0, x1: shape (batch, ...); weight: optional, broadcastable to x0. Gradients reach u through every step.
     """
     _check_pair(x0, x1)
     times = walk_times(x0.shape[0], k, generator, x0.device)
     x_hat = integrate(velocity, x0, k, method="euler", times=times)
-    return (x_hat.float() - x1.float()).pow(2).mean()
+    return _weighted_mean((x_hat.float() - x1.float()).pow(2), weight)
 
 
 def hybrid_loss(
@@ -88,10 +96,11 @@ def hybrid_loss(
     k: int = 3,
     alpha: float = 0.1,
     generator: torch.Generator | None = None,
+    weight: Tensor | None = None,
 ) -> Tensor:
     """FW + α·SFM on the same batch; x0, x1 shape (batch, ...)."""
-    return flow_walking_loss(velocity, x0, x1, k=k, generator=generator) + alpha * sfm_loss(
-        velocity, x0, x1, generator=generator
+    return flow_walking_loss(velocity, x0, x1, k=k, generator=generator, weight=weight) + alpha * sfm_loss(
+        velocity, x0, x1, generator=generator, weight=weight
     )
 
 
@@ -107,12 +116,13 @@ def compute_loss(
     k: int = 3,
     alpha: float = 0.1,
     generator: torch.Generator | None = None,
+    weight: Tensor | None = None,
 ) -> Tensor:
     """The loss of ``method`` ("sfm", "fw" or "hybrid") on one batch; ``k`` and ``alpha`` apply where they mean something."""
     if method == "sfm":
-        return sfm_loss(velocity, x0, x1, generator=generator)
+        return sfm_loss(velocity, x0, x1, generator=generator, weight=weight)
     if method == "fw":
-        return flow_walking_loss(velocity, x0, x1, k=k, generator=generator)
+        return flow_walking_loss(velocity, x0, x1, k=k, generator=generator, weight=weight)
     if method == "hybrid":
-        return hybrid_loss(velocity, x0, x1, k=k, alpha=alpha, generator=generator)
+        return hybrid_loss(velocity, x0, x1, k=k, alpha=alpha, generator=generator, weight=weight)
     raise LFTError(f"unknown training method {method!r}; choose one of {', '.join(LOSSES)}")

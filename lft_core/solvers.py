@@ -92,7 +92,7 @@ def integrate(
         times = uniform_times(k, device=x0.device)
     else:
         times = times.to(device=x0.device, dtype=torch.float32)
-        if times.shape[0] != k + 1 or times.dim() not in (1, 2) or (times.dim() == 2 and times.shape[1] != batch):
+        if times.dim() not in (1, 2) or times.shape[0] != k + 1 or (times.dim() == 2 and times.shape[1] != batch):
             raise LFTError(
                 f"times must have shape ({k + 1},) or ({k + 1}, {batch}) for k={k} steps, got {tuple(times.shape)}"
             )

@@ -312,6 +312,7 @@ class Teacher:
                 rope_theta=float(rope.get("rope_theta", getattr(c, "rotary_emb_base", 10000.0))),
                 rotary_dims=int(head_dim * factor), norm="layer", norm_eps=float(c.layer_norm_eps),
                 attn_bias=bool(getattr(c, "attention_bias", True)), mlp_bias=True, t_dim=t_dim,
+                parallel_residual=bool(getattr(c, "use_parallel_residual", True)),
             )
         # gpt2
         heads = c.n_head
@@ -336,6 +337,7 @@ class Teacher:
                 q_bias=g(a.q_proj.bias), k_bias=g(a.k_proj.bias), v_bias=g(a.v_proj.bias), o_bias=g(a.o_proj.bias),
                 mlp_up=g(f.up_proj.weight), mlp_gate=g(f.gate_proj.weight), mlp_down=g(f.down_proj.weight),
                 mlp_up_bias=g(f.up_proj.bias), mlp_down_bias=g(f.down_proj.bias),
+                attn_norm_weight=g(b.input_layernorm.weight), mlp_norm_weight=g(b.post_attention_layernorm.weight),
             )
         if self.family == "gpt_neox":
             a, f = b.attention, b.mlp
@@ -351,6 +353,8 @@ class Teacher:
                 o_bias=g(a.dense.bias), mlp_up=g(f.dense_h_to_4h.weight), mlp_gate=None,
                 mlp_down=g(f.dense_4h_to_h.weight), mlp_up_bias=g(f.dense_h_to_4h.bias),
                 mlp_down_bias=g(f.dense_4h_to_h.bias),
+                attn_norm_weight=g(b.input_layernorm.weight), attn_norm_bias=g(b.input_layernorm.bias),
+                mlp_norm_weight=g(b.post_attention_layernorm.weight), mlp_norm_bias=g(b.post_attention_layernorm.bias),
             )
         # gpt2: Conv1D stores (in, out)
         a, f = b.attn, b.mlp
@@ -362,6 +366,8 @@ class Teacher:
             q_bias=qkv_b[:d].clone(), k_bias=qkv_b[d : 2 * d].clone(), v_bias=qkv_b[2 * d :].clone(),
             o_bias=g(a.c_proj.bias), mlp_up=g(f.c_fc.weight.t()), mlp_gate=None, mlp_down=g(f.c_proj.weight.t()),
             mlp_up_bias=g(f.c_fc.bias), mlp_down_bias=g(f.c_proj.bias),
+            attn_norm_weight=g(b.ln_1.weight), attn_norm_bias=g(b.ln_1.bias),
+            mlp_norm_weight=g(b.ln_2.weight), mlp_norm_bias=g(b.ln_2.bias),
         )
 
 

@@ -12,6 +12,11 @@ else's target (recoupling); Flow Walking trains the k-step walk end to end and c
 * ``identity``: a translation plus a small smooth gradient displacement, x1 = x0 + c + ε∇φ(x0). For ε < 1
                 this is the gradient of a convex function, hence the optimal-transport map: no crossing and a
                 data recoupling ratio of exactly 0.
+
+Measured with the defaults (1500 steps, k = 3, 256 points, seeds 0-4), fraction of points the flow recouples,
+SFM / FW: mirror 0.67 / 0.25, rotation 0.20 / 0.02, swap 0.75 / 0.82, identity 0.002 / 0.001. On swap FW
+brings each cluster to the right place (endpoint MSE 0.09 against SFM's 2.2) but not each point inside a
+dense cluster, so its per-point recoupled fraction stays high: read it together with the endpoint MSE.
 """
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ from .losses import compute_loss
 from .paths import cache_dir
 
 METHODS = ("sfm", "fw", "hybrid")
+LOSS_WEIGHTINGS = ("nmse", "uniform")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 
 
@@ -56,6 +57,7 @@ class TrainConfig:
     seed: int = 0
     init_from_teacher: bool = False
     normalise: bool = True
+    loss_weighting: str = "nmse"  # "nmse": per-token relative error in original units; "uniform": plain MSE
     eval_every: int = 50
     checkpoint_every: int = 100
     name: str | None = None
@@ -76,6 +78,8 @@ class TrainConfig:
             raise LFTError(f"batch ({self.batch}) cannot exceed the number of windows ({self.windows})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise LFTError(f"learning rate must be positive, got {self.lr}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise LFTError(f"loss weighting must be one of {', '.join(LOSS_WEIGHTINGS)}")
         if self.name is not None and not NAME_RE.match(self.name):
             raise LFTError(f"flow name {self.name!r}: use letters, digits, '-', '_' or '.' (at most 80)")
 
@@ -134,6 +138,23 @@ def normalisation_stats(x0: torch.Tensor, x1: torch.Tensor) -> tuple[torch.Tenso
     """Per-dimension mean and std of the pooled x0 and x1 tokens, shape (d,) each (float64 accumulation)."""
     pooled = torch.cat([x0.reshape(-1, x0.shape[-1]), x1.reshape(-1, x1.shape[-1])]).double()
     return pooled.mean(0).float(), pooled.std(0).float()
+
+
+def loss_weight(flow: LatentFlow, x1_raw: torch.Tensor, how: str) -> torch.Tensor | None:
+    """Weights that turn the normalised-space squared error into the NMSE of the original units.
+
+    The flow works on x = (h − mu) / sigma, so an error e in normalised units is sigma·e in the residual
+    stream. ``nmse`` weights dimension j by sigma_j² · d / ||x1||² per token, making the Flow Walking loss
+    exactly mean over tokens of ||x̂_1 − x1||² / ||x1||² (the held-out metric) and SFM's the same relative
+    error of the velocity. Without it, the few huge dimensions of the residual stream are under-weighted by
+    the per-dimension normalisation and the end point drifts in exactly the directions that matter.
+    Shape (batch, seq, d); None for ``uniform``.
+    """
+    if how == "uniform":
+        return None
+    d = x1_raw.shape[-1]
+    per_token = d / x1_raw.float().pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
+    return flow.sigma.pow(2) * per_token
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -295,9 +316,11 @@ def _train_locked(cfg: TrainConfig, teacher, name: str, progress, should_stop, r
             group["lr"] = lr
         idx = torch.randint(0, len(data.x0), (cfg.batch,), generator=gen)
         x0 = flow.normalise(data.x0[idx].to(device))
-        x1 = flow.normalise(data.x1[idx].to(device))
+        x1_raw = data.x1[idx].to(device)
+        x1 = flow.normalise(x1_raw)
+        weight = loss_weight(flow, x1_raw, cfg.loss_weighting)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            loss = compute_loss(cfg.method, flow.velocity, x0, x1, cfg.k, cfg.alpha, gen)
+            loss = compute_loss(cfg.method, flow.velocity, x0, x1, cfg.k, cfg.alpha, gen, weight=weight)
         if not torch.isfinite(loss):
             checkpoint(step, "failed")
             raise LFTError(f"training diverged at step {step} (loss {loss.item()}); try a lower learning rate")

@@ -74,3 +74,21 @@ def test_folder_that_is_not_a_model(tmp_path):
         load_teacher(str(tmp_path))
     with pytest.raises(TeacherLoadError, match="does not exist"):
         load_teacher(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gpt2", "llama"])
+def test_field_initialised_from_a_block_reproduces_it(family, tmp_path):
+    """With gates=1 the velocity field is exactly block(x) - x, so one Euler step equals the teacher block:
+    checks field_spec / block_weights for each family (weights, head layout, rotary, residual style)."""
+    from conftest import make_tiny_model
+    from lft_core.flow import LatentFlow, VelocityField
+
+    teacher = load_teacher(str(make_tiny_model(tmp_path / family, family)))
+    ids = teacher.encode("Every family must copy exactly. " * 4)
+    hs = teacher.hidden_states(ids, [1, 2])
+    flow = LatentFlow(VelocityField(teacher.field_spec()), span=(1, 2))
+    flow.field.init_from_block(teacher.block_weights(1), gates=1.0)
+    with torch.no_grad():
+        out = flow(hs[1], k=1)
+    scale = hs[2].abs().max()
+    assert (out - hs[2]).abs().max() < 1e-4 * scale
