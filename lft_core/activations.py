@@ -66,7 +66,8 @@ def parse_layers(text: str, n_layers: int) -> list[int]:
         raise CacheError("no layers given")
     bad = [i for i in layers if not 0 <= i <= n_layers]
     if bad:
-        raise CacheError(f"layers {bad} are outside 0..{n_layers} (the model has {n_layers} blocks)")
+        shown = str(bad) if len(bad) <= 5 else f"[{', '.join(map(str, bad[:5]))}, ...] ({len(bad)} in all)"
+        raise CacheError(f"layers {shown} are outside 0..{n_layers} (the model has {n_layers} blocks)")
     return sorted(set(layers))
 
 
@@ -218,6 +219,8 @@ def ensure_activations(
     key = cache_key(teacher.model_id, teacher.weights_hash, corpus.id, corpus.content_hash, seq_len, n_windows, split)
     entry = root / key
     shape = (n_windows, seq_len, teacher.d_model)
+    # tokenize before taking the lock or touching the entry: a corpus too short is refused with nothing written
+    windows = make_windows(corpus, teacher.tokenizer, seq_len, n_windows, split)
 
     try:
         lock = FileLock(str(root / f"{key}.lock"), timeout=lock_timeout)
@@ -228,16 +231,18 @@ def ensure_activations(
         meta = _read_meta(entry)
         if meta is None and entry.exists():
             shutil.rmtree(entry)  # damaged: nothing in it can be trusted
+        created = not entry.exists()
         entry.mkdir(parents=True, exist_ok=True)
         for stale in entry.glob("*.partial"):  # left by a killed writer (we hold the lock)
             stale.unlink()
         for stale in entry.glob("*.tmp-*"):
             stale.unlink()
         present = [i for i in (meta or {}).get("layers", []) if _valid_array(_layer_file(entry, i), shape, "float16")]
-        windows = make_windows(corpus, teacher.tokenizer, seq_len, n_windows, split)
         tokens_ok = _valid_array(entry / "tokens.npy", shape[:2], "int32") and np.array_equal(
             np.load(entry / "tokens.npy", mmap_mode="r"), windows
         )
+        if not tokens_ok:
+            present = []  # layers computed from other (or unreadable) tokens cannot be trusted
         missing = [i for i in layers if i not in present]
         if tokens_ok and not missing and meta is not None and sorted(present) == sorted(meta["layers"]):
             return ActivationCache(entry, meta, hit=True, seconds=time.perf_counter() - start)
@@ -245,6 +250,8 @@ def ensure_activations(
         need = len(missing) * int(np.prod(shape)) * 2 + (0 if tokens_ok else windows.nbytes)
         free = shutil.disk_usage(root).free
         if need + DISK_MARGIN_BYTES > free:
+            if created:
+                shutil.rmtree(entry, ignore_errors=True)
             raise CacheError(
                 f"caching needs {need / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB is free on {root}: "
                 f"free space, or use fewer windows / layers"

@@ -60,6 +60,9 @@ def cmd_cache(a: argparse.Namespace) -> dict:
 
     teacher = load_teacher(a.model, trust_remote_code=a.trust_remote_code)
     corpus = load_corpus(a.corpus)
+    if corpus.skipped_lines:
+        print(f"note: skipped {corpus.skipped_lines} .jsonl lines without a non-empty \"text\" field",
+              file=sys.stderr)
     layers = parse_layers(a.layers, teacher.n_layers)
     cache = ensure_activations(teacher, corpus, a.seq_len, a.windows, layers, split=a.split,
                                batch_size=a.batch_size)
@@ -68,7 +71,7 @@ def cmd_cache(a: argparse.Namespace) -> dict:
         "key": cache.key, "dir": str(cache.dir), "layers": cache.layers, "windows": a.windows,
         "seq_len": a.seq_len, "d_model": teacher.d_model, "hit": cache.hit, "seconds": round(cache.seconds, 4),
         "tokens_per_second": round(tokens / cache.seconds, 1) if cache.seconds > 0 else None,
-        "computed_layers": list(cache.computed_layers),
+        "computed_layers": list(cache.computed_layers), "skipped_lines": corpus.skipped_lines,
     }
     print(f"{'hit' if cache.hit else 'computed'} {cache.key}: layers {cache.layers} in {cache.seconds:.2f} s")
     return result
@@ -81,11 +84,15 @@ def cmd_train(a: argparse.Namespace) -> dict:
                       steps=a.steps, batch=a.batch, seq_len=a.seq_len, windows=a.windows,
                       heldout_windows=a.heldout_windows, lr=a.lr, seed=a.seed,
                       init_from_teacher=a.init_from_teacher, normalise=not a.no_normalise,
+                      sink_weight=a.sink_weight,
                       eval_every=a.eval_every, checkpoint_every=a.checkpoint_every, name=a.name)
     stop_file = Path(a.stop_file) if a.stop_file else None
     progress = _progress_writer(Path(a.progress_file)) if a.progress_file else None
-    result = train_flow(cfg, progress=progress, should_stop=(lambda: stop_file.exists()) if stop_file else None,
-                        resume=a.resume)
+    from .teacher import load_teacher
+
+    teacher = load_teacher(a.model, trust_remote_code=a.trust_remote_code)
+    result = train_flow(cfg, teacher=teacher, progress=progress,
+                        should_stop=(lambda: stop_file.exists()) if stop_file else None, resume=a.resume)
     out = result.to_json()
     print(f"{'stopped' if result.stopped else 'trained'} {result.name}: loss {result.final_loss:.5f}, "
           f"held-out NMSE {result.heldout_nmse:.4f}, {result.seconds:.1f} s on {result.device}")
@@ -110,15 +117,20 @@ def cmd_eval(a: argparse.Namespace) -> dict:
 
     if a.text and a.corpus_given:
         raise LFTError("give either --text or --corpus, not both")
+    for k in a.k:  # checked before any model is loaded
+        if not 1 <= k <= 64:
+            raise LFTError(f"--k values must be between 1 and 64, got {k}")
+    for k in a.skip:
+        if k < 1:
+            raise LFTError(f"--skip values must be at least 1, got {k}")
     config = read_flow_config(a.flow)
     teacher = load_teacher(a.model or config["model"])
     flow, config = open_flow(a.flow, teacher)
     text = None
     if a.text:
-        try:
-            text = Path(a.text).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise LFTError(f"cannot read {a.text}: {e}") from None
+        from .corpus import read_text_file
+
+        text = read_text_file(a.text)  # size limit, empty / binary / not-UTF-8 checks
     ids = eval_windows(teacher, a.corpus, text, a.windows, a.seq_len or config.get("seq_len", 128))
     result = evaluate(teacher, flow, tuple(config["span"]), ids, ks=a.k, skips=a.skip,
                       progress=lambda s: print(s, file=sys.stderr))
@@ -141,9 +153,11 @@ def cmd_recoupling(a: argparse.Namespace) -> dict:
         bar.n = done
         bar.refresh()
 
-    grid = recoupling_for_model(teacher, a.corpus, a.pairs, spans, a.seq_len, a.windows,
-                                drop_first=not a.include_first, seed=a.seed, progress=progress)
-    bar.close()
+    try:  # close the bar before an error line is printed, so that the error stays the last line
+        grid = recoupling_for_model(teacher, a.corpus, a.pairs, spans, a.seq_len, a.windows,
+                                    drop_first=not a.include_first, seed=a.seed, progress=progress)
+    finally:
+        bar.close()
     L = teacher.n_layers
     values = grid.matrix[np.isfinite(grid.matrix)]
     print(f"recoupling ratio over {values.size} spans of {teacher.model_id} ({grid.pairs} pairs, first positions "
@@ -210,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--init-from-teacher", action="store_true", help="initialise from block M of the teacher")
     t.add_argument("--no-normalise", action="store_true", help="do not standardise x0/x1 per dimension")
+    t.add_argument("--sink-weight", type=float, default=64.0, help="loss weight of position 0 (attention sink)")
     t.add_argument("--eval-every", type=_positive, default=50)
     t.add_argument("--checkpoint-every", type=_positive, default=100)
     t.add_argument("--name", help="flow name (default: derived from the settings)")

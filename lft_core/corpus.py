@@ -11,12 +11,14 @@ Corpus specs:
 
 Windows: the texts are tokenized (no special tokens), joined with the tokenizer's EOS token, and cut into
 consecutive non-overlapping windows of ``seq_len`` tokens. Window j is held out when j % 10 == 9 (10%,
-spread over the whole corpus); training never sees those.
+spread over the whole corpus); training never sees those. Texts longer than 256K characters are tokenized
+in pieces cut after a newline, and only as much of the corpus as the requested windows need is tokenized.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,7 @@ BUILTIN = "builtin"
 HELDOUT_EVERY = 10  # window j is held out when j % HELDOUT_EVERY == HELDOUT_EVERY - 1
 MAX_FILE_BYTES = 200 * 1024 * 1024
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".jsonl"}
+CHUNK_CHARS = 256 * 1024  # texts are tokenized in pieces of about this many characters (see tokenize_corpus)
 
 
 class CorpusError(LFTError):
@@ -81,6 +84,11 @@ def _read_text_file(path: Path) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise CorpusError(f"{path} is not UTF-8 text (bad byte at offset {e.start})") from None
+
+
+def read_text_file(path: str | Path) -> str:
+    """A UTF-8 text file's contents, with the corpus checks (size limit, empty, binary, not UTF-8)."""
+    return _read_text_file(Path(path).expanduser())
 
 
 def _read_jsonl(path: Path) -> tuple[list[str], int]:
@@ -151,15 +159,69 @@ def _load_hf(spec: str) -> Corpus:
     return Corpus(spec, tuple(texts), _hash_texts(texts), sources=(spec,))
 
 
-def tokenize_corpus(corpus: Corpus, tokenizer) -> np.ndarray:
-    """All texts as one int32 token stream, texts joined by the EOS token (if the tokenizer has one)."""
+_CUTS = (re.compile(r"(?<=\S\n)(?=\S)"), re.compile(r"(?<=\S)(?= \S)"))  # after "x\n" before "y"; before " y"
+
+
+def _pieces(text: str) -> list[str]:
+    """``text`` cut into pieces of at most CHUNK_CHARS characters. A cut falls just after a single newline
+    between two non-blank characters (else just before a space between words), where a byte-level BPE
+    pre-tokenizer splits anyway, so the pieces' tokens are the whole text's. Texts of at most CHUNK_CHARS
+    characters (every built-in topic) are one piece."""
+    if len(text) <= CHUNK_CHARS:
+        return [text]
+    out, start = [], 0
+    while start < len(text):
+        end = min(start + CHUNK_CHARS, len(text))
+        if end < len(text):
+            for pattern in _CUTS:
+                cut = None
+                for match in pattern.finditer(text, start + CHUNK_CHARS // 2, end):
+                    cut = match.start()
+                if cut is not None:
+                    end = cut
+                    break
+        out.append(text[start:end])
+        start = end
+    return out
+
+
+def tokenize_corpus(corpus: Corpus, tokenizer, max_tokens: int | None = None) -> np.ndarray:
+    """The texts as one int32 token stream, texts joined by the EOS token (if the tokenizer has one).
+
+    Texts are tokenized in pieces of about CHUNK_CHARS characters, in order, and tokenizing stops once the
+    stream holds ``max_tokens`` tokens (None: the whole corpus). The stream is the same function of the
+    corpus whatever ``max_tokens`` is, so a shorter request returns a prefix of a longer one; a 50 MB text
+    asked for two windows tokenizes one piece, not 50 MB (which took ~55 s and ~7 GB of memory at once).
+    """
     eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for i, enc in enumerate(tokenizer(list(corpus.texts), add_special_tokens=False)["input_ids"]):
-        if i and eos is not None:
-            stream.append(int(eos))
-        stream.extend(enc)
-    return np.asarray(stream, dtype=np.int32)
+    parts: list[np.ndarray] = []
+    count = 0
+    batch: list[tuple[bool, str]] = []  # (first piece of a text after the first text, piece)
+    batch_chars = 0
+
+    def flush() -> None:
+        nonlocal count, batch_chars
+        encoded = tokenizer([piece for _, piece in batch], add_special_tokens=False)["input_ids"]
+        for (starts_text, _), ids in zip(batch, encoded):
+            if starts_text and eos is not None:
+                parts.append(np.asarray([eos], dtype=np.int32))
+                count += 1
+            parts.append(np.asarray(ids, dtype=np.int32))
+            count += len(ids)
+        batch.clear()
+        batch_chars = 0
+
+    for i, text in enumerate(corpus.texts):
+        for j, piece in enumerate(_pieces(text)):
+            batch.append((i > 0 and j == 0, piece))
+            batch_chars += len(piece)
+            if batch_chars >= CHUNK_CHARS:
+                flush()
+                if max_tokens is not None and count >= max_tokens:
+                    return np.concatenate(parts)
+    if batch:
+        flush()
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 
 def available_windows(n_tokens: int, seq_len: int, split: str = "train") -> int:
@@ -182,7 +244,13 @@ def make_windows(
         raise CorpusError(f"seq_len must be at least 2, got {seq_len}")
     if n_windows is not None and n_windows < 1:
         raise CorpusError(f"the number of windows must be at least 1, got {n_windows}")
-    stream = tokenize_corpus(corpus, tokenizer)
+    if n_windows is None:
+        needed = None
+    elif split == "train":  # the n-th train window is window n-1 + (n-1) // 9 of the stream
+        needed = (n_windows + (n_windows - 1) // (HELDOUT_EVERY - 1)) * seq_len
+    else:  # the n-th held-out window is window 10n - 1
+        needed = HELDOUT_EVERY * n_windows * seq_len
+    stream = tokenize_corpus(corpus, tokenizer, max_tokens=needed)
     total = len(stream) // seq_len
     if total == 0:
         raise CorpusError(f"corpus {corpus.id!r} has {len(stream)} tokens, fewer than one window of {seq_len}")

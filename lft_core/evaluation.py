@@ -73,6 +73,60 @@ def best_skip_start(teacher, ids: torch.Tensor, ref_logits: torch.Tensor, k: int
     return best
 
 
+def reference_logits(teacher, ids: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    """The teacher's logits for ``ids`` (windows, seq_len) -> (windows, seq_len, vocab), float32."""
+    return _batched_logits(teacher, ids, batch)
+
+
+def lft_rows(teacher, flow, span: tuple[int, int], ids: torch.Tensor, ref: torch.Tensor, ks: Sequence[int] = (1, 2, 3),
+             batch: int = 8, progress: Callable[[str], None] | None = None) -> list[EvalRow]:
+    """KL / PPL / NMSE of the LFT (span replaced by ``flow``) for each k."""
+    m, n = span
+    for k in ks:
+        if not 1 <= k <= 64:
+            raise LFTError(f"k must be between 1 and 64, got {k}")
+    say = progress or (lambda s: None)
+    hs: dict[int, list[torch.Tensor]] = {}
+    for s in range(0, len(ids), batch):
+        for key, v in teacher.hidden_states(ids[s : s + batch], [m, n]).items():
+            hs.setdefault(key, []).append(v)
+    x0, x1 = torch.cat(hs[m]), torch.cat(hs[n])
+    rows = []
+    for k in ks:
+        say(f"LFT k={k}")
+        with torch.no_grad():
+            x_hat = torch.cat([flow(x0[s : s + batch], k=k).float() for s in range(0, len(x0), batch)])
+        logits = _batched_logits(teacher, ids, batch, replace=(m, n, flow, k))
+        kl, ppl = _kl_ppl(ref, logits, ids)
+        rows.append(EvalRow("lft", k, kl, ppl, nmse=float(nmse(x_hat, x1))))
+    return rows
+
+
+def skip_rows(teacher, span: tuple[int, int], ids: torch.Tensor, ref: torch.Tensor, skips: Sequence[int] = (1, 2, 3),
+              best_skip: bool = True, batch: int = 8, search_windows: int = 2,
+              progress: Callable[[str], None] | None = None) -> list[EvalRow]:
+    """KL / PPL of skip-k: the first k blocks of the span ("span") and, with ``best_skip``, the k blocks whose
+    removal hurts least anywhere in the model ("best", searched on the first ``search_windows`` windows)."""
+    m, n = span
+    for k in skips:
+        if not 1 <= k <= teacher.n_layers:
+            raise LFTError(f"skip k must be between 1 and {teacher.n_layers}, got {k}")
+    say = progress or (lambda s: None)
+    rows = []
+    probe = max(1, min(len(ids), search_windows))
+    for k in skips:
+        if k <= n - m:
+            say(f"skip k={k} in span")
+            kl, ppl = _kl_ppl(ref, _batched_logits(teacher, ids, batch, skip=(m, k)), ids)
+            rows.append(EvalRow("skip", k, kl, ppl, where="span", start=m))
+        if best_skip:
+            say(f"skip k={k} best position")
+            start, _ = best_skip_start(teacher, ids[:probe], ref[:probe], k, batch)
+            kl, ppl = _kl_ppl(ref, _batched_logits(teacher, ids, batch, skip=(start, k)), ids)
+            rows.append(EvalRow("skip", k, kl, ppl, where="best", start=start))
+    return rows
+
+
 def evaluate(
     teacher,
     flow,
@@ -96,39 +150,12 @@ def evaluate(
     for k in ks:
         if not 1 <= k <= 64:
             raise LFTError(f"k must be between 1 and 64, got {k}")
-    for k in skips:
-        if not 1 <= k <= teacher.n_layers:
-            raise LFTError(f"skip k must be between 1 and {teacher.n_layers}, got {k}")
-    say = progress or (lambda s: None)
-    ref = _batched_logits(teacher, ids, batch)
+    ref = reference_logits(teacher, ids, batch)
     result = EvalResult(span=(m, n), tokens=int(ids.numel()),
                         teacher_ppl=float(torch.exp(nll_per_token(ref, ids).mean())))
     if flow is not None:
-        hs = {}
-        for s in range(0, len(ids), batch):
-            part = teacher.hidden_states(ids[s : s + batch], [m, n])
-            for key, v in part.items():
-                hs.setdefault(key, []).append(v)
-        x0, x1 = torch.cat(hs[m]), torch.cat(hs[n])
-        for k in ks:
-            say(f"LFT k={k}")
-            with torch.no_grad():
-                x_hat = torch.cat([flow(x0[s : s + batch], k=k).float() for s in range(0, len(x0), batch)])
-            logits = _batched_logits(teacher, ids, batch, replace=(m, n, flow, k))
-            kl, ppl = _kl_ppl(ref, logits, ids)
-            result.rows.append(EvalRow("lft", k, kl, ppl, nmse=float(nmse(x_hat, x1))))
-    for k in skips:
-        if k <= n - m:
-            say(f"skip k={k} in span")
-            logits = _batched_logits(teacher, ids, batch, skip=(m, k))
-            kl, ppl = _kl_ppl(ref, logits, ids)
-            result.rows.append(EvalRow("skip", k, kl, ppl, where="span", start=m))
-        if best_skip:
-            say(f"skip k={k} best position")
-            start, _ = best_skip_start(teacher, ids[: max(1, min(len(ids), 4))], ref[: max(1, min(len(ids), 4))], k, batch)
-            logits = _batched_logits(teacher, ids, batch, skip=(start, k))
-            kl, ppl = _kl_ppl(ref, logits, ids)
-            result.rows.append(EvalRow("skip", k, kl, ppl, where="best", start=start))
+        result.rows += lft_rows(teacher, flow, span, ids, ref, ks, batch, progress)
+    result.rows += skip_rows(teacher, span, ids, ref, skips, best_skip, batch, progress=progress)
     result.seconds = time.perf_counter() - start_time
     return result
 
@@ -136,6 +163,8 @@ def evaluate(
 def eval_windows(teacher, corpus_spec: str | None = None, text: str | None = None, windows: int = 16,
                  seq_len: int = 128) -> torch.Tensor:
     """Held-out token windows (windows, seq_len) from a corpus, or one window of a given text (1, T)."""
+    if seq_len > teacher.max_positions:
+        raise LFTError(f"seq_len {seq_len} is longer than the model's context ({teacher.max_positions} tokens)")
     if text is not None:
         ids = teacher.encode(text, max_tokens=min(seq_len * windows, teacher.max_positions))
         return ids.cpu()

@@ -37,6 +37,9 @@ from .errors import LFTError
 from .solvers import Trajectory, integrate
 
 
+MAX_STEPS = 256  # most integration steps a LatentFlow takes (training and evaluation allow k <= 64)
+
+
 class FlowCheckpointError(LFTError):
     """A flow checkpoint folder is missing, truncated, or does not match its config."""
 
@@ -394,6 +397,8 @@ class LatentFlow(nn.Module):
         assert h_m.dim() == 3 and h_m.shape[-1] == self.spec.d_model, (
             f"h_m must have shape (batch, seq, {self.spec.d_model}), got {tuple(h_m.shape)}"
         )
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_STEPS:
+            raise LFTError(f"the number of integration steps k must be an integer in 1..{MAX_STEPS}, got {k!r}")
         out = integrate(self.velocity, self.normalise(h_m), k, method=method, return_path=return_path)
         if isinstance(out, Trajectory):
             return Trajectory(states=self.denormalise(out.states).to(h_m.dtype), times=out.times)
@@ -477,7 +482,12 @@ def load_flow(directory: str | Path, map_location: str | torch.device = "cpu") -
         config = json.loads(config_path.read_text())
         spec = FieldSpec.from_dict(config["field_spec"])
         span = tuple(config["span"])
-    except (OSError, ValueError, KeyError, TypeError, LFTError) as exc:
+        if len(span) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in span):
+            raise ValueError(f"span must be two integers [m, n], got {config['span']!r}")
+        n_layers = config.get("n_layers")
+        if not 0 <= span[0] < span[1] or (isinstance(n_layers, int) and span[1] > n_layers):
+            raise ValueError(f"span {span[0]}:{span[1]} is not valid for a model of {n_layers} blocks")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, LFTError) as exc:
         raise FlowCheckpointError(f"invalid flow config {config_path}: {exc}") from None
     try:
         state = load_file(str(model_path), device=str(map_location))
@@ -489,6 +499,9 @@ def load_flow(directory: str | Path, map_location: str | torch.device = "cpu") -
     except LFTError as exc:
         raise FlowCheckpointError(f"invalid flow config {config_path}: {exc}") from None
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise FlowCheckpointError(f"flow weights {model_path} do not match its config: {' '.join(first[:3])}") from None
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+        raise FlowCheckpointError(
+            f"flow weights {model_path} do not match its config (from another model?): {detail[:160]}"
+        ) from None
     return flow.to(map_location).eval(), config

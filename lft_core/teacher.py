@@ -176,9 +176,17 @@ class Teacher:
 
     def encode(self, text: str, max_tokens: int | None = None) -> torch.Tensor:
         """Token ids of ``text`` (no special tokens), shape (1, T); LFTError when empty."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if max_tokens is not None:
+            # tokenize only a prefix that surely holds max_tokens tokens (a 50 MB text is not read whole)
+            chars = 16 * max_tokens + 1024
+            while True:
+                ids = self.tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+                if len(ids) > max_tokens or chars >= len(text):
+                    break
+                chars *= 4
             ids = ids[:max_tokens]
+        else:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) < 2:
             raise LFTError("the text is empty or too short: give at least two tokens")
         return torch.tensor([ids], dtype=torch.long, device=self.device)
@@ -471,6 +479,13 @@ def load_teacher(spec: str = DEFAULT_MODEL, device: str | None = None, trust_rem
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     model_id, where = resolve_model(spec)
+    if isinstance(where, Path) and not any(where.glob("*.safetensors")) and any(
+        any(where.glob(pattern)) for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt")
+    ):
+        raise TeacherLoadError(
+            f"{where} holds only PyTorch pickle weights (.bin/.pt); LFT Explorer reads safetensors only and never "
+            f"unpickles a model file: convert it to model.safetensors where you trust it"
+        )
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
@@ -481,6 +496,11 @@ def load_teacher(spec: str = DEFAULT_MODEL, device: str | None = None, trust_rem
         raise
     except (OSError, ValueError, KeyError, EnvironmentError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "trust_remote_code" in str(e) or "custom code" in str(e):
+            raise TeacherLoadError(
+                f"model '{spec}' needs its own Python code to load, which is not run by default; pass "
+                f"--trust-remote-code only if you trust its author"
+            ) from None
         if isinstance(where, Path):
             raise TeacherLoadError(f"could not load the model folder {where}: {first}") from None
         raise TeacherLoadError(

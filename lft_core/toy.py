@@ -291,8 +291,8 @@ def train_toy(
     _check_method(method)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise LFTError(f"steps must be an integer >= 1, got {steps!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise LFTError(f"k must be an integer >= 1, got {k!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 64:
+        raise LFTError(f"k must be an integer between 1 and 64, got {k!r}")
     from .metrics import flow_recoupled, recoupling_ratio
 
     start = time.perf_counter()

@@ -15,7 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lft_core.evaluation import eval_windows, evaluate  # noqa: E402
+from lft_core.evaluation import EvalResult, eval_windows, lft_rows, reference_logits, skip_rows  # noqa: E402
+from lft_core.metrics import nll_per_token  # noqa: E402
 from lft_core.teacher import load_teacher  # noqa: E402
 from lft_core.training import TrainConfig, open_flow, train_flow  # noqa: E402
 
@@ -31,19 +32,32 @@ def main() -> None:
     a = p.parse_args()
     teacher = load_teacher("smollm2-135m")
     ids = eval_windows(teacher, "builtin", None, a.eval_windows, 128)
+    ref = reference_logits(teacher, ids)
+    teacher_ppl = float(nll_per_token(ref, ids).mean().exp())
+    best = {}  # skip-k at the best position does not depend on the span: search once
     out = {"command": " ".join(sys.argv), "steps": a.steps, "batch": a.batch, "eval_tokens": int(ids.numel()),
            "runs": []}
     for span_text in a.spans.split(","):
         span = tuple(int(x) for x in span_text.split(":"))
+        span_skips = skip_rows(teacher, span, ids, ref, (1, 2, 3), best_skip=False)
         for method in a.methods.split(","):
             name = f"results-{span[0]}-{span[1]}-{method}-s{a.steps}"
             cfg = TrainConfig(span=span, method=method, steps=a.steps, batch=a.batch, name=name)
             t = time.perf_counter()
-            tr = train_flow(cfg, teacher=teacher)
-            flow, _ = open_flow(name, teacher)
-            ev = evaluate(teacher, flow, span, ids, ks=(1, 2, 3), skips=(1, 2, 3))
+            try:  # reuse a finished run of the same settings
+                flow, saved = open_flow(name, teacher)
+                assert saved.get("status") == "complete" and saved.get("steps_done") == a.steps
+                tr = {"name": name, "reused": True, "heldout_nmse": saved["history"][-1].get("heldout_nmse")}
+            except Exception:
+                tr = train_flow(cfg, teacher=teacher, verbose=False).to_json()
+                flow, _ = open_flow(name, teacher)
+            if not best:
+                best["rows"] = [r for r in skip_rows(teacher, span, ids, ref, (1, 2, 3), best_skip=True)
+                                if r.where == "best"]
+            ev = EvalResult(span=span, tokens=int(ids.numel()), teacher_ppl=teacher_ppl,
+                            rows=lft_rows(teacher, flow, span, ids, ref) + span_skips + best["rows"])
             print(ev.table(), flush=True)
-            out["runs"].append({"span": list(span), "method": method, "train": tr.to_json(),
+            out["runs"].append({"span": list(span), "method": method, "train": tr,
                                 "eval": ev.to_json(), "seconds": round(time.perf_counter() - t, 1)})
             Path(a.out).write_text(json.dumps(out, indent=1))
 
