@@ -104,3 +104,27 @@ def span_coupling(teacher, cache: ActivationCache, span: tuple[int, int], n_toke
         result.x_hat = x_hat
         result.flow_recoupled = flow_recoupled(x_hat, x1)
     return result
+
+
+def text_coupling(teacher, ids: torch.Tensor, span: tuple[int, int], flow=None, k: int = 3,
+                  drop_first: bool = True) -> SpanCoupling:
+    """The same analysis for every token of one text, ``ids`` shape (1, T) (position 0 dropped by default)."""
+    m, n = span
+    teacher.check_span(m, n)
+    first = 1 if drop_first else 0
+    if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] - first < 2:
+        raise LFTError("the text needs at least two tokens besides the first")
+    hs = teacher.hidden_states(ids, [m, n])
+    x0 = hs[m][0, first:].double().numpy()
+    x1 = hs[n][0, first:].double().numpy()
+    positions = np.arange(first, ids.shape[1])
+    words = [teacher.tokenizer.decode([int(i)]) for i in ids[0, first:]]
+    index = np.stack([np.zeros_like(positions), positions], axis=1)
+    result = SpanCoupling((m, n), index, words, x0, x1, recoupling_ratio(x0, x1), crossings(x0, x1))
+    if flow is not None:
+        if tuple(flow.span) != (m, n):
+            raise LFTError(f"the flow replaces {flow.span[0]}:{flow.span[1]}, not {m}:{n}")
+        with torch.no_grad():
+            result.x_hat = flow(hs[m], k=k)[0, first:].double().numpy()
+        result.flow_recoupled = flow_recoupled(result.x_hat, x1)
+    return result

@@ -65,3 +65,14 @@ def test_trajectory_table(tiny_neox, tiny_neox_dir):
     assert {"x", "y"} <= set(projected.columns) and np.isfinite(projected[["x", "y"]].to_numpy()).all()
     with pytest.raises(LFTError, match="positions"):
         trajectory_table(tiny_neox, ids, (1, 3), [99])
+
+
+def test_text_coupling_matches_hidden_states(tiny_neox):
+    from lft_core.coupling import text_coupling
+
+    ids = tiny_neox.encode("Alpha beta gamma delta epsilon zeta eta theta.")
+    res = text_coupling(tiny_neox, ids, (1, 3))
+    hs = tiny_neox.hidden_states(ids, [1, 3])
+    np.testing.assert_allclose(res.x0, hs[1][0, 1:].double().numpy())
+    assert list(res.token_index[:, 1]) == list(range(1, ids.shape[1]))
+    assert res.recoupling.n == ids.shape[1] - 1

@@ -1,29 +1,152 @@
-"""Setup: the model and what is cached."""
+"""Setup & cache: the model, the corpus, the windows, and what is in the activation cache."""
 from __future__ import annotations
 
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
 import streamlit as st
 
-from app.common import model_spec, teacher_or_error
-from lft_core.activations import list_entries
+from app import common as c
+from lft_core.activations import delete_entry, list_entries
+from lft_core.paths import cache_dir
+from lft_core.teacher import DEFAULT_MODEL
 
-st.title("LFT Explorer")
-st.caption(
-    "Latent Flow Transformers (Wu et al., 2025) replace a block of layers [m, n) of a language model with one "
-    "learned transport layer, a velocity field integrated from h_m to h_n."
+c.page_intro(
+    "LFT Explorer",
+    "Latent Flow Transformers (Wu et al., 2025) replace a span of blocks [m, n) of a language model with **one "
+    "learned velocity field**, integrated in k steps from the hidden state h_m to h_n.",
+    "Choose the model and the text here; every other page uses these choices. Hidden states are cached on disk.",
 )
-spec = st.text_input("Model", value=model_spec(), key="model_spec_input",
-                     help="smollm2-135m (embedded, offline), a Hugging Face id or a local folder")
-st.session_state["model_spec"] = spec.strip() or model_spec()
-teacher = teacher_or_error()
+
+# -- model ------------------------------------------------------------------------------------------------
+st.subheader("Model")
+
+
+def _use_default() -> None:
+    st.session_state[c.MODEL] = DEFAULT_MODEL
+    st.session_state["w_model"] = DEFAULT_MODEL
+
+
+c.persistent_widget("w_model", c.MODEL)
+col_model, col_btn = st.columns([4, 1], vertical_alignment="bottom")
+col_model.text_input(
+    "Model", key="w_model", on_change=c.copy_to(c.MODEL, "w_model"),
+    help="`smollm2-135m` is embedded and always works offline; or a Hugging Face id (from the local HF cache "
+         "when offline, e.g. EleutherAI/pythia-410m) or a local folder with config.json and safetensors weights.",
+)
+col_btn.button("Use embedded default", on_click=_use_default, disabled=c.model_spec() == DEFAULT_MODEL)
+teacher = c.teacher_or_error()
 if teacher is not None:
-    c1, c2, c3 = st.columns(3)
-    c1.metric("Blocks (L)", teacher.n_layers)
-    c2.metric("d_model", teacher.d_model)
-    c3.metric("Family", teacher.family)
+    cols = st.columns(4)
+    cols[0].metric("Blocks (L)", teacher.n_layers)
+    cols[1].metric("Hidden size d", teacher.d_model)
+    cols[2].metric("Family", teacher.family)
+    cols[3].metric("Parameters", f"{sum(p.numel() for p in teacher.model.parameters()) / 1e6:.0f} M")
+
+# -- corpus -----------------------------------------------------------------------------------------------
+st.subheader("Corpus and windows")
+SOURCES = ["Built-in (Python docs)", "Upload a file", "Path on this machine"]
+uploads = cache_dir("uploads")
+
+
+def _source_of(spec: str) -> str:
+    if spec in ("", "builtin"):
+        return SOURCES[0]
+    return SOURCES[1] if Path(spec).parent == uploads else SOURCES[2]
+
+
+def _source_changed() -> None:
+    if st.session_state["w_corpus_source"] == SOURCES[0]:
+        st.session_state[c.CORPUS] = "builtin"
+
+
+if "w_corpus_source" not in st.session_state:
+    st.session_state["w_corpus_source"] = _source_of(c.corpus_spec())
+source = st.radio("Text source", SOURCES, key="w_corpus_source", horizontal=True, on_change=_source_changed)
+if source == SOURCES[1]:
+    upload = st.file_uploader(
+        f"A .txt, .md or .jsonl file (one JSON object a line with a \"text\" field), at most {c.UPLOAD_LIMIT_MB} MB",
+        type=["txt", "md", "jsonl"], max_upload_size=c.UPLOAD_LIMIT_MB, key="w_upload",
+    )
+    if upload is not None:
+        with c.engine_errors(stop=False):
+            saved = c.save_upload(upload.name, upload.getvalue())
+            st.session_state[c.CORPUS] = str(saved)
+elif source == SOURCES[2]:
+    if "w_corpus_path" not in st.session_state:
+        st.session_state["w_corpus_path"] = "" if c.corpus_spec() == "builtin" else c.corpus_spec()
+
+    def _path_changed() -> None:
+        st.session_state[c.CORPUS] = st.session_state["w_corpus_path"].strip() or "builtin"
+
+    st.text_input("Path to a .txt / .jsonl file or a folder of them", key="w_corpus_path", on_change=_path_changed,
+                  placeholder="/data/my_corpus.txt")
+
+corpus = c.corpus_or_error()
+if corpus is not None:
+    extra = f", {corpus.skipped_lines} bad lines skipped" if corpus.skipped_lines else ""
+    st.caption(f"Corpus **{Path(corpus.id).name}**: {len(corpus.texts)} texts, {corpus.n_chars:,} characters"
+               f"{extra} (content hash `{corpus.content_hash}`). Every 10th window is held out for evaluation.")
+
+c.persistent_widget("w_seq_len", c.SEQ_LEN)
+c.persistent_widget("w_windows", c.WINDOWS)
+col1, col2, col3 = st.columns([1, 1, 2])
+col1.number_input("Window length (tokens)", min_value=8, max_value=2048, step=16, key="w_seq_len",
+                  on_change=c.copy_to(c.SEQ_LEN, "w_seq_len"))
+col2.number_input("Windows to cache", min_value=1, max_value=4096, step=4, key="w_windows",
+                  on_change=c.copy_to(c.WINDOWS, "w_windows"),
+                  help="Used by the span heatmap and the crossings page (training picks its own count).")
+if teacher is not None:
+    size = (teacher.n_layers + 1) * c.n_windows() * c.seq_len() * teacher.d_model * 2
+    col3.caption(f"All {teacher.n_layers + 1} hidden states h_0 … h_{teacher.n_layers} of "
+                 f"{c.n_windows()} × {c.seq_len()} tokens take {size / 2**20:.1f} MiB as float16.")
+
+# -- cache ------------------------------------------------------------------------------------------------
 st.subheader("Activation cache")
+if teacher is not None and corpus is not None:
+    entry = c.find_cache(teacher, corpus, c.seq_len(), c.n_windows())
+    have_all = entry is not None and len(entry.layers) == teacher.n_layers + 1
+    if have_all:
+        st.success(f"All layers of {c.n_windows()} × {c.seq_len()} tokens are cached (`{entry.key}`).")
+    else:
+        running = st.session_state.get("_cache_running", False)
+        if st.button("Cache all layers", type="primary", disabled=running,
+                     help="Runs `python -m lft_core cache ... --layers all` in the background."):
+            with c.engine_errors(stop=False):
+                c.start_cache_job(c.model_spec(), c.corpus_spec(), c.seq_len(), c.n_windows())
+c.cache_jobs_panel()
+
 entries = list_entries()
 if entries:
-    st.dataframe([{"key": e["key"], "layers": len((e["meta"] or {}).get("layers", [])),
-                   "MiB": round(e["size_bytes"] / 2**20, 1)} for e in entries], hide_index=True)
+    rows = []
+    for e in entries:
+        meta = e["meta"] or {}
+        layers = meta.get("layers", [])
+        n_total = meta.get("n_layers")
+        rows.append({
+            "key": e["key"],
+            "model": Path(meta.get("model", "?")).name,
+            "corpus": Path(meta.get("corpus", "?")).name,
+            "split": meta.get("split", "damaged" if e["meta"] is None else "?"),
+            "windows": meta.get("windows"),
+            "seq_len": meta.get("seq_len"),
+            "layers": (f"all {len(layers)}" if n_total is not None and len(layers) == n_total + 1
+                       else ", ".join(map(str, layers)) if len(layers) <= 6 else f"{len(layers)} of {n_total + 1}"),
+            "MiB": round(e["size_bytes"] / 2**20, 1),
+            "updated": (datetime.fromisoformat(meta["updated"]).strftime("%Y-%m-%d %H:%M")
+                        if meta.get("updated") else ""),
+        })
+    table = pd.DataFrame(rows)
+    st.caption("Select rows to delete them.")
+    event = c.show_table(table, "activation_cache", key="cache_table", on_select="rerun", selection_mode="multi-row")
+    chosen = [rows[i]["key"] for i in event.selection.rows] if event is not None else []
+    if chosen and st.button(f"Delete {len(chosen)} selected entr{'y' if len(chosen) == 1 else 'ies'}",
+                            icon=":material/delete:"):
+        for key in chosen:
+            with c.engine_errors(stop=False):
+                delete_entry(key)
+        st.rerun()
 else:
-    st.info("Nothing cached yet: `python -m lft_core cache` fills the cache.")
+    st.info("Nothing cached yet. **Cache all layers** above fills the cache for the heatmap and crossings; "
+            "training caches what it needs by itself.")

@@ -1,0 +1,106 @@
+"""Per-token KL: where in a text does the LFT (or skipping blocks) change the teacher's next-token prediction?"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from app import common as c
+from app import figures
+
+c.page_intro(
+    "Per-token KL",
+    "For every token, KL(P_teacher ‖ P_model) of the next-token distributions: the model is the teacher with the "
+    "span replaced by the flow (LFT, k steps) or with k blocks simply removed (skip-k). 0 means the same "
+    "prediction; the paper reports the mean over held-out text.",
+)
+
+teacher = c.require_teacher()
+span = c.current_span(teacher)
+flows = c.flows_for(teacher)
+by_label = {c.flow_label(f): f for f in flows}
+NO_FLOW = "(no flow: skip-k only)"
+if not flows:
+    st.info("No flow is trained for this model yet: only the skip-k baseline can be compared. Train a flow on the "
+            "**Train** page.")
+labels = list(by_label) + [NO_FLOW]
+default_flow = next((i for i, f in enumerate(flows) if tuple(f["span"]) == span), 0)
+
+with st.form("kl_form"):
+    text = st.text_area("Text", value=c.DEFAULT_PARAGRAPH, height=110, key="w_kl_text")
+    col_f, col_k, col_skip, col_sk = st.columns([3, 2, 1, 1], vertical_alignment="bottom")
+    flow_choice = col_f.selectbox("Flow", labels, index=default_flow, key="w_kl_flow")
+    k = col_k.slider("k (flow integration steps)", 1, 8, 3, key="w_kl_k")
+    use_skip = col_skip.toggle("skip-k", value=True, key="w_kl_skip", help="Also compare with removing blocks.")
+    # the paper compares replacing 6 blocks with skipping 2, and 12 with 3: about a quarter of the span
+    skip_k = col_sk.number_input("blocks skipped", min_value=1, max_value=teacher.n_layers,
+                                 value=max(1, int((span[1] - span[0]) / 4 + 0.5)), key="w_kl_skip_k",
+                                 help="Removed from the first block of the span.")
+    st.form_submit_button("Compute KL", type="primary")
+
+if not text.strip():
+    st.error("The text is empty: enter a sentence or a paragraph to compare the models on.")
+    st.stop()
+flow_cfg = by_label.get(flow_choice)
+m, n = tuple(flow_cfg["span"]) if flow_cfg else span
+if flow_cfg is None and not use_skip:
+    st.warning("Nothing to compare: choose a flow or switch skip-k on.")
+    st.stop()
+if use_skip and m + int(skip_k) > teacher.n_layers:
+    st.error(f"cannot skip {int(skip_k)} blocks from block {m}: the model has {teacher.n_layers} blocks")
+    st.stop()
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def kl_for_text(spec: str, text: str, flow_key: tuple[str, float] | None, k: int, span: tuple[int, int],
+                skip_k: int | None):
+    from lft_core.evaluation import token_kl
+
+    teacher = c.get_teacher(spec)
+    ids = teacher.encode(text, max_tokens=min(512, teacher.max_positions))
+    models: dict[str, dict] = {}
+    if flow_key:
+        flow = c.load_flow(flow_key[0], spec, flow_key[1])[0]
+        models[f"LFT k={k}"] = {"replace": (span[0], span[1], flow, k)}
+    if skip_k:
+        models[f"skip {skip_k} @ {span[0]}"] = {"skip": (span[0], skip_k)}
+    return token_kl(teacher, ids, models)
+
+
+flow_key = (flow_cfg["name"], c.flow_stamp(flow_cfg)) if flow_cfg else None
+with st.spinner("Running the teacher, the LFT and the skip baseline..."), c.engine_errors():
+    result = kl_for_text(c.model_spec(), text, flow_key, int(k), (m, n), int(skip_k) if use_skip else None)
+st.session_state["kl_result"] = result
+compared = [label for label in result.kl if label != "teacher"]
+
+# -- summary ----------------------------------------------------------------------------------------------
+st.markdown(f"Span **{m}:{n}** ({n - m} blocks){' · flow ' + flow_cfg['name'] if flow_cfg else ''} · "
+            f"{len(result.tokens)} tokens")
+cols = st.columns(1 + len(compared))
+cols[0].metric("Teacher perplexity", f"{result.ppl['teacher']:.2f}")
+for col, label in zip(cols[1:], compared):
+    col.metric(f"{label}: mean KL", f"{float(np.mean(result.kl[label])):.3f}",
+               help=f"perplexity {result.ppl[label]:.2f}")
+summary = pd.DataFrame([{"model": label, "mean KL": float(np.mean(result.kl[label])),
+                         "max KL": float(np.max(result.kl[label])), "perplexity": result.ppl[label]}
+                        for label in result.kl])
+
+# -- coloured text ----------------------------------------------------------------------------------------
+colour_by = (st.radio("Colour tokens by", compared, horizontal=True, key="w_kl_colour") if len(compared) > 1
+             else compared[0])
+values = np.asarray(result.kl[colour_by], dtype=float)
+vmax = float(max(0.1, np.quantile(values, 0.95))) if len(values) else 1.0
+st.markdown(figures.kl_legend_html(vmax, colour_by), unsafe_allow_html=True)
+st.markdown(figures.token_kl_html(result.tokens, values, result.top, vmax, colour_by), unsafe_allow_html=True)
+st.caption("A token's colour is the KL of the prediction made *after* reading it (of the next token).")
+
+col_table, col_fig = st.columns([2, 3])
+with col_table:
+    c.show_table(summary, "kl_summary", key="kl_summary_table")
+    per_token = pd.DataFrame({"position": range(len(result.tokens)), "token": result.tokens,
+                              **{f"KL {label}": result.kl[label] for label in compared}})
+    with st.expander("Per-token values"):
+        c.show_table(per_token, "kl_per_token", key="kl_tokens_table")
+with col_fig:
+    c.show_figure(figures.kl_per_position(result.tokens, {label: result.kl[label] for label in compared}),
+                  "kl_per_position", key="kl_fig")

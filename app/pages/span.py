@@ -1,0 +1,138 @@
+"""Choose a span: the recoupling ratio of every span [m, n), and skip-k KL at the chosen one."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from app import common as c
+from app import figures
+
+c.page_intro(
+    "Choose a span",
+    "For a span [m, n) every token gives a pair (x0, x1) = (h_m, h_n). The **recoupling ratio** R is the share of "
+    "tokens that the optimal transport assignment of starts to targets sends to *another* token's target: at R = 0 "
+    "straight paths agree with the true pairing, a high R means flow matching will mix tokens up.",
+    "Click a cell or use the slider to pick the span; the link of this page keeps it (?span=m:n).",
+)
+
+teacher = c.require_teacher()
+span = c.current_span(teacher)
+corpus = c.corpus_or_error()
+if corpus is None:
+    st.stop()
+L = teacher.n_layers
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def recoupling_matrix(cache_key: str, pairs: int, seed: int = 0) -> tuple[np.ndarray, float]:
+    """R(m, n) for all spans from an all-layer cache entry (position 0 of each window excluded)."""
+    from lft_core.activations import open_activations
+    from lft_core.metrics import recoupling_grid
+
+    cache = open_activations(cache_key)
+    grid = recoupling_grid(cache.layer, cache.meta["n_layers"], pairs=pairs, drop_first=True, seed=seed)
+    return grid.matrix, grid.seconds
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def skip_kl(spec: str, corpus_spec: str, span: tuple[int, int], ks: tuple[int, ...], windows: int,
+            seq_len: int) -> pd.DataFrame:
+    from lft_core.evaluation import eval_windows, evaluate
+
+    teacher = c.get_teacher(spec)
+    ids = eval_windows(teacher, corpus_spec, windows=windows, seq_len=seq_len)
+    result = evaluate(teacher, None, span, ids, ks=[], skips=list(ks), best_skip=False)
+    return pd.DataFrame([{"k": r.k, "skipped blocks": f"{r.start}..{r.start + r.k - 1}", "kl": r.kl, "ppl": r.ppl}
+                         for r in result.rows]).assign(teacher_ppl=result.teacher_ppl)
+
+
+# -- controls -----------------------------------------------------------------------------------------------
+def _slider_changed() -> None:
+    m, n = st.session_state["w_span_slider"]
+    if m < n:
+        c.set_span((m, n))
+
+
+if st.session_state.get("w_span_slider") != span:
+    st.session_state["w_span_slider"] = span
+left, right = st.columns([3, 1], vertical_alignment="bottom")
+left.slider("Span [m, n): blocks m … n−1 are replaced (m < n)", min_value=0, max_value=L, key="w_span_slider",
+            on_change=_slider_changed)
+right.metric("Blocks replaced", span[1] - span[0], help=f"span {c.span_text(span)} of {L} blocks")
+
+# -- heatmap ------------------------------------------------------------------------------------------------
+cache = c.find_cache(teacher, corpus, c.seq_len(), c.n_windows())
+if cache is None or len(cache.layers) < L + 1:
+    st.info(f"The heatmap needs every hidden state h_0 … h_{L} of {c.n_windows()} windows × {c.seq_len()} tokens "
+            "of the corpus. Cache them once (about half a minute for the embedded model):")
+    if st.button("Cache all layers", type="primary", disabled=st.session_state.get("_cache_running", False)):
+        with c.engine_errors(stop=False):
+            c.start_cache_job(c.model_spec(), c.corpus_spec(), c.seq_len(), c.n_windows())
+    c.cache_jobs_panel()
+else:
+    available = cache.shape[0] * (cache.shape[1] - 1)
+    options = [p for p in (64, 128, 256, 512, 1024) if p <= available] or [available]
+    st.session_state.setdefault("w_pairs", 256 if 256 in options else options[-1])
+    if st.session_state["w_pairs"] not in options:
+        st.session_state["w_pairs"] = options[-1]
+    col_pairs, col_note = st.columns([1, 3], vertical_alignment="bottom")
+    pairs = col_pairs.selectbox("Token pairs per span", options, key="w_pairs",
+                                help="More pairs: a steadier estimate, slower (512 pairs ~ 10-20 s on 2 cores).")
+    col_note.caption(f"From `{cache.key}`. Position 0 of every window is excluded: attention-sink tokens have "
+                     "huge norms and would dominate the distances. The same tokens are used for every span.")
+    with st.spinner(f"Solving {L * (L + 1) // 2} optimal assignments of {pairs} tokens..."):
+        with c.engine_errors():
+            matrix, seconds = recoupling_matrix(cache.key, int(pairs))
+    st.session_state["recoupling_matrix"] = matrix
+    r_here = matrix[span[0], span[1]]
+    fig = figures.recoupling_heatmap(matrix, span, int(pairs))
+    col_fig, col_side = st.columns([3, 1])
+    with col_fig:
+        event = c.show_figure(fig, f"recoupling_{c.model_spec()}", key="heatmap", on_select="rerun",
+                              selection_mode="points")
+    points = (event.selection.points if event is not None and event.selection else []) or []
+    if points:
+        p = points[0]
+        picked = (int(round(p["y"])), int(round(p["x"])))
+        if picked[0] < picked[1] and picked != span and picked != st.session_state.get("_last_click"):
+            st.session_state["_last_click"] = picked
+            c.set_span(picked)
+            st.rerun()
+    with col_side:
+        st.metric(f"R at span {c.span_text(span)}", f"{r_here:.3f}")
+        finite = matrix[np.isfinite(matrix)]
+        st.caption(f"Over all {finite.size} spans: min {finite.min():.3f}, median {np.median(finite):.3f}, "
+                   f"max {finite.max():.3f}.")
+        length = span[1] - span[0]
+        same = [matrix[m, m + length] for m in range(0, L - length + 1)]
+        best = int(np.nanargmin(same))
+        st.caption(f"Among spans of {length} blocks, the lowest R is at {best}:{best + length} "
+                   f"({same[best]:.3f}).")
+        st.page_link("pages/train.py", label="Train a flow for this span", icon=":material/model_training:")
+    table = pd.DataFrame([{"m": m, "n": n, "blocks": n - m, "R": matrix[m, n]}
+                          for m in range(L) for n in range(m + 1, L + 1)])
+    with st.expander("All spans as a table"):
+        c.show_table(table, f"recoupling_{c.model_spec()}", key="recoupling_table")
+
+# -- skip-k -------------------------------------------------------------------------------------------------
+st.subheader("Reference: skipping blocks")
+st.markdown(f"KL(teacher ‖ model) of next-token distributions when the first k blocks of the span are simply "
+            f"removed (skip-k), on held-out windows. A flow replacing {span[1] - span[0]} blocks should beat "
+            "skipping fewer blocks.")
+ks = tuple(range(1, min(3, span[1] - span[0]) + 1))
+eval_w = st.session_state.get("skip_eval_windows", 4)
+key = (c.model_spec(), c.corpus_spec(), span, ks, eval_w, min(c.seq_len(), 128))
+if st.button(f"Compute skip-k KL for k = {', '.join(map(str, ks))}", key="skip_button"):
+    st.session_state["skip_shown"] = key
+if st.session_state.get("skip_shown") == key:
+    with st.spinner("Running the teacher with blocks removed..."), c.engine_errors():
+        skip_table = skip_kl(*key)
+    st.session_state["skip_table"] = skip_table
+    col_t, col_f = st.columns([1, 1])
+    with col_t:
+        st.caption(f"{eval_w} held-out windows of {key[-1]} tokens; teacher perplexity "
+                   f"{skip_table['teacher_ppl'].iloc[0]:.2f}.")
+        c.show_table(skip_table.drop(columns="teacher_ppl"), f"skip_kl_{c.span_text(span)}", key="skip_table_df")
+    with col_f:
+        c.show_figure(figures.skip_kl_bars(skip_table), f"skip_kl_{c.span_text(span)}", key="skip_fig")
