@@ -210,8 +210,11 @@ def test_trajectories_with_a_flow(tiny_flow):
     assert len(umap) == len(df) and np.isfinite(umap[["x", "y"]].to_numpy()).all()
 
 
-def test_trajectories_without_flows_show_teacher_and_straight(tiny_neox_dir):
-    at = open_page("trajectories", {"model_spec": str(tiny_neox_dir), "span": (1, 3)})
+def test_trajectories_without_flows_show_teacher_and_straight(tmp_path):
+    from conftest import make_tiny_model
+
+    fresh = make_tiny_model(tmp_path / "fresh-neox", "gpt_neox")  # a model no other test trained a flow for
+    at = open_page("trajectories", {"model_spec": str(fresh), "span": (1, 3)})
     assert_clean(at)
     assert any("No flow is trained" in i.value for i in at.info)
     assert set(at.session_state["trajectory_table"]["kind"]) == {"teacher", "straight"}
