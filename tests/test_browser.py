@@ -224,6 +224,15 @@ def test_kl_page_in_a_real_browser(app_url, tmp_path):
             assert page.locator('[data-testid="stPlotlyChart"]').first.is_visible()
             assert page.locator('[data-testid="stException"]').count() == 0
             capture(page, ARTIFACTS / "kl.png")
+            # the teaching lab: SFM and FW side by side, animated
+            go(page, "Teaching lab (2-D)")
+            page.get_by_role("button", name="Train SFM and FW").click()
+            wait_idle(page)
+            charts = page.locator('[data-testid="stPlotlyChart"]')
+            charts.first.wait_for(state="visible", timeout=120_000)
+            assert charts.count() >= 2 and charts.nth(1).is_visible()
+            assert page.locator('[data-testid="stException"]').count() == 0
+            capture(page, ARTIFACTS / "toy.png")
             if os.environ.get("LFT_SCREENSHOTS") == "1":
                 readme_screenshots(page, app_url)
         finally:
