@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--init-from-teacher", action="store_true", help="initialise from block M of the teacher")
     t.add_argument("--no-normalise", action="store_true", help="do not standardise x0/x1 per dimension")
-    t.add_argument("--sink-weight", type=float, default=64.0, help="loss weight of position 0 (attention sink)")
+    t.add_argument("--sink-weight", type=float, default=None,
+                   help="loss weight of position 0, the attention sink (default: seq_len / 2)")
     t.add_argument("--eval-every", type=_positive, default=50)
     t.add_argument("--checkpoint-every", type=_positive, default=100)
     t.add_argument("--name", help="flow name (default: derived from the settings)")

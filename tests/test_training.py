@@ -92,3 +92,28 @@ def test_lr_schedule():
     assert lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(99, cfg) == pytest.approx(0.1, abs=0.01)
     assert lr_at(55, cfg) < lr_at(20, cfg)
+
+
+def test_nmse_loss_weight_equals_the_metric():
+    """With the 'nmse' weighting, the weighted squared error in normalised space IS the per-token NMSE in
+    original units (the held-out metric); the sink weight multiplies position 0 only."""
+    from types import SimpleNamespace
+
+    from lft_core.metrics import nmse
+    from lft_core.training import loss_weight
+
+    g = torch.Generator().manual_seed(0)
+    mu, sigma = torch.randn(8, generator=g), torch.rand(8, generator=g) * 50 + 0.1
+    flow = SimpleNamespace(sigma=sigma)
+    x1 = torch.randn(2, 5, 8, generator=g) * sigma
+    x_hat = x1 + torch.randn(2, 5, 8, generator=g) * 3
+    norm = lambda x: (x - mu) / sigma  # noqa: E731
+    w = loss_weight(flow, x1, "nmse")
+    weighted = (w * (norm(x_hat) - norm(x1)) ** 2).mean()
+    assert float(weighted) == pytest.approx(nmse(x_hat, x1), rel=1e-5)
+    w_sink = loss_weight(flow, x1, "nmse", sink_weight=4.0)
+    torch.testing.assert_close(w_sink[:, 0], 4 * w[:, 0])
+    torch.testing.assert_close(w_sink[:, 1:], w[:, 1:])
+    assert loss_weight(flow, x1, "uniform") is None
+    assert TrainConfig(seq_len=128).resolved_sink_weight() == 64.0
+    assert TrainConfig(seq_len=32, sink_weight=2.0).resolved_sink_weight() == 2.0
