@@ -366,14 +366,9 @@ def save_upload(name: str, data: bytes) -> Path:
     suffix = Path(stem).suffix.lower()
     if suffix not in UPLOAD_SUFFIXES:
         raise LFTError(f"{name}: only {', '.join(UPLOAD_SUFFIXES)} files can be used as a corpus")
-    if not data.strip():
-        raise LFTError(f"{name} is empty")
-    if b"\x00" in data[:8192]:
-        raise LFTError(f"{name} looks binary, not text")
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise LFTError(f"{name} is not UTF-8 text (bad byte at offset {e.start})") from None
+    from lft_core.corpus import decode_text
+
+    decode_text(data, name)  # the corpus's own checks: empty, binary, not UTF-8
     digest = hashlib.sha256(data).hexdigest()[:12]
     folder = cache_dir("uploads")
     base = Path(stem).stem[:60].strip("._-") or "corpus"

@@ -76,14 +76,19 @@ def _read_text_file(path: Path) -> str:
         raise CorpusError(f"{path} cannot be read (permission denied)") from None
     except OSError as e:
         raise CorpusError(f"{path} cannot be read: {e.strerror or e}") from None
+    return decode_text(raw, str(path))
+
+
+def decode_text(raw: bytes, label: str) -> str:
+    """``raw`` as UTF-8 text; CorpusError naming ``label`` when it is empty, binary or not UTF-8."""
     if not raw.strip():
-        raise CorpusError(f"{path} is empty")
+        raise CorpusError(f"{label} is empty")
     if b"\x00" in raw[:8192]:
-        raise CorpusError(f"{path} looks binary, not text")
+        raise CorpusError(f"{label} looks binary, not text")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise CorpusError(f"{path} is not UTF-8 text (bad byte at offset {e.start})") from None
+        raise CorpusError(f"{label} is not UTF-8 text (bad byte at offset {e.start})") from None
 
 
 def read_text_file(path: str | Path) -> str:
