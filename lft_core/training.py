@@ -379,13 +379,29 @@ def _train_locked(cfg: TrainConfig, teacher, name: str, progress, should_stop, r
     )
 
 
+def _being_trained(name: str) -> bool:
+    """True while some process holds the flow's training lock."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(flows_dir() / f".{name}.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
 def list_flows() -> list[dict]:
-    """Config of every saved flow (damaged ones are listed with an ``error``)."""
+    """Config of every saved flow (damaged ones are listed with an ``error``). A checkpoint that says
+    "running" while no process trains it (the trainer was killed) is reported as "interrupted"."""
     out = []
     for d in sorted(flows_dir().iterdir()):
         if d.is_dir() and not d.name.startswith("."):
             try:
                 cfg = json.loads((d / "config.json").read_text())
+                if cfg.get("status") == "running" and not _being_trained(d.name):
+                    cfg["status"] = "interrupted"
                 out.append({**cfg, "name": d.name, "dir": str(d)})
             except (OSError, json.JSONDecodeError) as e:
                 out.append({"name": d.name, "dir": str(d), "error": f"unreadable config ({e})"})
