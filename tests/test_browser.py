@@ -91,8 +91,8 @@ def _train_demo_flows(teacher) -> None:
     have = {f["name"] for f in list_flows()}
     for method in ("sfm", "fw"):
         if f"demo-{method}" not in have:
-            train_flow(TrainConfig(span=(4, 12), method=method, steps=60, windows=16, heldout_windows=4, seq_len=32,
-                                   batch=4, lr=1e-3, eval_every=10, name=f"demo-{method}"),
+            train_flow(TrainConfig(span=(4, 12), method=method, steps=300, windows=64, heldout_windows=8,
+                                   seq_len=128, batch=8, lr=1e-3, eval_every=50, name=f"demo-{method}"),
                        teacher=teacher, verbose=False)
 
 
