@@ -150,6 +150,9 @@ def evaluate(
     for k in ks:
         if not 1 <= k <= 64:
             raise LFTError(f"k must be between 1 and 64, got {k}")
+    for k in skips:  # checked here too, so a bad request is refused before any forward pass
+        if not 1 <= k <= teacher.n_layers:
+            raise LFTError(f"skip k must be between 1 and {teacher.n_layers}, got {k}")
     ref = reference_logits(teacher, ids, batch)
     result = EvalResult(span=(m, n), tokens=int(ids.numel()),
                         teacher_ppl=float(torch.exp(nll_per_token(ref, ids).mean())))

@@ -355,6 +355,17 @@ def test_engine_k_limits_refuse_before_work(tiny_neox, world, unchanged):
     assert flow(h, k=64).shape == h.shape  # the largest k training and evaluation allow works
 
 
+def test_evaluate_refuses_bad_skip_before_any_forward(tiny_neox, world, monkeypatch):
+    import lft_core.evaluation as ev
+
+    flow, _ = open_flow(FLOW, tiny_neox)
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    monkeypatch.setattr(ev, "reference_logits", lambda *a, **k: pytest.fail("ran the teacher before checking"))
+    for k in (0, tiny_neox.n_layers + 1):
+        with pytest.raises(LFTError, match=f"skip k must be between 1 and {tiny_neox.n_layers}"):
+            evaluate(tiny_neox, flow, (1, 3), ids, ks=[1], skips=[k])
+
+
 def test_engine_windows_zero_and_too_many(tiny_neox, world, unchanged):
     corpus = load_corpus("builtin")
     with pytest.raises(CorpusError, match="at least 1"):
