@@ -51,7 +51,7 @@ def app_url(tiny_flow, small_cache, session_cache, smol, tmp_path_factory):
         proc = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", str(APP), "--server.address", "127.0.0.1",
              "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-             "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal"],
+             "--server.fileWatcherType", "none"],  # toolbar: the repo's .streamlit/config.toml
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
     try:
@@ -209,6 +209,8 @@ def test_kl_page_in_a_real_browser(app_url, tmp_path):
         try:
             page = context.new_page()
             open_app(page, app_url, "2:4")
+            # the project's config gives a viewer's toolbar: no Deploy button on a local research app
+            assert page.get_by_role("button", name="Deploy").count() == 0
             go(page, "Per-token KL")
             assert "span=2%3A4" in page.url or "span=2:4" in page.url
             page.get_by_role("textbox", name="Text").fill(SENTENCE)
