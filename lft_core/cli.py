@@ -178,6 +178,27 @@ def cmd_toy(a: argparse.Namespace) -> dict:
     return out
 
 
+def cmd_flows(a: argparse.Namespace) -> dict:
+    from .training import delete_flow, list_flows
+
+    if a.delete:
+        delete_flow(a.delete)
+        print(f"deleted flow {a.delete}")
+        return {"deleted": a.delete}
+    flows = list_flows()
+    for f in flows:
+        if f.get("error"):
+            print(f"{f['name']}: {f['error']}")
+        else:
+            m, n = f.get("span", ("?", "?"))
+            print(f"{f['name']}: {f.get('model')} span {m}:{n} {str(f.get('method', '?')).upper()} k={f.get('k')} "
+                  f"{f.get('status')} ({f.get('steps_done', '?')}/{f.get('steps', '?')} steps)")
+    if not flows:
+        print("no saved flows")
+    keep = ("name", "model", "span", "method", "k", "status", "steps_done", "steps", "error")
+    return {"flows": [{k: f[k] for k in keep if k in f} for f in flows]}
+
+
 def cmd_bench(a: argparse.Namespace) -> dict:
     from . import bench
 
@@ -186,7 +207,7 @@ def cmd_bench(a: argparse.Namespace) -> dict:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "cache": cmd_cache, "train": cmd_train, "eval": cmd_eval, "recoupling": cmd_recoupling, "toy": cmd_toy,
-    "bench": cmd_bench,
+    "flows": cmd_flows, "bench": cmd_bench,
 }
 
 
@@ -261,6 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--points", type=_positive, default=256)
     y.add_argument("--seed", type=int, default=0)
     y.add_argument("--json", metavar="PATH")
+
+    f = sub.add_parser("flows", help="list the saved flows, or delete one")
+    f.add_argument("--delete", metavar="NAME", help="delete this flow (refused while a job trains it)")
+    f.add_argument("--json", metavar="PATH")
 
     b = sub.add_parser("bench", help="benchmarks (see docs/BENCHMARKS.md)")
     b.add_argument("--what", default="cache,train,recoupling,umap", help="comma list of benchmarks")

@@ -408,6 +408,34 @@ def list_flows() -> list[dict]:
     return out
 
 
+def delete_flow(name: str) -> None:
+    """Delete the saved flow ``name`` from cache/flows (a name, never a path).
+
+    Refused with LFTError while a job trains it. The folder is first renamed away (one atomic step), so a
+    flow is either listed whole or not at all, even if the removal is interrupted."""
+    import shutil
+    import uuid
+
+    from filelock import FileLock, Timeout
+
+    if not NAME_RE.match(name):
+        raise LFTError(f"bad flow name {name!r}")
+    path = flows_dir() / name
+    if not path.is_dir():
+        raise LFTError(f"no flow named {name!r} (see the flows in {flows_dir()})")
+    lock = FileLock(str(flows_dir() / f".{name}.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise LFTError(f"flow {name!r} is being trained right now: stop its job first") from None
+    try:
+        trash = flows_dir() / f".deleted-{name}-{uuid.uuid4().hex[:8]}"
+        os.replace(path, trash)
+    finally:
+        lock.release()
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def flow_path(name: str) -> Path:
     """The folder of a flow given by name (in cache/flows) or by path; LFTError if there is none."""
     path = Path(name)

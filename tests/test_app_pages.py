@@ -194,6 +194,28 @@ def test_train_page_rejects_a_taken_name(tiny_flow):
     assert any("exists" in e for e in errors(at)), errors(at)
 
 
+def test_train_page_deletes_a_flow_after_confirmation(tiny_flow):
+    import shutil
+
+    from lft_core.training import flows_dir
+
+    shutil.copytree(flows_dir() / tiny_flow["name"], flows_dir() / "apptest-doomed")
+    at = open_page("train", {"span": TINY_SPAN})
+    assert "apptest-doomed" in list(at.session_state["flows_table"]["name"])
+    at.selectbox(key="w_delete_flow").set_value("apptest-doomed")
+    at = click(at, "Delete flow")  # not confirmed: nothing happens
+    assert any("Tick the box" in w.value for w in at.warning)
+    assert (flows_dir() / "apptest-doomed").is_dir()
+    at.selectbox(key="w_delete_flow").set_value("apptest-doomed")
+    at.checkbox(key="w_delete_sure").check()
+    at = click(at, "Delete flow")
+    assert_clean(at)
+    assert any("Deleted flow" in s.value for s in at.success)
+    assert not (flows_dir() / "apptest-doomed").exists()
+    assert "apptest-doomed" not in list(at.session_state["flows_table"]["name"])
+    assert "tiny-fw" in list(at.session_state["flows_table"]["name"])
+
+
 # -- trajectories -------------------------------------------------------------------------------------------
 
 

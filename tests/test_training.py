@@ -117,3 +117,29 @@ def test_nmse_loss_weight_equals_the_metric():
     assert loss_weight(flow, x1, "uniform") is None
     assert TrainConfig(seq_len=128).resolved_sink_weight() == 64.0
     assert TrainConfig(seq_len=32, sink_weight=2.0).resolved_sink_weight() == 2.0
+
+
+def test_delete_flow_and_the_flows_command(tiny_neox, tiny_neox_dir, capsys):
+    from filelock import FileLock
+
+    from lft_core.cli import main
+    from lft_core.training import delete_flow, flows_dir, list_flows
+
+    train_flow(_cfg(tiny_neox_dir, steps=2, name="t-doomed"), teacher=tiny_neox, verbose=False)
+    assert main(["flows"]) == 0
+    assert "t-doomed: " in capsys.readouterr().out
+    # while a trainer holds the flow's lock, deletion is refused and nothing is touched
+    lock = FileLock(str(flows_dir() / ".t-doomed.lock"), timeout=0)
+    with lock:
+        with pytest.raises(LFTError, match="being trained"):
+            delete_flow("t-doomed")
+    assert open_flow("t-doomed", tiny_neox)[1]["steps_done"] == 2
+    for bad in ("../t-doomed", "", ".t-doomed.lock", "no-such-flow"):
+        with pytest.raises(LFTError, match="bad flow name|no flow named"):
+            delete_flow(bad)
+    assert main(["flows", "--delete", "t-doomed"]) == 0
+    assert not (flows_dir() / "t-doomed").exists()
+    assert "t-doomed" not in [f["name"] for f in list_flows()]
+    assert not list(flows_dir().glob(".deleted-*"))  # the renamed folder is removed too
+    assert main(["flows", "--delete", "t-doomed"]) == 2
+    assert "no flow named 't-doomed'" in capsys.readouterr().err

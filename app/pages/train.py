@@ -8,7 +8,7 @@ from app import common as c
 from app import figures
 from lft_core.errors import LFTError
 from lft_core.jobs import list_jobs, read_job, start_job, stop_job
-from lft_core.training import METHODS, TrainConfig
+from lft_core.training import METHODS, TrainConfig, delete_flow
 
 c.page_intro(
     "Train a latent flow",
@@ -153,6 +153,8 @@ st.subheader("Running")
 jobs_panel()
 
 st.subheader("Saved flows")
+if deleted := st.session_state.pop("flow_deleted", None):
+    st.success(f"Deleted flow **{deleted}**.")
 flows = c.flows_for(teacher)
 if flows:
     table = pd.DataFrame([{
@@ -164,6 +166,22 @@ if flows:
     } for f in flows])
     st.session_state["flows_table"] = table
     c.show_table(table, "flows", key="flows_table_df")
+    with st.expander("Delete a flow"):
+        with st.form("delete_flow_form", clear_on_submit=True, border=False):
+            victim = st.selectbox("Flow", [f["name"] for f in flows], key="w_delete_flow")
+            sure = st.checkbox("Delete its weights and training history; this cannot be undone",
+                               key="w_delete_sure")
+            if st.form_submit_button("Delete flow", icon=":material/delete:"):
+                if not sure:
+                    st.warning("Tick the box to confirm the deletion.")
+                else:
+                    try:
+                        delete_flow(victim)
+                    except LFTError as e:
+                        st.error(str(e))
+                    else:
+                        st.session_state["flow_deleted"] = victim
+                        st.rerun()
 else:
     st.info("No flow has been trained for this model yet: set the span and press **Start training**.")
 
