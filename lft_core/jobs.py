@@ -178,10 +178,26 @@ def stop_job(job_id: str, kill_after: float | None = None) -> None:
                 pass
 
 
+def _die_with_parent(parent: int) -> None:
+    """In the CLI child (Linux): ask the kernel for SIGKILL when the runner dies, so killing the runner alone
+    does not leave an orphaned trainer holding the flow's lock."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the runner died before the request was made
+        os._exit(1)
+
+
 def _run(job_dir: Path) -> int:
     """The runner: run the job's CLI command as a child and record its exit code."""
     meta = json.loads((job_dir / "job.json").read_text())
-    code = subprocess.call([sys.executable, "-m", "lft_core", *meta["args"]], cwd=str(REPO_ROOT))
+    code = subprocess.call([sys.executable, "-m", "lft_core", *meta["args"]], cwd=str(REPO_ROOT),
+                           preexec_fn=(lambda parent=os.getpid(): _die_with_parent(parent))
+                           if sys.platform.startswith("linux") else None)
     tmp = job_dir / "exit_code.tmp"
     tmp.write_text(str(code))
     os.replace(tmp, job_dir / "exit_code")

@@ -124,6 +124,36 @@ def test_training_job_killed_with_sigkill(tiny_neox, tiny_neox_dir):
     assert open_flow(name, tiny_neox)[1]["status"] == "complete"
 
 
+def test_killing_only_the_runner_takes_its_trainer_down(tiny_neox_dir):
+    """SIGKILL to the job runner alone (not its group): the CLI child it started dies with it (PDEATHSIG), so
+    no orphaned trainer keeps running or keeps holding the flow's lock."""
+    from lft_core.training import list_flows
+
+    name = "fault-runner-only"
+    job = start_job("train", ["--model", str(tiny_neox_dir), "--span", "1:3", "--method", "fw", "--k", "2",
+                              "--steps", "400", "--batch", "4", "--seq-len", "64", "--windows", "16",
+                              "--heldout-windows", "2", "--eval-every", "1000", "--checkpoint-every", "2",
+                              "--name", name])
+    pid = json.loads((job.dir / "job.json").read_text())["pid"]
+    config_file = flows_dir() / name / "config.json"
+    try:
+        _wait_for(lambda: len(read_job(job.id).events) >= 2 and config_file.is_file(), 90, "2 training steps")
+        os.kill(pid, signal.SIGKILL)  # the runner only
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        _wait_for(lambda: not _group_alive(pid), 10, "the trainer to die with its runner")
+    finally:
+        _kill_group(pid)
+    assert read_job(job.id).status == "failed"
+    steps = len(read_job(job.id).events)
+    time.sleep(0.5)
+    assert len(read_job(job.id).events) == steps and steps < 400  # nothing trains on
+    _wait_for(lambda: next(f for f in list_flows() if f["name"] == name)["status"] == "interrupted", 5,
+              "the flow to be listed as interrupted")
+
+
 def test_cache_job_killed_mid_write(tiny_neox, tiny_neox_dir):
     """SIGKILL while layers 1..4 are being written to an entry that holds layer 0: the entry still reads
     as exactly layer 0 (the half-written layers are .partial files nobody lists), and a rerun completes."""
