@@ -61,6 +61,14 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+def _slow_training_job(model_dir: Path, name: str):
+    """A background FW training job of 400 steps with a checkpoint every 2 (long enough to be killed mid-run)."""
+    return start_job("train", ["--model", str(model_dir), "--span", "1:3", "--method", "fw", "--k", "2",
+                               "--steps", "400", "--batch", "4", "--seq-len", "64", "--windows", "16",
+                               "--heldout-windows", "2", "--eval-every", "1000", "--checkpoint-every", "2",
+                               "--name", name])
+
+
 def _digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
@@ -81,10 +89,7 @@ def test_training_job_killed_with_sigkill(tiny_neox, tiny_neox_dir):
     """SIGKILL to a training job's process group mid-run: the job reads "failed" (not running forever) and
     the last periodic checkpoint loads, and training resumes from it."""
     name = "fault-sigkill"
-    job = start_job("train", ["--model", str(tiny_neox_dir), "--span", "1:3", "--method", "fw", "--k", "2",
-                              "--steps", "400", "--batch", "4", "--seq-len", "64", "--windows", "16",
-                              "--heldout-windows", "2", "--eval-every", "1000", "--checkpoint-every", "2",
-                              "--name", name])
+    job = _slow_training_job(tiny_neox_dir, name)
     pid = json.loads((job.dir / "job.json").read_text())["pid"]
     config_file = flows_dir() / name / "config.json"
     try:
@@ -130,10 +135,7 @@ def test_killing_only_the_runner_takes_its_trainer_down(tiny_neox_dir):
     from lft_core.training import list_flows
 
     name = "fault-runner-only"
-    job = start_job("train", ["--model", str(tiny_neox_dir), "--span", "1:3", "--method", "fw", "--k", "2",
-                              "--steps", "400", "--batch", "4", "--seq-len", "64", "--windows", "16",
-                              "--heldout-windows", "2", "--eval-every", "1000", "--checkpoint-every", "2",
-                              "--name", name])
+    job = _slow_training_job(tiny_neox_dir, name)
     pid = json.loads((job.dir / "job.json").read_text())["pid"]
     config_file = flows_dir() / name / "config.json"
     try:
