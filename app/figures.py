@@ -364,8 +364,8 @@ def token_kl_html(tokens: Sequence[str], kl: np.ndarray, tops: Mapping[str, Sequ
     Position t's colour is the KL of the next-token distribution computed after reading token t (the last
     token predicts beyond the text). The title attribute lists each model's top-5 next tokens.
     """
-    parts = [f'<div class="lft-kl-text" style="line-height:2.1;font-family:ui-monospace,Menlo,monospace;'
-             f'font-size:0.95rem;white-space:pre-wrap;word-break:break-word">']
+    parts = ['<div class="lft-kl-text" style="line-height:2.1;font-family:ui-monospace,Menlo,monospace;'
+             'font-size:0.95rem;white-space:pre-wrap;word-break:break-word">']
     for t, tok in enumerate(tokens):
         value = float(kl[t])
         tip = [f"position {t}: {tok!r}", f"KL(teacher || {colour_label}) = {value:.4f}", "next token, top 5:"]

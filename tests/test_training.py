@@ -1,8 +1,6 @@
 """Training: SFM / FW / hybrid runs, checkpoints, resume, stop flag, one trainer per flow name."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
