@@ -112,14 +112,15 @@ def _progress_writer(path: Path) -> Callable[[dict], None]:
 
 def cmd_eval(a: argparse.Namespace) -> dict:
     from .evaluation import eval_windows, evaluate
+    from .flow import MAX_K
     from .teacher import load_teacher
     from .training import open_flow, read_flow_config
 
     if a.text and a.corpus_given:
         raise LFTError("give either --text or --corpus, not both")
     for k in a.k:  # checked before any model is loaded
-        if not 1 <= k <= 64:
-            raise LFTError(f"--k values must be between 1 and 64, got {k}")
+        if not 1 <= k <= MAX_K:
+            raise LFTError(f"--k values must be between 1 and {MAX_K}, got {k}")
     for k in a.skip:
         if k < 1:
             raise LFTError(f"--skip values must be at least 1, got {k}")

@@ -14,7 +14,7 @@ import torch
 
 from .activations import ActivationCache, ensure_activations
 from .corpus import load_corpus
-from .errors import LFTError
+from .errors import LFTError, check_span
 from .metrics import Crossings, Recoupling, RecouplingGrid, crossings, flow_recoupled, recoupling_grid, recoupling_ratio
 
 
@@ -36,8 +36,7 @@ def parse_spans(text: str | None, n_layers: int) -> list[tuple[int, int]] | None
             m, n = (int(x) for x in part.split(":"))
         except ValueError:
             raise LFTError(f"cannot read span {part!r}: use M:N") from None
-        if not 0 <= m < n <= n_layers:
-            raise LFTError(f"span {m}:{n} is not valid: need 0 <= M < N <= {n_layers}")
+        check_span(m, n, n_layers)
         spans.append((m, n))
     return spans
 

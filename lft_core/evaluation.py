@@ -15,6 +15,7 @@ import torch
 
 from .corpus import load_corpus, make_windows
 from .errors import LFTError
+from .flow import MAX_K
 from .metrics import kl_per_token, nll_per_token, nmse
 
 
@@ -52,6 +53,18 @@ class EvalResult:
         return "\n".join(lines)
 
 
+def _check_ks(ks: Sequence[int]) -> None:
+    for k in ks:
+        if not 1 <= k <= MAX_K:
+            raise LFTError(f"k must be between 1 and {MAX_K}, got {k}")
+
+
+def _check_skips(teacher, skips: Sequence[int]) -> None:
+    for k in skips:
+        if not 1 <= k <= teacher.n_layers:
+            raise LFTError(f"skip k must be between 1 and {teacher.n_layers}, got {k}")
+
+
 def _batched_logits(teacher, ids: torch.Tensor, batch: int, **kw) -> torch.Tensor:
     return torch.cat([teacher.logits(ids[s : s + batch], **kw) for s in range(0, len(ids), batch)])
 
@@ -82,9 +95,7 @@ def lft_rows(teacher, flow, span: tuple[int, int], ids: torch.Tensor, ref: torch
              batch: int = 8, progress: Callable[[str], None] | None = None) -> list[EvalRow]:
     """KL / PPL / NMSE of the LFT (span replaced by ``flow``) for each k."""
     m, n = span
-    for k in ks:
-        if not 1 <= k <= 64:
-            raise LFTError(f"k must be between 1 and 64, got {k}")
+    _check_ks(ks)
     say = progress or (lambda s: None)
     hs: dict[int, list[torch.Tensor]] = {}
     for s in range(0, len(ids), batch):
@@ -108,9 +119,7 @@ def skip_rows(teacher, span: tuple[int, int], ids: torch.Tensor, ref: torch.Tens
     """KL / PPL of skip-k: the first k blocks of the span ("span") and, with ``best_skip``, the k blocks whose
     removal hurts least anywhere in the model ("best", searched on the first ``search_windows`` windows)."""
     m, n = span
-    for k in skips:
-        if not 1 <= k <= teacher.n_layers:
-            raise LFTError(f"skip k must be between 1 and {teacher.n_layers}, got {k}")
+    _check_skips(teacher, skips)
     say = progress or (lambda s: None)
     rows = []
     probe = max(1, min(len(ids), search_windows))
@@ -147,12 +156,8 @@ def evaluate(
     teacher.check_span(m, n)
     if ids.ndim != 2 or ids.shape[1] < 2:
         raise LFTError("evaluation needs token windows of at least 2 tokens")
-    for k in ks:
-        if not 1 <= k <= 64:
-            raise LFTError(f"k must be between 1 and 64, got {k}")
-    for k in skips:  # checked here too, so a bad request is refused before any forward pass
-        if not 1 <= k <= teacher.n_layers:
-            raise LFTError(f"skip k must be between 1 and {teacher.n_layers}, got {k}")
+    _check_ks(ks)  # before any forward pass (lft_rows and skip_rows check again for direct callers)
+    _check_skips(teacher, skips)
     ref = reference_logits(teacher, ids, batch)
     result = EvalResult(span=(m, n), tokens=int(ids.numel()),
                         teacher_ppl=float(torch.exp(nll_per_token(ref, ids).mean())))

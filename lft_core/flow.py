@@ -33,11 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import LFTError
+from .errors import LFTError, check_span
 from .solvers import Trajectory, integrate
 
 
-MAX_STEPS = 256  # most integration steps a LatentFlow takes (training and evaluation allow k <= 64)
+MAX_K = 64  # most integration steps training, evaluation and the toy lab allow
+MAX_STEPS = 256  # most integration steps a LatentFlow takes (room above MAX_K for fine trajectory paths)
 
 
 class FlowCheckpointError(LFTError):
@@ -485,8 +486,8 @@ def load_flow(directory: str | Path, map_location: str | torch.device = "cpu") -
         if len(span) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in span):
             raise ValueError(f"span must be two integers [m, n], got {config['span']!r}")
         n_layers = config.get("n_layers")
-        if not 0 <= span[0] < span[1] or (isinstance(n_layers, int) and span[1] > n_layers):
-            raise ValueError(f"span {span[0]}:{span[1]} is not valid for a model of {n_layers} blocks")
+        n_layers = n_layers if isinstance(n_layers, int) else None
+        check_span(*span, n_layers, where=f" for a model of {n_layers} blocks" if n_layers else "")
     except (OSError, ValueError, KeyError, TypeError, AttributeError, LFTError) as exc:
         raise FlowCheckpointError(f"invalid flow config {config_path}: {exc}") from None
     try:

@@ -108,6 +108,12 @@ LOSSES: dict[str, Callable[..., Tensor]] = {"sfm": sfm_loss, "fw": flow_walking_
 """Training methods by their short names (``--method`` on the CLI)."""
 
 
+def check_method(method: str) -> None:
+    """LFTError unless ``method`` names a training method of LOSSES."""
+    if method not in LOSSES:
+        raise LFTError(f"unknown training method {method!r}; choose one of {', '.join(LOSSES)}")
+
+
 def compute_loss(
     method: str,
     velocity: Velocity,
@@ -123,6 +129,5 @@ def compute_loss(
         return sfm_loss(velocity, x0, x1, generator=generator, weight=weight)
     if method == "fw":
         return flow_walking_loss(velocity, x0, x1, k=k, generator=generator, weight=weight)
-    if method == "hybrid":
-        return hybrid_loss(velocity, x0, x1, k=k, alpha=alpha, generator=generator, weight=weight)
-    raise LFTError(f"unknown training method {method!r}; choose one of {', '.join(LOSSES)}")
+    check_method(method)
+    return hybrid_loss(velocity, x0, x1, k=k, alpha=alpha, generator=generator, weight=weight)

@@ -31,7 +31,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .errors import LFTError
+from .errors import LFTError, check_span
 from .paths import cache_dir
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -166,8 +166,7 @@ class Teacher:
 
     def check_span(self, m: int, n: int) -> None:
         """Raise LFTError unless 0 <= m < n <= L."""
-        if not (0 <= m < n <= self.n_layers):
-            raise LFTError(f"span {m}:{n} is not valid for {self.model_id}: need 0 <= m < n <= {self.n_layers}")
+        check_span(m, n, self.n_layers, where=f" for {self.model_id}")
 
     def span_params(self, m: int, n: int) -> int:
         """Number of parameters of teacher blocks m..n-1."""

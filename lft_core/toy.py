@@ -35,7 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from .errors import LFTError
-from .losses import LOSSES, compute_loss
+from .flow import MAX_K
+from .losses import check_method, compute_loss
 from .solvers import Trajectory, integrate, uniform_times
 
 
@@ -249,11 +250,6 @@ class ToyResult:
         }
 
 
-def _check_method(method: str) -> None:
-    if method not in LOSSES:
-        raise LFTError(f"unknown training method {method!r}; choose one of {', '.join(LOSSES)}")
-
-
 @contextmanager
 def _one_thread() -> Iterator[None]:
     """Run torch on one CPU thread, restoring the previous setting.
@@ -288,11 +284,11 @@ def train_toy(
     steps (``eval_k`` overrides k). The default lr was chosen by measurement: at 3e-3 Flow Walking is still
     far from converged after 1500 steps (its loss keeps falling with more steps), at 1e-2 all methods are.
     """
-    _check_method(method)
+    check_method(method)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise LFTError(f"steps must be an integer >= 1, got {steps!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 64:
-        raise LFTError(f"k must be an integer between 1 and 64, got {k!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise LFTError(f"k must be an integer between 1 and {MAX_K}, got {k!r}")
     from .metrics import flow_recoupled, recoupling_ratio
 
     start = time.perf_counter()
@@ -373,7 +369,7 @@ def run_toy(
     """Build a built-in dataset and train on it (what ``python -m lft_core toy`` and the toy page call)."""
     if dataset not in DATASETS:
         raise LFTError(f"unknown toy dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    _check_method(method)
+    check_method(method)
     if isinstance(n_points, bool) or not isinstance(n_points, int) or not MIN_CSV_ROWS <= n_points <= MAX_CSV_ROWS:
         raise LFTError(f"n_points must be an integer in [{MIN_CSV_ROWS}, {MAX_CSV_ROWS}], got {n_points!r}")
     return train_toy(DATASETS[dataset](n_points, seed), method=method, steps=steps, k=k, alpha=alpha, seed=seed,

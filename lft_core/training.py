@@ -16,21 +16,22 @@ import math
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from .activations import ensure_activations
 from .corpus import load_corpus
-from .errors import LFTError
-from .flow import FlowCheckpointError, LatentFlow, VelocityField, load_flow, save_flow
-from .losses import compute_loss
+from .errors import LFTError, check_span
+from .flow import MAX_K, FlowCheckpointError, LatentFlow, VelocityField, load_flow, save_flow
+from .losses import LOSSES, check_method, compute_loss
 from .paths import cache_dir
 
-METHODS = ("sfm", "fw", "hybrid")
+METHODS = tuple(LOSSES)  # "sfm", "fw", "hybrid"
 LOSS_WEIGHTINGS = ("nmse", "uniform")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 
@@ -64,14 +65,10 @@ class TrainConfig:
     name: str | None = None
 
     def validate(self, n_layers: int | None = None) -> None:
-        m, n = self.span
-        if m >= n or m < 0 or (n_layers is not None and n > n_layers):
-            limit = f" <= {n_layers}" if n_layers is not None else ""
-            raise LFTError(f"span {m}:{n} is not valid: need 0 <= m < n{limit}")
-        if self.method not in METHODS:
-            raise LFTError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if not 1 <= self.k <= 64:
-            raise LFTError(f"k must be between 1 and 64, got {self.k}")
+        check_span(*self.span, n_layers)
+        check_method(self.method)
+        if not 1 <= self.k <= MAX_K:
+            raise LFTError(f"k must be between 1 and {MAX_K}, got {self.k}")
         for name in ("steps", "batch", "seq_len", "windows", "heldout_windows"):
             if getattr(self, name) < 1:
                 raise LFTError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -258,20 +255,11 @@ def train_flow(
     Only one process trains a given flow name at a time (a file lock); a second gets a clear error."""
     from .teacher import load_teacher
 
-    from filelock import FileLock, Timeout
-
     teacher = teacher or load_teacher(cfg.model)
     cfg.validate(teacher.n_layers)
     name = cfg.name or cfg.default_name()
-    lock = FileLock(str(flows_dir() / f".{name}.lock"), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise LFTError(f"flow {name!r} is being trained by another job; pick another name") from None
-    try:
+    with _flow_lock(name, f"flow {name!r} is being trained by another job; pick another name"):
         return _train_locked(cfg, teacher, name, progress, should_stop, resume, device, verbose)
-    finally:
-        lock.release()
 
 
 def _train_locked(cfg: TrainConfig, teacher, name: str, progress, should_stop, resume: bool, device: str | None,
@@ -379,17 +367,30 @@ def _train_locked(cfg: TrainConfig, teacher, name: str, progress, should_stop, r
     )
 
 
-def _being_trained(name: str) -> bool:
-    """True while some process holds the flow's training lock."""
+@contextmanager
+def _flow_lock(name: str, busy: str) -> Iterator[None]:
+    """Hold flow ``name``'s training lock (cache/flows/.NAME.lock) for the block; LFTError(busy) at once if
+    another process holds it."""
     from filelock import FileLock, Timeout
 
     lock = FileLock(str(flows_dir() / f".{name}.lock"), timeout=0)
     try:
         lock.acquire()
     except Timeout:
+        raise LFTError(busy) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _being_trained(name: str) -> bool:
+    """True while some process holds the flow's training lock."""
+    try:
+        with _flow_lock(name, "busy"):
+            return False
+    except LFTError:
         return True
-    lock.release()
-    return False
 
 
 def list_flows() -> list[dict]:
@@ -416,23 +417,14 @@ def delete_flow(name: str) -> None:
     import shutil
     import uuid
 
-    from filelock import FileLock, Timeout
-
     if not NAME_RE.match(name):
         raise LFTError(f"bad flow name {name!r}")
     path = flows_dir() / name
     if not path.is_dir():
         raise LFTError(f"no flow named {name!r} (see the flows in {flows_dir()})")
-    lock = FileLock(str(flows_dir() / f".{name}.lock"), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise LFTError(f"flow {name!r} is being trained right now: stop its job first") from None
-    try:
-        trash = flows_dir() / f".deleted-{name}-{uuid.uuid4().hex[:8]}"
+    trash = flows_dir() / f".deleted-{name}-{uuid.uuid4().hex[:8]}"
+    with _flow_lock(name, f"flow {name!r} is being trained right now: stop its job first"):
         os.replace(path, trash)
-    finally:
-        lock.release()
     shutil.rmtree(trash, ignore_errors=True)
 
 
