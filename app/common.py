@@ -1,11 +1,21 @@
 """Shared state, cached engine objects and UI helpers for the pages.
 
-Shared choices live in ``st.session_state`` under fixed keys (set on the Setup page, read everywhere):
+Session-state keys, all of them, by kind:
 
-* ``model_spec``  - the teacher (default: the embedded smollm2-135m)
-* ``corpus_spec`` - "builtin", an uploaded file under cache/uploads, or a path
-* ``seq_len``, ``n_windows`` - window length and count of the activation cache used for analysis
-* ``span``        - (m, n), mirrored in the URL as ``?span=m:n`` so a link reproduces the view
+* shared choices (set on the Setup page or by the span picker, read everywhere; constants below):
+  ``model_spec`` (the teacher, default the embedded smollm2-135m), ``corpus_spec`` ("builtin", an uploaded file
+  under cache/uploads, or a path), ``seq_len`` and ``n_windows`` (the activation cache used for analysis),
+  ``span`` (a ``Span``, mirrored in the URL as ``?span=m:n`` so a link reproduces the view);
+* widget keys ``w_<page>_<input>``: each page's own inputs (Streamlit forgets a widget's value when the page
+  is left; ``persistent_widget`` restores the shared ones);
+* background jobs this session started: ``cache_job``, ``train_job`` (job ids), and the frame's bookkeeping of
+  running jobs ``_cache_running``, ``_train_running``; the span link's ``_span_qp``, ``_span_error`` and the
+  heatmap's ``_last_click``;
+* "show this result" gates, holding the inputs of the last request: ``skip_shown``, ``cmp_params``,
+  ``toy_params``; ``flow_deleted`` carries a deletion's name across the rerun that follows it;
+* results each page publishes for its tests (AppTest reads them; pages never read another page's):
+  ``recoupling_matrix``, ``skip_table``, ``flows_table``, ``trajectory_table``, ``crossings_result``,
+  ``kl_result``, ``compare_table``, ``compare_eval``, ``toy_runs``.
 
 Engine errors (``LFTError``) are shown with ``st.error`` by :func:`engine_errors`; pages never show a traceback.
 """
@@ -21,7 +31,10 @@ import streamlit as st
 
 from app import figures
 from lft_core.errors import LFTError
-from lft_core.teacher import DEFAULT_MODEL, load_teacher
+from lft_core.loading import DEFAULT_MODEL, load_teacher
+from lft_core.span import Span
+from lft_core.store import SavedFlow
+from lft_core.teacher import Teacher
 
 MODEL, CORPUS, SEQ_LEN, WINDOWS, SPAN = "model_spec", "corpus_spec", "seq_len", "n_windows", "span"
 DEFAULTS = {MODEL: DEFAULT_MODEL, CORPUS: "builtin", SEQ_LEN: 128, WINDOWS: 16}
@@ -78,35 +91,18 @@ def copy_to(state_key: str, widget_key: str) -> Callable[[], None]:
 # ---------------------------------------------------------------------------------------------------------
 # Span <-> URL
 
-_SPAN_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
-
-def parse_span(text: str) -> tuple[int, int]:
-    """'6:12' -> (6, 12); LFTError for anything else (the model check happens later)."""
-    match = _SPAN_RE.match(str(text))
-    if not match:
-        raise LFTError(f"span {text!r} in the link is not M:N (for example span=6:12)")
-    m, n = int(match.group(1)), int(match.group(2))
-    if m >= n:
-        raise LFTError(f"span {m}:{n} is empty: need m < n")
-    return m, n
-
-
-def span_text(span: tuple[int, int]) -> str:
-    return f"{span[0]}:{span[1]}"
-
-
-def default_span(n_layers: int) -> tuple[int, int]:
+def default_span(n_layers: int) -> Span:
     """A middle span of about a fifth of the blocks (6:12 for a 30-block model)."""
     m = n_layers // 5
-    return m, min(n_layers, m + max(1, n_layers // 5))
+    return Span(m, min(n_layers, m + max(1, n_layers // 5)))
 
 
-def set_span(span: tuple[int, int]) -> None:
-    span = (int(span[0]), int(span[1]))
+def set_span(span: Span | tuple[int, int]) -> None:
+    span = Span.of(span)
     st.session_state[SPAN] = span
-    st.session_state["_span_qp"] = span_text(span)
-    st.query_params["span"] = span_text(span)
+    st.session_state["_span_qp"] = str(span)
+    st.query_params["span"] = str(span)
 
 
 def sync_span_query() -> None:
@@ -116,30 +112,29 @@ def sync_span_query() -> None:
     if given is not None and given != st.session_state.get("_span_qp"):
         st.session_state["_span_qp"] = given
         try:
-            st.session_state[SPAN] = parse_span(given)
+            st.session_state[SPAN] = Span.parse(given)
             st.session_state.pop("_span_error", None)
         except LFTError as e:
-            st.session_state["_span_error"] = str(e)
+            st.session_state["_span_error"] = f"the link's span: {e}"
     elif SPAN in st.session_state:
-        text = span_text(st.session_state[SPAN])
+        text = str(Span.of(st.session_state[SPAN]))
         if given != text:
             st.query_params["span"] = text
         st.session_state["_span_qp"] = text
 
 
-def current_span(teacher) -> tuple[int, int]:
+def current_span(teacher: Teacher) -> Span:
     """The shared span checked against the teacher; a bad one is reported and replaced by the default."""
     fallback = default_span(teacher.n_layers)
     problem = st.session_state.pop("_span_error", None)
     span = st.session_state.get(SPAN)
     if problem:
-        st.error(f"{problem}; showing span {span_text(span or fallback)} instead")
-    if span is None:
-        span = fallback
+        st.error(f"{problem}; showing span {span or fallback} instead")
+    span = fallback if span is None else Span.of(span)
     try:
-        teacher.check_span(*span)
+        span = teacher.check_span(*span)
     except LFTError as e:
-        st.error(f"{e}. Showing span {span_text(fallback)} instead.")
+        st.error(f"{e}. Showing span {fallback} instead.")
         span = fallback
     if st.session_state.get(SPAN) != span:
         set_span(span)
@@ -163,12 +158,12 @@ def engine_errors(stop: bool = True) -> Iterator[None]:
 
 @st.cache_resource(show_spinner="Loading the model (the first time converts the embedded GGUF, ~20 s)...",
                    max_entries=3)
-def get_teacher(spec: str):
+def get_teacher(spec: str) -> Teacher:
     """One teacher per model spec per server process; never mutated by pages."""
     return load_teacher(spec)
 
 
-def teacher_or_error():
+def teacher_or_error() -> Teacher | None:
     """The chosen teacher, or None after showing a clear error in the page."""
     try:
         return get_teacher(model_spec())
@@ -177,7 +172,7 @@ def teacher_or_error():
         return None
 
 
-def require_teacher():
+def require_teacher() -> Teacher:
     """The chosen teacher, or stop the page after an error that says what to do."""
     teacher = teacher_or_error()
     if teacher is None:
@@ -201,7 +196,7 @@ def corpus_or_error():
         return None
 
 
-def find_cache(teacher, corpus, seq_len: int, windows: int, split: str = "train"):
+def find_cache(teacher: Teacher, corpus, seq_len: int, windows: int, split: str = "train"):
     """The activation cache entry for these settings if it exists and is whole, else None (computes nothing)."""
     from lft_core.activations import cache_key, open_activations
 
@@ -212,43 +207,32 @@ def find_cache(teacher, corpus, seq_len: int, windows: int, split: str = "train"
         return None
 
 
-def flows_for(teacher) -> list[dict]:
-    """Configs of the saved flows trained for this teacher (newest checkpoint last)."""
-    from lft_core.training import list_flows
+def flows_for(teacher: Teacher) -> list[SavedFlow]:
+    """The saved flows trained for this teacher (by name)."""
+    from lft_core.store import list_flows
 
-    return [c for c in list_flows() if not c.get("error") and c.get("model") == teacher.model_id
-            and c.get("weights_hash") == teacher.weights_hash]
-
-
-def flow_label(cfg: dict) -> str:
-    m, n = cfg["span"]
-    return f"{cfg['name']} ({cfg.get('method', '?').upper()}, k={cfg.get('k', '?')}, span {m}:{n})"
-
-
-def flow_stamp(cfg: dict) -> float:
-    try:
-        return (Path(cfg["dir"]) / "model.safetensors").stat().st_mtime
-    except OSError:
-        return 0.0
+    return [f for f in list_flows() if f.trained_for(teacher)]
 
 
 @st.cache_resource(show_spinner="Loading the flow...", max_entries=16)
 def load_flow(name: str, spec: str, stamp: float):
-    from lft_core.training import open_flow
+    """(LatentFlow, config) of a saved flow for the teacher of ``spec``; ``stamp`` (the weights' mtime) makes
+    a new checkpoint a new cache entry."""
+    from lft_core.store import open_flow
 
     flow, config = open_flow(name, get_teacher(spec))
     flow.eval()
     return flow, config
 
 
-def get_flow(cfg: dict):
-    """(LatentFlow, config) of a saved flow, reloaded when its checkpoint changes."""
-    return load_flow(cfg["name"], model_spec(), flow_stamp(cfg))
+def get_flow(saved: SavedFlow):
+    """The LatentFlow of a saved flow of the current model, reloaded when its checkpoint changes."""
+    return load_flow(saved.name, model_spec(), saved.stamp)[0]
 
 
-def last_nmse(cfg: dict) -> float | None:
-    values = [e["heldout_nmse"] for e in cfg.get("history", []) if e.get("heldout_nmse") is not None]
-    return values[-1] if values else None
+def flow_key(saved: SavedFlow | None) -> tuple[str, float] | None:
+    """What identifies a saved flow's current weights in a cached computation: (name, stamp)."""
+    return (saved.name, saved.stamp) if saved is not None else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -356,8 +340,8 @@ def save_upload(name: str, data: bytes) -> Path:
 
     Refuses files over the size limit, other suffixes, and anything that is not UTF-8 text."""
     import hashlib
-    import os
 
+    from lft_core.atomic import write_bytes
     from lft_core.paths import cache_dir
 
     if len(data) > UPLOAD_LIMIT_MB * 2**20:
@@ -374,7 +358,5 @@ def save_upload(name: str, data: bytes) -> Path:
     base = Path(stem).stem[:60].strip("._-") or "corpus"
     target = folder / f"{digest}-{base}{suffix}"
     if not target.exists():
-        tmp = folder / f".{target.name}.tmp-{os.getpid()}"
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        write_bytes(target, data)
     return target

@@ -39,7 +39,7 @@ with st.sidebar:
     st.caption(
         f"**Model** `{common.model_spec()}`  \n**Corpus** {corpus}  \n"
         f"**Windows** {common.n_windows()} × {common.seq_len()} tokens  \n"
-        f"**Span** {common.span_text(span) if span else 'not chosen yet'}"
+        f"**Span** {span if span else 'not chosen yet'}"
     )
     running = [j for j in list_jobs() if j.status in ("running", "stopping")]
     if running:

@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .atomic import save_npy, write_json
 from .corpus import Corpus, make_windows
 from .errors import LFTError
 from .paths import cache_dir
@@ -82,23 +83,6 @@ def cache_key(model_id: str, weights_hash: str, corpus_id: str, corpus_hash: str
 
 def _layer_file(entry: Path, i: int) -> Path:
     return entry / f"layer_{i:02d}.npy"
-
-
-def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_meta(entry: Path) -> dict | None:
@@ -235,7 +219,7 @@ def ensure_activations(
         entry.mkdir(parents=True, exist_ok=True)
         for stale in entry.glob("*.partial"):  # left by a killed writer (we hold the lock)
             stale.unlink()
-        for stale in entry.glob("*.tmp-*"):
+        for stale in entry.glob(".*.tmp"):  # temporaries of atomic writes cut short
             stale.unlink()
         present = [i for i in (meta or {}).get("layers", []) if _valid_array(_layer_file(entry, i), shape, "float16")]
         tokens_ok = _valid_array(entry / "tokens.npy", shape[:2], "int32") and np.array_equal(
@@ -257,7 +241,7 @@ def ensure_activations(
                 f"free space, or use fewer windows / layers"
             )
         if not tokens_ok:
-            _atomic_npy(entry / "tokens.npy", windows)
+            save_npy(entry / "tokens.npy", windows)
         if missing:
             _compute_layers(teacher, windows, missing, entry, shape, batch_size, progress, callback)
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -277,7 +261,7 @@ def ensure_activations(
             "created": (meta or {}).get("created", now),
             "updated": now,
         }
-        _atomic_json(entry / "meta.json", new_meta)
+        write_json(entry / "meta.json", new_meta, indent=1)
         return ActivationCache(entry, new_meta, hit=False, seconds=time.perf_counter() - start,
                                computed_layers=tuple(missing))
     finally:

@@ -62,7 +62,8 @@ def bench_cache(teacher, windows: int = 32, seq_len: int = 128, batch: int = 8, 
 def bench_train(teacher, span=(6, 12), steps: int = 20, batch: int = 8, seq_len: int = 128, k: int = 3,
                 device: str | None = None) -> dict:
     """Steps/s and tokens/s of SFM and FW (k steps) on random pairs of the teacher's width, and peak memory."""
-    from .flow import LatentFlow, VelocityField
+    from .field import VelocityField
+    from .flow import LatentFlow
     from .losses import compute_loss
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -103,7 +104,7 @@ def bench_train(teacher, span=(6, 12), steps: int = 20, batch: int = 8, seq_len:
 def bench_recoupling(teacher, pairs: int = 512, windows: int = 16, seq_len: int = 128) -> dict:
     """Recoupling grid over every span from an all-layer cache (cache time reported separately)."""
     from .coupling import all_layer_cache
-    from .metrics import recoupling_grid
+    from .coupling import recoupling_grid
 
     t = time.perf_counter()
     cache = all_layer_cache(teacher, "builtin", seq_len, windows, progress=False)
@@ -137,7 +138,7 @@ def bench_umap(points: int = 20_000, d: int = 576, seed: int = 0) -> dict:
 def run(what: list[str], model: str = "smollm2-135m") -> dict:
     """Run the named benchmarks (cache, train, recoupling, umap) and return their figures."""
     from .errors import LFTError
-    from .teacher import load_teacher
+    from .loading import load_teacher
 
     known = {"cache", "train", "recoupling", "umap"}
     unknown = set(what) - known

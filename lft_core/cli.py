@@ -6,8 +6,8 @@ results as JSON. Bad input ends with one line ``error: ...`` on stderr and exit 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,24 +15,24 @@ from typing import Callable
 
 import numpy as np
 
+from .atomic import write_json
 from .errors import LFTError
+from .span import Span
+from .training import TrainConfig
 
 
 def _write_json(path: str | None, data: dict) -> None:
     if path:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, p)
+        write_json(p, data, indent=2)
 
 
-def _span(text: str) -> tuple[int, int]:
+def _span(text: str) -> Span:
     try:
-        m, n = (int(x) for x in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"span must look like M:N (e.g. 6:12), got {text!r}") from None
-    return m, n
+        return Span.parse(text)
+    except LFTError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _int_list(text: str) -> list[int]:
@@ -56,7 +56,7 @@ def _positive(text: str) -> int:
 def cmd_cache(a: argparse.Namespace) -> dict:
     from .activations import ensure_activations, parse_layers
     from .corpus import load_corpus
-    from .teacher import load_teacher
+    from .loading import load_teacher
 
     teacher = load_teacher(a.model, trust_remote_code=a.trust_remote_code)
     corpus = load_corpus(a.corpus)
@@ -78,17 +78,12 @@ def cmd_cache(a: argparse.Namespace) -> dict:
 
 
 def cmd_train(a: argparse.Namespace) -> dict:
-    from .training import TrainConfig, train_flow
+    from .loading import load_teacher
+    from .training import train_flow
 
-    cfg = TrainConfig(model=a.model, corpus=a.corpus, span=a.span, method=a.method, k=a.k, alpha=a.alpha,
-                      steps=a.steps, batch=a.batch, seq_len=a.seq_len, windows=a.windows,
-                      heldout_windows=a.heldout_windows, lr=a.lr, seed=a.seed,
-                      init_from_teacher=a.init_from_teacher, normalise=not a.no_normalise,
-                      sink_weight=a.sink_weight,
-                      eval_every=a.eval_every, checkpoint_every=a.checkpoint_every, name=a.name)
+    cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
     stop_file = Path(a.stop_file) if a.stop_file else None
     progress = _progress_writer(Path(a.progress_file)) if a.progress_file else None
-    from .teacher import load_teacher
 
     teacher = load_teacher(a.model, trust_remote_code=a.trust_remote_code)
     result = train_flow(cfg, teacher=teacher, progress=progress,
@@ -113,8 +108,8 @@ def _progress_writer(path: Path) -> Callable[[dict], None]:
 def cmd_eval(a: argparse.Namespace) -> dict:
     from .evaluation import eval_windows, evaluate
     from .flow import MAX_K
-    from .teacher import load_teacher
-    from .training import open_flow, read_flow_config
+    from .loading import load_teacher
+    from .store import open_flow, read_flow_config
 
     if a.text and a.corpus_given:
         raise LFTError("give either --text or --corpus, not both")
@@ -133,7 +128,7 @@ def cmd_eval(a: argparse.Namespace) -> dict:
 
         text = read_text_file(a.text)  # size limit, empty / binary / not-UTF-8 checks
     ids = eval_windows(teacher, a.corpus, text, a.windows, a.seq_len or config.get("seq_len", 128))
-    result = evaluate(teacher, flow, tuple(config["span"]), ids, ks=a.k, skips=a.skip,
+    result = evaluate(teacher, flow, None, ids, ks=a.k, skips=a.skip,
                       progress=lambda s: print(s, file=sys.stderr))
     print(result.table())
     return result.to_json()
@@ -142,8 +137,9 @@ def cmd_eval(a: argparse.Namespace) -> dict:
 def cmd_recoupling(a: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
-    from .coupling import parse_spans, recoupling_for_model
-    from .teacher import load_teacher
+    from .coupling import recoupling_for_model
+    from .loading import load_teacher
+    from .span import parse_spans
 
     teacher = load_teacher(a.model, trust_remote_code=a.trust_remote_code)
     spans = parse_spans(a.spans, teacher.n_layers)
@@ -180,7 +176,7 @@ def cmd_toy(a: argparse.Namespace) -> dict:
 
 
 def cmd_flows(a: argparse.Namespace) -> dict:
-    from .training import delete_flow, list_flows
+    from .store import delete_flow, list_flows
 
     if a.delete:
         delete_flow(a.delete)
@@ -188,16 +184,17 @@ def cmd_flows(a: argparse.Namespace) -> dict:
         return {"deleted": a.delete}
     flows = list_flows()
     for f in flows:
-        if f.get("error"):
-            print(f"{f['name']}: {f['error']}")
+        if f.error:
+            print(f"{f.name}: {f.error}")
         else:
-            m, n = f.get("span", ("?", "?"))
-            print(f"{f['name']}: {f.get('model')} span {m}:{n} {str(f.get('method', '?')).upper()} k={f.get('k')} "
-                  f"{f.get('status')} ({f.get('steps_done', '?')}/{f.get('steps', '?')} steps)")
+            done = lambda v: "?" if v is None else v  # noqa: E731
+            print(f"{f.name}: {f.model} span {f.span} {f.method.upper()} k={f.k} {f.status} "
+                  f"({done(f.steps_done)}/{done(f.steps)} steps)")
     if not flows:
         print("no saved flows")
     keep = ("name", "model", "span", "method", "k", "status", "steps_done", "steps", "error")
-    return {"flows": [{k: f[k] for k in keep if k in f} for f in flows]}
+    return {"flows": [{k: (list(getattr(f, k)) if k == "span" else getattr(f, k)) for k in keep
+                       if getattr(f, k) is not None and not (f.error and k == "method")} for f in flows]}
 
 
 def cmd_bench(a: argparse.Namespace) -> dict:
@@ -210,6 +207,24 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "cache": cmd_cache, "train": cmd_train, "eval": cmd_eval, "recoupling": cmd_recoupling, "toy": cmd_toy,
     "flows": cmd_flows, "bench": cmd_bench,
 }
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config: type) -> None:
+    """One flag per field of a settings dataclass (``training.setting``): ``--seq-len`` for ``seq_len``, help,
+    default, type and choices from the field, ``--x/--no-x`` for booleans. The settings are spelt once."""
+    for f in dataclasses.fields(config):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        kw: dict = {"help": meta.get("help"), "default": f.default}
+        if isinstance(f.default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif isinstance(f.default, Span):
+            kw.update(type=_span, required=meta.get("required", False))
+            del kw["default"]
+        else:
+            kw["type"] = _positive if meta.get("positive") else meta.get("type", type(f.default))
+            if "choices" in meta:
+                kw["choices"] = list(meta["choices"])
+        parser.add_argument(flag, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,25 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=_positive, default=8)
 
     t = sub.add_parser("train", help="train a latent flow replacing a span")
-    common(t)
-    t.add_argument("--span", type=_span, required=True, help="M:N, the blocks M..N-1 to replace")
-    t.add_argument("--method", choices=["sfm", "fw", "hybrid"], default="fw")
-    t.add_argument("--steps", type=_positive, default=300)
-    t.add_argument("--batch", type=_positive, default=8)
-    t.add_argument("--seq-len", type=_positive, default=128)
-    t.add_argument("--windows", type=_positive, default=256)
-    t.add_argument("--heldout-windows", type=_positive, default=16)
-    t.add_argument("--k", type=int, default=3, help="integration steps (Flow Walking walks k steps)")
-    t.add_argument("--alpha", type=float, default=0.1, help="weight of the SFM term in hybrid")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--init-from-teacher", action="store_true", help="initialise from block M of the teacher")
-    t.add_argument("--no-normalise", action="store_true", help="do not standardise x0/x1 per dimension")
-    t.add_argument("--sink-weight", type=float, default=None,
-                   help="loss weight of position 0, the attention sink (default: seq_len / 2)")
-    t.add_argument("--eval-every", type=_positive, default=50)
-    t.add_argument("--checkpoint-every", type=_positive, default=100)
-    t.add_argument("--name", help="flow name (default: derived from the settings)")
+    add_config_arguments(t, TrainConfig)
+    t.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    t.add_argument("--trust-remote-code", action="store_true", help="allow a model's own code to run")
     t.add_argument("--resume", action="store_true", help="continue from the flow's last checkpoint")
     t.add_argument("--progress-file", help=argparse.SUPPRESS)
     t.add_argument("--stop-file", help=argparse.SUPPRESS)

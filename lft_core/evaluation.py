@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .corpus import load_corpus, make_windows
 from .errors import LFTError
-from .flow import MAX_K
-from .metrics import kl_per_token, nll_per_token, nmse
+from .flow import MAX_K, Replacement, check_replaces
+from .metrics import kl_per_token, nmse, perplexity
+from .span import Span
+from .teacher import Replace, Skip, Surgery
+
+if TYPE_CHECKING:
+    from .teacher import Teacher
 
 
 @dataclass
@@ -32,7 +37,7 @@ class EvalRow:
 
 @dataclass
 class EvalResult:
-    span: tuple[int, int]
+    span: Span
     tokens: int
     teacher_ppl: float
     rows: list[EvalRow] = field(default_factory=list)
@@ -44,7 +49,7 @@ class EvalResult:
                 "seconds": round(self.seconds, 3)}
 
     def table(self) -> str:
-        lines = [f"span {self.span[0]}:{self.span[1]}  tokens {self.tokens}  teacher ppl {self.teacher_ppl:.3f}",
+        lines = [f"span {self.span}  tokens {self.tokens}  teacher ppl {self.teacher_ppl:.3f}",
                  f"{'model':<6} {'k':>3} {'where':<10} {'KL':>8} {'NMSE':>8} {'PPL':>9}"]
         for r in self.rows:
             where = "" if r.where is None else f"{r.where}@{r.start}"
@@ -59,42 +64,41 @@ def _check_ks(ks: Sequence[int]) -> None:
             raise LFTError(f"k must be between 1 and {MAX_K}, got {k}")
 
 
-def _check_skips(teacher, skips: Sequence[int]) -> None:
+def _check_skips(teacher: Teacher, skips: Sequence[int]) -> None:
     for k in skips:
         if not 1 <= k <= teacher.n_layers:
             raise LFTError(f"skip k must be between 1 and {teacher.n_layers}, got {k}")
 
 
-def _batched_logits(teacher, ids: torch.Tensor, batch: int, **kw) -> torch.Tensor:
-    return torch.cat([teacher.logits(ids[s : s + batch], **kw) for s in range(0, len(ids), batch)])
+def _batched_logits(teacher: Teacher, ids: torch.Tensor, batch: int, surgery: Surgery | None = None) -> torch.Tensor:
+    return torch.cat([teacher.logits(ids[s : s + batch], surgery) for s in range(0, len(ids), batch)])
 
 
 def _kl_ppl(ref_logits: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, float]:
-    kl = float(kl_per_token(ref_logits, logits).mean())
-    ppl = float(torch.exp(nll_per_token(logits, ids).mean()))
-    return kl, ppl
+    return float(kl_per_token(ref_logits, logits).mean()), perplexity(logits, ids)
 
 
-def best_skip_start(teacher, ids: torch.Tensor, ref_logits: torch.Tensor, k: int, batch: int = 8) -> tuple[int, float]:
+def best_skip_start(teacher: Teacher, ids: torch.Tensor, ref_logits: torch.Tensor, k: int,
+                    batch: int = 8) -> tuple[int, float]:
     """The start position whose k-block skip has the lowest mean KL on ``ids`` (searched over all positions)."""
     best = (0, float("inf"))
     for start in range(0, teacher.n_layers - k + 1):
-        logits = _batched_logits(teacher, ids, batch, skip=(start, k))
+        logits = _batched_logits(teacher, ids, batch, Skip(start, k))
         kl = float(kl_per_token(ref_logits, logits).mean())
         if kl < best[1]:
             best = (start, kl)
     return best
 
 
-def reference_logits(teacher, ids: torch.Tensor, batch: int = 8) -> torch.Tensor:
+def reference_logits(teacher: Teacher, ids: torch.Tensor, batch: int = 8) -> torch.Tensor:
     """The teacher's logits for ``ids`` (windows, seq_len) -> (windows, seq_len, vocab), float32."""
     return _batched_logits(teacher, ids, batch)
 
 
-def lft_rows(teacher, flow, span: tuple[int, int], ids: torch.Tensor, ref: torch.Tensor, ks: Sequence[int] = (1, 2, 3),
+def lft_rows(teacher: Teacher, flow: Replacement, ids: torch.Tensor, ref: torch.Tensor, ks: Sequence[int] = (1, 2, 3),
              batch: int = 8, progress: Callable[[str], None] | None = None) -> list[EvalRow]:
-    """KL / PPL / NMSE of the LFT (span replaced by ``flow``) for each k."""
-    m, n = span
+    """KL / PPL / NMSE of the LFT (``flow.span`` replaced by ``flow``) for each k."""
+    m, n = teacher.check_span(*flow.span)
     _check_ks(ks)
     say = progress or (lambda s: None)
     hs: dict[int, list[torch.Tensor]] = {}
@@ -107,13 +111,13 @@ def lft_rows(teacher, flow, span: tuple[int, int], ids: torch.Tensor, ref: torch
         say(f"LFT k={k}")
         with torch.no_grad():
             x_hat = torch.cat([flow(x0[s : s + batch], k=k).float() for s in range(0, len(x0), batch)])
-        logits = _batched_logits(teacher, ids, batch, replace=(m, n, flow, k))
+        logits = _batched_logits(teacher, ids, batch, Replace(flow, k))
         kl, ppl = _kl_ppl(ref, logits, ids)
         rows.append(EvalRow("lft", k, kl, ppl, nmse=float(nmse(x_hat, x1))))
     return rows
 
 
-def skip_rows(teacher, span: tuple[int, int], ids: torch.Tensor, ref: torch.Tensor, skips: Sequence[int] = (1, 2, 3),
+def skip_rows(teacher: Teacher, span: Span | tuple[int, int], ids: torch.Tensor, ref: torch.Tensor, skips: Sequence[int] = (1, 2, 3),
               best_skip: bool = True, batch: int = 8, search_windows: int = 2,
               progress: Callable[[str], None] | None = None) -> list[EvalRow]:
     """KL / PPL of skip-k: the first k blocks of the span ("span") and, with ``best_skip``, the k blocks whose
@@ -126,20 +130,20 @@ def skip_rows(teacher, span: tuple[int, int], ids: torch.Tensor, ref: torch.Tens
     for k in skips:
         if k <= n - m:
             say(f"skip k={k} in span")
-            kl, ppl = _kl_ppl(ref, _batched_logits(teacher, ids, batch, skip=(m, k)), ids)
+            kl, ppl = _kl_ppl(ref, _batched_logits(teacher, ids, batch, Skip(m, k)), ids)
             rows.append(EvalRow("skip", k, kl, ppl, where="span", start=m))
         if best_skip:
             say(f"skip k={k} best position")
             start, _ = best_skip_start(teacher, ids[:probe], ref[:probe], k, batch)
-            kl, ppl = _kl_ppl(ref, _batched_logits(teacher, ids, batch, skip=(start, k)), ids)
+            kl, ppl = _kl_ppl(ref, _batched_logits(teacher, ids, batch, Skip(start, k)), ids)
             rows.append(EvalRow("skip", k, kl, ppl, where="best", start=start))
     return rows
 
 
 def evaluate(
-    teacher,
-    flow,
-    span: tuple[int, int],
+    teacher: Teacher,
+    flow: Replacement | None,
+    span: Span | tuple[int, int] | None,
     ids: torch.Tensor,
     ks: Sequence[int] = (1, 2, 3),
     skips: Sequence[int] = (1, 2, 3),
@@ -149,26 +153,31 @@ def evaluate(
 ) -> EvalResult:
     """Rows of KL / NMSE / PPL for the LFT at each k and skip-k (in the span, and at the best position).
 
-    ``ids`` shape (windows, seq_len), held-out text. ``flow`` is a LatentFlow (or None for skip rows only).
+    ``ids`` shape (windows, seq_len), held-out text. ``flow`` is a LatentFlow (or None for skip rows only);
+    ``span`` defaults to the flow's and must agree with it when both are given.
     """
     start_time = time.perf_counter()
-    m, n = span
-    teacher.check_span(m, n)
+    if span is None:
+        if flow is None:
+            raise LFTError("evaluate needs a flow or a span")
+        span = flow.span
+    m, n = span = teacher.check_span(*span)
+    if flow is not None:
+        check_replaces(flow, span)
     if ids.ndim != 2 or ids.shape[1] < 2:
         raise LFTError("evaluation needs token windows of at least 2 tokens")
     _check_ks(ks)  # before any forward pass (lft_rows and skip_rows check again for direct callers)
     _check_skips(teacher, skips)
     ref = reference_logits(teacher, ids, batch)
-    result = EvalResult(span=(m, n), tokens=int(ids.numel()),
-                        teacher_ppl=float(torch.exp(nll_per_token(ref, ids).mean())))
+    result = EvalResult(span=span, tokens=int(ids.numel()), teacher_ppl=perplexity(ref, ids))
     if flow is not None:
-        result.rows += lft_rows(teacher, flow, span, ids, ref, ks, batch, progress)
+        result.rows += lft_rows(teacher, flow, ids, ref, ks, batch, progress)
     result.rows += skip_rows(teacher, span, ids, ref, skips, best_skip, batch, progress=progress)
     result.seconds = time.perf_counter() - start_time
     return result
 
 
-def eval_windows(teacher, corpus_spec: str | None = None, text: str | None = None, windows: int = 16,
+def eval_windows(teacher: Teacher, corpus_spec: str | None = None, text: str | None = None, windows: int = 16,
                  seq_len: int = 128) -> torch.Tensor:
     """Held-out token windows (windows, seq_len) from a corpus, or one window of a given text (1, T)."""
     if seq_len > teacher.max_positions:
@@ -191,21 +200,20 @@ class TokenKL:
 
 
 @torch.no_grad()
-def token_kl(teacher, ids: torch.Tensor, models: dict[str, dict], top_k: int = 5) -> TokenKL:
+def token_kl(teacher: Teacher, ids: torch.Tensor, models: Mapping[str, Surgery], top_k: int = 5) -> TokenKL:
     """KL per token for several models on one text, ``ids`` shape (1, T).
 
-    ``models`` maps a label to the keyword arguments of ``teacher.logits`` (``{"replace": (m, n, flow, k)}``
-    or ``{"skip": (start, k)}``); the teacher itself is always included as ``"teacher"``.
+    ``models`` maps a label to the surgery of that model (``Replace(flow, k)`` or ``Skip(start, k)``); the
+    teacher itself is always included as ``"teacher"``.
     """
     ref = teacher.logits(ids)
-    tok = teacher.tokenizer
-    tokens = [tok.decode([int(i)]) for i in ids[0]]
+    decode = teacher.decode_tokens
     out_kl, out_top, out_ppl = {}, {}, {}
-    for label, kw in {"teacher": {}, **models}.items():
-        logits = ref if not kw else teacher.logits(ids, **kw)
+    for label, surgery in {"teacher": None, **models}.items():
+        logits = ref if surgery is None else teacher.logits(ids, surgery)
         out_kl[label] = kl_per_token(ref, logits)[0].numpy()
         probs = torch.softmax(logits[0].float(), -1)
         p, i = probs.topk(top_k, dim=-1)
-        out_top[label] = [[(tok.decode([int(a)]), float(b)) for a, b in zip(ii, pp)] for ii, pp in zip(i, p)]
-        out_ppl[label] = float(torch.exp(nll_per_token(logits, ids).mean()))
-    return TokenKL(tokens, out_kl, out_top, out_ppl)
+        out_top[label] = [list(zip(decode(ii), (float(b) for b in pp))) for ii, pp in zip(i, p)]
+        out_ppl[label] = perplexity(logits, ids)
+    return TokenKL(decode(ids[0]), out_kl, out_top, out_ppl)

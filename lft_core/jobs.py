@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .atomic import write_json, write_text
 from .errors import LFTError
 from .paths import REPO_ROOT, cache_dir
 
@@ -67,12 +68,6 @@ def jobs_dir() -> Path:
     return cache_dir("jobs")
 
 
-def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 def start_job(kind: str, cli_args: list[str], label: str = "") -> Job:
     """Start ``python -m lft_core <kind> <cli_args>`` in the background; returns at once."""
     if kind not in KINDS:
@@ -85,13 +80,13 @@ def start_job(kind: str, cli_args: list[str], label: str = "") -> Job:
         args += ["--progress-file", str(d / "progress.jsonl"), "--stop-file", str(d / "STOP")]
     meta = {"id": job_id, "kind": kind, "label": label or " ".join(cli_args), "args": args,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "pid": None}
-    _atomic_json(d / "job.json", meta)
+    write_json(d / "job.json", meta)
     with open(d / "log.txt", "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "lft_core.jobs", str(d)], cwd=str(REPO_ROOT),
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     meta["pid"] = proc.pid
-    _atomic_json(d / "job.json", meta)
+    write_json(d / "job.json", meta)
     return read_job(job_id)
 
 
@@ -198,9 +193,7 @@ def _run(job_dir: Path) -> int:
     code = subprocess.call([sys.executable, "-m", "lft_core", *meta["args"]], cwd=str(REPO_ROOT),
                            preexec_fn=(lambda parent=os.getpid(): _die_with_parent(parent))
                            if sys.platform.startswith("linux") else None)
-    tmp = job_dir / "exit_code.tmp"
-    tmp.write_text(str(code))
-    os.replace(tmp, job_dir / "exit_code")
+    write_text(job_dir / "exit_code", str(code))
     return code
 
 

@@ -12,8 +12,6 @@ or inconsistent cache file is recomputed silently.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -21,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import save_npy
 from .errors import LFTError
+from .paths import cache_dir
 
 __all__ = ["ProjectionError", "Projection", "METHODS", "default_cache_dir", "projection_key", "project"]
 
@@ -51,15 +51,8 @@ class Projection:
 
 
 def default_cache_dir() -> Path:
-    """Where projections are cached: ``lft_core.paths.cache_root()/projections`` when that module is
-    available, else ``$LFT_CACHE_DIR/projections`` or ``<repo>/cache/projections``."""
-    try:
-        from .paths import cache_root
-    except ImportError:
-        root = Path(os.environ.get("LFT_CACHE_DIR") or Path(__file__).resolve().parents[1] / "cache")
-    else:
-        root = cache_root()
-    return Path(root) / "projections"
+    """Where projections are cached: ``cache/projections`` (or ``$LFT_CACHE_DIR/projections``)."""
+    return cache_dir("projections")
 
 
 def projection_key(points: np.ndarray, method: str, n_components: int, seed: int, pca_dims: int,
@@ -131,23 +124,6 @@ def _read_cache(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
     return coords
 
 
-def _write_atomic(path: Path, coords: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, coords, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def project(
     points: np.ndarray,
     method: str = "pca",
@@ -186,5 +162,6 @@ def project(
     coords = np.ascontiguousarray(raw, dtype=np.float32)
     if coords.shape != shape or not np.isfinite(coords).all():
         raise ProjectionError(f"{method} produced {'non-finite' if coords.shape == shape else 'misshaped'} coordinates")
-    _write_atomic(path, coords)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_npy(path, coords)
     return Projection(coords=coords, method=method, key=key, cached=False, seconds=time.perf_counter() - start)

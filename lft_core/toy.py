@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .errors import LFTError
 from .flow import MAX_K
-from .losses import check_method, compute_loss
+from .losses import check_method, compute_loss, straight_path
 from .solvers import Trajectory, integrate, uniform_times
 
 
@@ -289,7 +289,7 @@ def train_toy(
         raise LFTError(f"steps must be an integer >= 1, got {steps!r}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise LFTError(f"k must be an integer between 1 and {MAX_K}, got {k!r}")
-    from .metrics import flow_recoupled, recoupling_ratio
+    from .coupling import flow_recoupled, recoupling_ratio
 
     start = time.perf_counter()
     with _one_thread():
@@ -374,3 +374,50 @@ def run_toy(
         raise LFTError(f"n_points must be an integer in [{MIN_CSV_ROWS}, {MAX_CSV_ROWS}], got {n_points!r}")
     return train_toy(DATASETS[dataset](n_points, seed), method=method, steps=steps, k=k, alpha=alpha, seed=seed,
                      progress=progress)
+
+
+def crossing_marks(x0: np.ndarray, x1: np.ndarray, top: int = 300) -> np.ndarray:
+    """Where the ``top`` most crossing pairs (largest saving of a swap) come closest: for each pair (i, j) the
+    midpoint of the two straight-path points at their t*. x0, x1 shape (n, 2) with n <= 2000 (crossings
+    examines every pair; no marks above that); returns shape (c, 2), c <= top."""
+    from .coupling import MAX_CROSSING_TOKENS, crossings
+
+    if len(x0) > MAX_CROSSING_TOKENS:
+        return np.zeros((0, 2))
+    cross = crossings(x0, x1)
+    best = np.argsort(-cross.delta)[:top]
+    if not len(best):
+        return np.zeros((0, 2))
+    i, j = cross.pairs[best, 0], cross.pairs[best, 1]
+    t = torch.from_numpy(cross.t_star[best])
+    a0, a1 = torch.from_numpy(np.asarray(x0, dtype=np.float64)), torch.from_numpy(np.asarray(x1, dtype=np.float64))
+    p_i, p_j = straight_path(a0[i], a1[i], t), straight_path(a0[j], a1[j], t)
+    return ((p_i + p_j) / 2).numpy()
+
+
+@dataclass
+class LabRun:
+    """What the teaching lab draws for one trained toy flow.
+
+    x0, x1: shape (n, 2); frames: shape (f, n, 2), the k-step walk sampled at ``times`` (shape (f,));
+    recoupled: shape (n,), bool; marks: shape (c, 2), where crossing straight paths come closest;
+    metrics: ``ToyResult.to_json()``; losses: the training loss at every step.
+    """
+
+    x0: np.ndarray
+    x1: np.ndarray
+    frames: np.ndarray
+    times: np.ndarray
+    recoupled: np.ndarray
+    marks: np.ndarray
+    metrics: dict[str, Any]
+    losses: list[float]
+
+
+def lab_run(result: ToyResult, frames_per_step: int = 8) -> LabRun:
+    """The lab's view of a finished toy run: animation frames along its k-step walk, crossing marks, metrics."""
+    x0, x1 = result.pairs.x0.numpy(), result.pairs.x1.numpy()
+    path = flow_paths(result.field, result.pairs.x0, result.k, fine_steps=frames_per_step * result.k)
+    return LabRun(x0=x0, x1=x1, frames=path.states.numpy(), times=path.times.numpy(),
+                  recoupled=np.asarray(result.recoupled, dtype=bool), marks=crossing_marks(x0, x1),
+                  metrics=result.to_json(), losses=list(result.losses))

@@ -7,65 +7,92 @@ Optimisation: AdamW, linear warm-up then cosine decay, gradient clipping, seeded
 available, else CPU in float32. ``progress(event)`` gets a dict per step (step, steps, loss, lr,
 tokens_per_s, eta_s, and heldout_nmse on evaluation steps); ``should_stop()`` is checked before every step.
 Checkpoints (``cache/flows/<name>/``: model.safetensors + config.json, plus training_state.safetensors/.json
-for resuming) are written every ``checkpoint_every`` steps and at the end, atomically.
+for resuming) are written every ``checkpoint_every`` steps and at the end, atomically, by ``store``. Every
+setting is a field of ``TrainConfig``; the CLI flags and the app's job launcher are derived from it.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
 from .activations import ensure_activations
 from .corpus import load_corpus
-from .errors import LFTError, check_span
-from .flow import MAX_K, FlowCheckpointError, LatentFlow, VelocityField, load_flow, save_flow
+from .errors import LFTError
+from .field import VelocityField
+from .flow import MAX_K, LatentFlow
 from .losses import LOSSES, check_method, compute_loss
-from .paths import cache_dir
+from .span import Span
+from .store import (NAME_RE, flow_lock, flows_dir, has_training_state, load_flow, load_training_state, save_flow,
+                    save_training_state)
+
+if TYPE_CHECKING:
+    from .teacher import Teacher
 
 METHODS = tuple(LOSSES)  # "sfm", "fw", "hybrid"
 LOSS_WEIGHTINGS = ("nmse", "uniform")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+
+
+def setting(default: Any, help: str, **cli: Any) -> Any:
+    """A TrainConfig field: its default, the help text of its CLI flag, and how the CLI reads it (``type``,
+    ``choices``, ``positive`` for integers >= 1, ``required``). The CLI parser and the app's job launcher are
+    both built from these, so a setting is spelt once."""
+    return field(default=default, metadata={"help": help, **cli})
 
 
 @dataclass
 class TrainConfig:
     """Everything that defines a training run. The defaults give a useful flow in minutes on 2 CPU cores."""
 
-    model: str = "smollm2-135m"
-    corpus: str = "builtin"
-    span: tuple[int, int] = (6, 12)
-    method: str = "fw"
-    k: int = 3
-    alpha: float = 0.1
-    steps: int = 300
-    batch: int = 8
-    seq_len: int = 128
-    windows: int = 256
-    heldout_windows: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup: float = 0.05
-    grad_clip: float = 1.0
-    seed: int = 0
-    init_from_teacher: bool = False
-    normalise: bool = True
-    loss_weighting: str = "nmse"  # "nmse": per-token relative error in original units; "uniform": plain MSE
-    sink_weight: float | None = None  # weight of position 0 (attention sink) in the loss; None: seq_len / 2
-    eval_every: int = 50
-    checkpoint_every: int = 100
-    name: str | None = None
+    model: str = setting("smollm2-135m", "smollm2-135m (embedded), an HF id or a folder")
+    corpus: str = setting("builtin", "builtin, a .txt/.jsonl file or folder, hf:NAME")
+    span: Span = setting(Span(6, 12), "M:N, the blocks M..N-1 to replace", required=True)
+    method: str = setting("fw", "training objective", choices=METHODS)
+    k: int = setting(3, "integration steps (Flow Walking walks k steps)", type=int)
+    alpha: float = setting(0.1, "weight of the SFM term in hybrid")
+    steps: int = setting(300, "optimiser steps", positive=True)
+    batch: int = setting(8, "windows per step", positive=True)
+    seq_len: int = setting(128, "tokens per window", positive=True)
+    windows: int = setting(256, "training windows", positive=True)
+    heldout_windows: int = setting(16, "held-out windows for the NMSE during training", positive=True)
+    lr: float = setting(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = setting(0.01, "AdamW weight decay")
+    warmup: float = setting(0.05, "share of the steps spent warming the learning rate up")
+    grad_clip: float = setting(1.0, "gradient norm clip")
+    seed: int = setting(0, "seed of the initialisation, batches and times", type=int)
+    init_from_teacher: bool = setting(False, "initialise from block M of the teacher")
+    normalise: bool = setting(True, "standardise x0/x1 per dimension")
+    loss_weighting: str = setting("nmse", "nmse: per-token relative error in original units; uniform: plain MSE",
+                                  choices=LOSS_WEIGHTINGS)
+    sink_weight: float | None = setting(None, "loss weight of position 0, the attention sink (default: seq_len / 2)",
+                                        type=float)
+    eval_every: int = setting(50, "held-out NMSE every this many steps", positive=True)
+    checkpoint_every: int = setting(100, "checkpoint every this many steps", positive=True)
+    name: str | None = setting(None, "flow name (default: derived from the settings)", type=str)
+
+    def __post_init__(self) -> None:
+        self.span = Span.of(self.span)
+
+    def cli_args(self) -> list[str]:
+        """The ``python -m lft_core train`` flags that reproduce this config (every setting, spelt once)."""
+        args: list[str] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                args.append(flag if value else "--no-" + f.name.replace("_", "-"))
+            elif value is not None:
+                args += [flag, str(value)]
+        return args
 
     def validate(self, n_layers: int | None = None) -> None:
-        check_span(*self.span, n_layers)
+        self.span.check(n_layers)
         check_method(self.method)
         if not 1 <= self.k <= MAX_K:
             raise LFTError(f"k must be between 1 and {MAX_K}, got {self.k}")
@@ -88,16 +115,19 @@ class TrainConfig:
         return float(self.sink_weight) if self.sink_weight is not None else self.seq_len / 2
 
     def default_name(self) -> str:
+        """``<model>-<m>-<n>-<method>-k<k>-s<steps>``, made a valid flow name whatever the model spec is
+        (other characters become '_', at most 80 characters)."""
         m, n = self.span
-        model = Path(self.model).name.replace("/", "_")
-        return f"{model}-{m}-{n}-{self.method}-k{self.k}-s{self.steps}"
+        model = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(self.model.rstrip("/")).name).lstrip("._-") or "model"
+        tail = f"-{m}-{n}-{self.method}-k{self.k}-s{self.steps}"
+        return model[: 80 - len(tail)] + tail
 
 
 @dataclass
 class TrainResult:
     name: str
     dir: str
-    span: tuple[int, int]
+    span: Span
     method: str
     steps: int
     final_loss: float
@@ -128,7 +158,7 @@ class PairData:
     heldout_key: str
 
 
-def load_pairs(teacher, cfg: TrainConfig, progress: bool = True) -> PairData:
+def load_pairs(teacher: Teacher, cfg: TrainConfig, progress: bool = True) -> PairData:
     """Cache (if needed) and read h_m, h_n for the train and held-out windows of the config's corpus."""
     m, n = cfg.span
     corpus = load_corpus(cfg.corpus)
@@ -196,54 +226,9 @@ def heldout_nmse(flow: LatentFlow, x0: torch.Tensor, x1: torch.Tensor, k: int, b
     return float(nmse(torch.cat(preds), x1))
 
 
-def flows_dir() -> Path:
-    return cache_dir("flows")
-
-
-def _save_state(directory: Path, opt: torch.optim.Optimizer, step: int, gen: torch.Generator) -> None:
-    """Optimizer moments and RNG in safetensors (no pickle), the rest in JSON; both written atomically."""
-    from safetensors.torch import save_file
-
-    tensors, scalars = {}, {"step": step, "param_state": {}}
-    for idx, state in opt.state_dict()["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value) and value.ndim > 0:
-                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars["param_state"][f"{idx}.{key}"] = float(value)
-    tensors["rng"] = gen.get_state()
-    tmp = directory / "training_state.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, directory / "training_state.safetensors")
-    tmp_json = directory / "training_state.json.tmp"
-    tmp_json.write_text(json.dumps(scalars))
-    os.replace(tmp_json, directory / "training_state.json")
-
-
-def _load_state(directory: Path, opt: torch.optim.Optimizer, gen: torch.Generator) -> int:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(directory / "training_state.safetensors"))
-    scalars = json.loads((directory / "training_state.json").read_text())
-    state: dict = {}
-    for name, value in tensors.items():
-        if name == "rng":
-            gen.set_state(value)
-            continue
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    for name, value in scalars["param_state"].items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = torch.tensor(value)
-    sd = opt.state_dict()
-    sd["state"] = state
-    opt.load_state_dict(sd)
-    return int(scalars["step"])
-
-
 def train_flow(
     cfg: TrainConfig,
-    teacher=None,
+    teacher: Teacher | None = None,
     progress: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     resume: bool = False,
@@ -253,16 +238,16 @@ def train_flow(
     """Train (or resume) a latent flow for ``cfg.span``; returns the result and leaves a checkpoint.
 
     Only one process trains a given flow name at a time (a file lock); a second gets a clear error."""
-    from .teacher import load_teacher
+    from .loading import load_teacher
 
     teacher = teacher or load_teacher(cfg.model)
     cfg.validate(teacher.n_layers)
     name = cfg.name or cfg.default_name()
-    with _flow_lock(name, f"flow {name!r} is being trained by another job; pick another name"):
+    with flow_lock(name, f"flow {name!r} is being trained by another job; pick another name"):
         return _train_locked(cfg, teacher, name, progress, should_stop, resume, device, verbose)
 
 
-def _train_locked(cfg: TrainConfig, teacher, name: str, progress, should_stop, resume: bool, device: str | None,
+def _train_locked(cfg: TrainConfig, teacher: Teacher, name: str, progress, should_stop, resume: bool, device: str | None,
                   verbose: bool) -> TrainResult:
     from tqdm import tqdm
 
@@ -274,7 +259,7 @@ def _train_locked(cfg: TrainConfig, teacher, name: str, progress, should_stop, r
     data = load_pairs(teacher, cfg, progress=verbose)
     m, n = cfg.span
     start_step, history = 0, []
-    if resume and (out_dir / "training_state.json").is_file():
+    if resume and has_training_state(out_dir):
         flow, saved = load_flow(out_dir)
         if saved.get("model") != teacher.model_id or tuple(saved.get("span", ())) != cfg.span:
             raise LFTError(f"cannot resume {name}: it was trained for another model or span")
@@ -288,8 +273,8 @@ def _train_locked(cfg: TrainConfig, teacher, name: str, progress, should_stop, r
             flow.set_normalisation(*normalisation_stats(data.x0, data.x1))
     flow.to(device)
     opt = torch.optim.AdamW(flow.field.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if resume and (out_dir / "training_state.json").is_file():
-        start_step = _load_state(out_dir, opt, gen)
+    if resume and has_training_state(out_dir):
+        start_step = load_training_state(out_dir, opt, gen)
 
     config = {
         **{k: v for k, v in asdict(cfg).items() if k != "name"},
@@ -307,7 +292,7 @@ def _train_locked(cfg: TrainConfig, teacher, name: str, progress, should_stop, r
     def checkpoint(step: int, status: str) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_flow(flow, out_dir, {**config, "steps_done": step, "status": status, "history": history})
-        _save_state(out_dir, opt, step, gen)
+        save_training_state(out_dir, opt, step, gen)
 
     use_amp = device.startswith("cuda")
     tokens_per_step = cfg.batch * cfg.seq_len
@@ -365,102 +350,3 @@ def _train_locked(cfg: TrainConfig, teacher, name: str, progress, should_stop, r
         heldout_nmse=nmse_value, seconds=time.perf_counter() - t0, device=device, params=config["params"],
         teacher_span_params=config["teacher_span_params"], stopped=stopped, history=history,
     )
-
-
-@contextmanager
-def _flow_lock(name: str, busy: str) -> Iterator[None]:
-    """Hold flow ``name``'s training lock (cache/flows/.NAME.lock) for the block; LFTError(busy) at once if
-    another process holds it."""
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(str(flows_dir() / f".{name}.lock"), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise LFTError(busy) from None
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _being_trained(name: str) -> bool:
-    """True while some process holds the flow's training lock."""
-    try:
-        with _flow_lock(name, "busy"):
-            return False
-    except LFTError:
-        return True
-
-
-def list_flows() -> list[dict]:
-    """Config of every saved flow (damaged ones are listed with an ``error``). A checkpoint that says
-    "running" while no process trains it (the trainer was killed) is reported as "interrupted"."""
-    out = []
-    for d in sorted(flows_dir().iterdir()):
-        if d.is_dir() and not d.name.startswith("."):
-            try:
-                cfg = json.loads((d / "config.json").read_text())
-                if cfg.get("status") == "running" and not _being_trained(d.name):
-                    cfg["status"] = "interrupted"
-                out.append({**cfg, "name": d.name, "dir": str(d)})
-            except (OSError, json.JSONDecodeError) as e:
-                out.append({"name": d.name, "dir": str(d), "error": f"unreadable config ({e})"})
-    return out
-
-
-def delete_flow(name: str) -> None:
-    """Delete the saved flow ``name`` from cache/flows (a name, never a path).
-
-    Refused with LFTError while a job trains it. The folder is first renamed away (one atomic step), so a
-    flow is either listed whole or not at all, even if the removal is interrupted."""
-    import shutil
-    import uuid
-
-    if not NAME_RE.match(name):
-        raise LFTError(f"bad flow name {name!r}")
-    path = flows_dir() / name
-    if not path.is_dir():
-        raise LFTError(f"no flow named {name!r} (see the flows in {flows_dir()})")
-    trash = flows_dir() / f".deleted-{name}-{uuid.uuid4().hex[:8]}"
-    with _flow_lock(name, f"flow {name!r} is being trained right now: stop its job first"):
-        os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def flow_path(name: str) -> Path:
-    """The folder of a flow given by name (in cache/flows) or by path; LFTError if there is none."""
-    path = Path(name)
-    if not (path.is_dir() and (path / "config.json").exists()):
-        if path.is_dir() and os.sep in name:
-            raise FlowCheckpointError(f"{path} is not a flow checkpoint: it needs config.json and model.safetensors")
-        if not NAME_RE.match(name):
-            raise LFTError(f"bad flow name {name!r}")
-        path = flows_dir() / name
-    if not path.is_dir():
-        raise LFTError(f"no flow named {name!r} (see the flows in {flows_dir()})")
-    return path
-
-
-def read_flow_config(name: str) -> dict:
-    """A flow's config.json without loading its weights."""
-    path = flow_path(name)
-    try:
-        return json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        raise LFTError(f"flow {name!r} has a missing or damaged config.json") from None
-
-
-def open_flow(name: str, teacher=None) -> tuple[LatentFlow, dict]:
-    """Load a saved flow by name or folder; with a teacher, check it was trained for that model."""
-    flow, config = load_flow(flow_path(name))
-    if teacher is not None:
-        if config.get("model") != teacher.model_id or config.get("weights_hash") != teacher.weights_hash:
-            raise LFTError(f"flow {name!r} was trained for model {config.get('model')!r}, not {teacher.model_id!r}")
-        m, n = flow.span
-        if not 0 <= m < n <= teacher.n_layers or flow.spec.d_model != teacher.d_model:
-            raise FlowCheckpointError(
-                f"flow {name!r} (span {m}:{n}, width {flow.spec.d_model}) does not fit {teacher.model_id} "
-                f"({teacher.n_layers} blocks, width {teacher.d_model}): its config.json was edited or damaged"
-            )
-    return flow, config

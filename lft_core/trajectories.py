@@ -12,25 +12,30 @@ selected. ``project_table`` adds 2-D coordinates fitted on the pooled states of 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .errors import LFTError
-from .metrics import straight_path
+from .flow import LatentFlow, check_replaces
+from .losses import straight_path
 from .projection import project
+from .span import Span
+
+if TYPE_CHECKING:
+    from .teacher import Teacher
 
 COLUMNS = ["token", "position", "kind", "step", "t", "state"]
 
 
 def trajectory_table(
-    teacher,
+    teacher: Teacher,
     ids: torch.Tensor,
-    span: tuple[int, int],
+    span: Span | tuple[int, int],
     positions: Sequence[int],
-    flows: dict | None = None,
+    flows: Mapping[str, LatentFlow] | None = None,
     k: int = 3,
     fine_steps: int = 24,
 ) -> pd.DataFrame:
@@ -39,8 +44,7 @@ def trajectory_table(
     ``ids`` shape (1, T); ``flows`` maps a label ("SFM", "FW", a flow name) to a LatentFlow of this span.
     ``state`` holds a float32 array of shape (d,).
     """
-    m, n = span
-    teacher.check_span(m, n)
+    m, n = teacher.check_span(*span)
     if ids.ndim != 2 or ids.shape[0] != 1:
         raise LFTError("trajectories take one window of tokens, shape (1, T)")
     T = ids.shape[1]
@@ -52,7 +56,7 @@ def trajectory_table(
     if k < 1 or fine_steps < 1:
         raise LFTError("k and fine_steps must be at least 1")
     hs = teacher.hidden_states(ids, range(m, n + 1))
-    words = [teacher.tokenizer.decode([int(i)]) for i in ids[0]]
+    words = teacher.decode_tokens(ids[0])
     rows: list[dict] = []
 
     def add(kind: str, states: np.ndarray, times: np.ndarray) -> None:
@@ -62,13 +66,13 @@ def trajectory_table(
                 rows.append({"token": words[p], "position": p, "kind": kind, "step": s, "t": float(t),
                              "state": state.astype(np.float32)})
 
-    teacher_states = np.stack([hs[i][0].numpy() for i in range(m, n + 1)])
-    times = np.linspace(0.0, 1.0, n - m + 1)
-    add("teacher", teacher_states, times)
-    add("straight", straight_path(teacher_states[0], teacher_states[-1], times), times)
+    teacher_states = torch.stack([hs[i][0] for i in range(m, n + 1)])  # (n − m + 1, T, d)
+    times = torch.linspace(0.0, 1.0, n - m + 1)
+    add("teacher", teacher_states.numpy(), times.numpy())
+    x0, x1 = teacher_states[:1].expand_as(teacher_states), teacher_states[-1:].expand_as(teacher_states)
+    add("straight", straight_path(x0, x1, times).numpy(), times.numpy())
     for label, flow in (flows or {}).items():
-        if tuple(flow.span) != (m, n):
-            raise LFTError(f"flow {label!r} replaces {flow.span[0]}:{flow.span[1]}, not {m}:{n}")
+        check_replaces(flow, (m, n), label=f"flow {label!r}")
         with torch.no_grad():
             for kind, steps in ((label, k), (f"{label} (fine)", fine_steps)):
                 path = flow(hs[m], k=steps, return_path=True)
@@ -76,6 +80,13 @@ def trajectory_table(
                 t = path.times.float().numpy()
                 add(kind, states, t if t.ndim == 1 else t[:, 0])
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def centred(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``df`` where every state of a token has the token's h_m (its teacher state at step 0)
+    subtracted, so that all paths start at 0 and a picture shows how they move, not where tokens sit."""
+    start = df[(df["kind"] == "teacher") & (df["step"] == 0)].set_index("position")["state"]
+    return df.assign(state=[s - start[p] for s, p in zip(df["state"], df["position"])])
 
 
 def project_table(df: pd.DataFrame, method: str = "pca", seed: int = 0) -> pd.DataFrame:

@@ -7,7 +7,6 @@ Writes docs/results.json and the tables in docs/RESULTS.md (between the RESULTS 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -15,10 +14,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lft_core.atomic import write_json  # noqa: E402
 from lft_core.evaluation import EvalResult, eval_windows, lft_rows, reference_logits, skip_rows  # noqa: E402
-from lft_core.metrics import nll_per_token  # noqa: E402
-from lft_core.teacher import load_teacher  # noqa: E402
-from lft_core.training import TrainConfig, open_flow, train_flow  # noqa: E402
+from lft_core.loading import load_teacher  # noqa: E402
+from lft_core.metrics import perplexity  # noqa: E402
+from lft_core.span import Span  # noqa: E402
+from lft_core.store import open_flow  # noqa: E402
+from lft_core.training import TrainConfig, train_flow  # noqa: E402
 
 
 def main() -> None:
@@ -33,12 +35,12 @@ def main() -> None:
     teacher = load_teacher("smollm2-135m")
     ids = eval_windows(teacher, "builtin", None, a.eval_windows, 128)
     ref = reference_logits(teacher, ids)
-    teacher_ppl = float(nll_per_token(ref, ids).mean().exp())
+    teacher_ppl = perplexity(ref, ids)
     best = {}  # skip-k at the best position does not depend on the span: search once
     out = {"command": " ".join(sys.argv), "steps": a.steps, "batch": a.batch, "eval_tokens": int(ids.numel()),
            "runs": []}
     for span_text in a.spans.split(","):
-        span = tuple(int(x) for x in span_text.split(":"))
+        span = Span.parse(span_text).check(teacher.n_layers)
         span_skips = skip_rows(teacher, span, ids, ref, (1, 2, 3), best_skip=False)
         for method in a.methods.split(","):
             name = f"results-{span[0]}-{span[1]}-{method}-s{a.steps}"
@@ -55,11 +57,11 @@ def main() -> None:
                 best["rows"] = [r for r in skip_rows(teacher, span, ids, ref, (1, 2, 3), best_skip=True)
                                 if r.where == "best"]
             ev = EvalResult(span=span, tokens=int(ids.numel()), teacher_ppl=teacher_ppl,
-                            rows=lft_rows(teacher, flow, span, ids, ref) + span_skips + best["rows"])
+                            rows=lft_rows(teacher, flow, ids, ref) + span_skips + best["rows"])
             print(ev.table(), flush=True)
             out["runs"].append({"span": list(span), "method": method, "train": tr,
                                 "eval": ev.to_json(), "seconds": round(time.perf_counter() - t, 1)})
-            Path(a.out).write_text(json.dumps(out, indent=1))
+            write_json(a.out, out, indent=1)
 
 
 if __name__ == "__main__":

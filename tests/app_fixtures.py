@@ -19,7 +19,8 @@ TINY_SPAN = (2, 4)
 @pytest.fixture(scope="session")
 def tiny_flow(smol) -> dict:
     """A 3-step Flow Walking flow for span 2:4 of the embedded model (a few seconds on CPU)."""
-    from lft_core.training import TrainConfig, read_flow_config, train_flow
+    from lft_core.store import read_flow_config
+    from lft_core.training import TrainConfig, train_flow
 
     train_flow(TrainConfig(span=TINY_SPAN, steps=3, windows=8, heldout_windows=2, seq_len=32, batch=2,
                            eval_every=2, name="tiny-fw"), teacher=smol, verbose=False)

@@ -4,10 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lft_core.coupling import all_layer_cache, parse_spans, recoupling_for_model, span_coupling
+from lft_core.coupling import all_layer_cache, recoupling_for_model, span_coupling
+from lft_core.span import parse_spans
 from lft_core.errors import LFTError
 from lft_core.trajectories import project_table, trajectory_table
-from lft_core.training import TrainConfig, open_flow, train_flow
+from lft_core.store import open_flow
+from lft_core.training import TrainConfig, train_flow
 
 
 def test_parse_spans():

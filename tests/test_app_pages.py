@@ -197,7 +197,7 @@ def test_train_page_rejects_a_taken_name(tiny_flow):
 def test_train_page_deletes_a_flow_after_confirmation(tiny_flow):
     import shutil
 
-    from lft_core.training import flows_dir
+    from lft_core.store import flows_dir
 
     shutil.copytree(flows_dir() / tiny_flow["name"], flows_dir() / "apptest-doomed")
     at = open_page("train", {"span": TINY_SPAN})
@@ -249,19 +249,19 @@ def test_crossings_page_with_flow(tiny_flow, small_cache):
     at = open_page("crossings", {"span": TINY_SPAN})
     assert_clean(at)
     result = at.session_state["crossings_result"]  # a flow of the span is preselected
-    assert len(result["tokens"]) == 64 and result["recoupled"].shape == (64,)
-    assert 0.0 <= result["ratio"] <= 1.0 and result["cost"].shape == (64, 64) and result["p_hat"].shape == (64, 2)
+    assert len(result.tokens) == 64 and result.recoupled.shape == (64,)
+    assert 0.0 <= result.ratio <= 1.0 and result.cost.shape == (64, 64) and result.p_hat.shape == (64, 2)
     label = next(o for o in at.selectbox(key="w_cross_flow").options if o.startswith("tiny-fw"))
     at.selectbox(key="w_cross_flow").select(label).run()
     assert_clean(at)
-    assert at.session_state["crossings_result"]["recoupled"] is not None
+    assert at.session_state["crossings_result"].recoupled is not None
     at.selectbox(key="w_cross_flow").select("(none)").run()
     assert_clean(at)
-    assert at.session_state["crossings_result"]["recoupled"] is None
+    assert at.session_state["crossings_result"].recoupled is None
     assert any("t*" in df.value.columns for df in at.dataframe)  # the table of crossing pairs
     at.radio(key="w_cross_source").set_value("My text").run()
     assert_clean(at)
-    assert len(at.session_state["crossings_result"]["tokens"]) > 10
+    assert len(at.session_state["crossings_result"].tokens) > 10
 
 
 # -- per-token KL -------------------------------------------------------------------------------------------

@@ -86,9 +86,10 @@ def app_url(tiny_flow, small_cache, session_cache, smol, tmp_path_factory):
 
 def _train_demo_flows(teacher) -> None:
     """Two small flows (SFM and FW) for span 4:12, so the screenshots show something a person can read."""
-    from lft_core.training import TrainConfig, list_flows, train_flow
+    from lft_core.store import list_flows
+    from lft_core.training import TrainConfig, train_flow
 
-    have = {f["name"] for f in list_flows()}
+    have = {f.name for f in list_flows()}
     for method in ("sfm", "fw"):
         if f"demo-{method}" not in have:
             train_flow(TrainConfig(span=(4, 12), method=method, steps=300, windows=64, heldout_windows=8,

@@ -7,7 +7,9 @@ import torch
 
 from lft_core.errors import LFTError
 from lft_core.evaluation import evaluate, token_kl
-from lft_core.training import TrainConfig, open_flow, train_flow
+from lft_core.store import open_flow
+from lft_core.teacher import Replace, Skip
+from lft_core.training import TrainConfig, train_flow
 
 
 class ExactFlow(torch.nn.Module):
@@ -50,7 +52,7 @@ def test_token_kl(tiny_neox, tiny_neox_dir):
                            heldout_windows=1, name="t-kl"), teacher=tiny_neox, verbose=False)
     flow, _ = open_flow("t-kl", tiny_neox)
     ids = tiny_neox.encode("The quick brown fox jumps over the lazy dog.")
-    res = token_kl(tiny_neox, ids, {"LFT k=2": {"replace": (1, 3, flow, 2)}, "skip 2": {"skip": (1, 2)}})
+    res = token_kl(tiny_neox, ids, {"LFT k=2": Replace(flow, 2), "skip 2": Skip(1, 2)})
     T = ids.shape[1]
     assert len(res.tokens) == T and set(res.kl) == {"teacher", "LFT k=2", "skip 2"}
     assert np.allclose(res.kl["teacher"], 0, atol=1e-6)

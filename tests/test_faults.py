@@ -22,7 +22,8 @@ from lft_core.corpus import load_corpus
 from lft_core.errors import LFTError
 from lft_core.jobs import read_job, start_job
 from lft_core.paths import cache_dir
-from lft_core.training import TrainConfig, flows_dir, open_flow, train_flow
+from lft_core.store import flows_dir, open_flow
+from lft_core.training import TrainConfig, train_flow
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,11 +113,11 @@ def test_training_job_killed_with_sigkill(tiny_neox, tiny_neox_dir):
 
     flow, config = open_flow(name, tiny_neox)
     assert config["status"] == "running" and config["steps_done"] >= 2 and config["steps_done"] % 2 == 0
-    from lft_core.training import list_flows
+    from lft_core.store import list_flows
 
     # nobody holds its training lock any more; Linux drops a killed process's flock a moment after the process
     # is gone (the last close of its files is deferred to a kernel worker), so allow that moment
-    _wait_for(lambda: next(f for f in list_flows() if f["name"] == name)["status"] == "interrupted", 5,
+    _wait_for(lambda: next(f for f in list_flows() if f.name == name).status == "interrupted", 5,
               "the flow to be listed as interrupted")
     h = tiny_neox.hidden_states(tiny_neox.encode("The river runs past the old mill."), [1])[1]
     assert torch.isfinite(flow(h, k=2)).all()
@@ -132,7 +133,7 @@ def test_training_job_killed_with_sigkill(tiny_neox, tiny_neox_dir):
 def test_killing_only_the_runner_takes_its_trainer_down(tiny_neox_dir):
     """SIGKILL to the job runner alone (not its group): the CLI child it started dies with it (PDEATHSIG), so
     no orphaned trainer keeps running or keeps holding the flow's lock."""
-    from lft_core.training import list_flows
+    from lft_core.store import list_flows
 
     name = "fault-runner-only"
     job = _slow_training_job(tiny_neox_dir, name)
@@ -152,7 +153,7 @@ def test_killing_only_the_runner_takes_its_trainer_down(tiny_neox_dir):
     steps = len(read_job(job.id).events)
     time.sleep(0.5)
     assert len(read_job(job.id).events) == steps and steps < 400  # nothing trains on
-    _wait_for(lambda: next(f for f in list_flows() if f["name"] == name)["status"] == "interrupted", 5,
+    _wait_for(lambda: next(f for f in list_flows() if f.name == name).status == "interrupted", 5,
               "the flow to be listed as interrupted")
 
 

@@ -8,15 +8,9 @@ import pytest
 import torch
 
 from lft_core.errors import LFTError
-from lft_core.flow import (
-    BlockWeights,
-    FieldSpec,
-    FlowCheckpointError,
-    LatentFlow,
-    VelocityField,
-    load_flow,
-    save_flow,
-)
+from lft_core.field import BlockWeights, FieldSpec, VelocityField
+from lft_core.flow import LatentFlow
+from lft_core.store import FlowCheckpointError, load_flow, save_flow
 from lft_core.losses import LOSSES, compute_loss, flow_walking_loss, hybrid_loss, sfm_loss, walk_times
 from lft_core.solvers import Trajectory, integrate
 

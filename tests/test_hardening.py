@@ -30,10 +30,13 @@ from lft_core.cli import main
 from lft_core.corpus import CorpusError, load_corpus, make_windows
 from lft_core.errors import LFTError
 from lft_core.evaluation import eval_windows, evaluate
-from lft_core.flow import FieldSpec, FlowCheckpointError, LatentFlow, load_flow, save_flow
+from lft_core.field import FieldSpec
+from lft_core.flow import LatentFlow
+from lft_core.store import FlowCheckpointError, load_flow, open_flow, save_flow
 from lft_core.paths import cache_dir, cache_root
-from lft_core.teacher import TeacherLoadError, load_teacher
-from lft_core.training import TrainConfig, open_flow, train_flow
+from lft_core.loading import load_teacher
+from lft_core.teacher import Replace, TeacherLoadError
+from lft_core.training import TrainConfig, train_flow
 
 REPO = Path(__file__).resolve().parents[1]
 FLOW = "hard-neox"  # the flow every flow case starts from (span 1:3 of the tiny GPT-NeoX)
@@ -276,7 +279,7 @@ _TEACHERS: dict = {}
 def fast_teachers(monkeypatch):
     """Models that load fine are loaded once for the whole table (the CLI commands never mutate a teacher);
     every failing load still runs for real."""
-    import lft_core.teacher as teacher_module
+    import lft_core.loading as teacher_module
 
     real = teacher_module.load_teacher
 
@@ -345,7 +348,7 @@ def test_engine_k_limits_refuse_before_work(tiny_neox, world, unchanged):
         with pytest.raises(LFTError, match="k must be"):
             TrainConfig(k=k if k is not True else 0).validate()
     with pytest.raises(LFTError, match="integration steps"):
-        tiny_neox.logits(ids, replace=(1, 3, flow, 10**6))
+        tiny_neox.logits(ids, Replace(flow, 10**6))
     for k in (0, 10**6):
         with pytest.raises(LFTError, match="k must be between 1 and 64"):
             evaluate(tiny_neox, flow, (1, 3), ids, ks=[k])

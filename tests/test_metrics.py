@@ -7,22 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from lft_core import metrics
+from lft_core import coupling, metrics
 from lft_core.errors import LFTError
-from lft_core.metrics import (
-    MetricError,
-    cost_matrix,
-    crossings,
-    flow_recoupled,
-    kl_per_token,
-    nll_per_token,
-    nmse,
-    perplexity,
-    recoupling_grid,
-    recoupling_ratio,
-    sinkhorn_recoupling,
-    straight_path,
-)
+from lft_core.coupling import crossings, cost_matrix, flow_recoupled, recoupling_grid, recoupling_ratio, sinkhorn_recoupling
+from lft_core.losses import straight_path
+from lft_core.metrics import MetricError, kl_per_token, nll_per_token, nmse, perplexity
 
 # ------------------------------------------------------------------------------------------------------------
 # Next-token metrics
@@ -279,7 +268,7 @@ def test_grid_matches_direct_ratio_reads_each_layer_once_and_reports_progress(mo
         return np.load(tmp_path / f"layer_{i:02d}.npy", mmap_mode="r")
 
     seen: list[tuple[int, int]] = []
-    monkeypatch.setattr(metrics, "_GRID_BLOCK_ELEMENTS", 2 * 30 * 30)  # force several blocks per start layer
+    monkeypatch.setattr(coupling, "_GRID_BLOCK_ELEMENTS", 2 * 30 * 30)  # force several blocks per start layer
     spans = [(0, 6), (0, 2), (1, 3), (2, 6), (0, 3)]
     grid = recoupling_grid(layer, L, pairs=30, spans=spans, seed=7, progress=lambda a, b: seen.append((a, b)))
     assert sorted(calls) == [0, 1, 2, 3, 6]  # each needed layer read once
@@ -393,7 +382,9 @@ def test_flow_recoupled_hand_case():
 def test_straight_path_endpoints_and_midpoint():
     rng = np.random.default_rng(6)
     x0, x1 = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
-    path = straight_path(x0, x1, [0.0, 0.25, 1.0])
+    t = torch.tensor([0.0, 0.25, 1.0], dtype=torch.float64)
+    start, end = torch.from_numpy(x0).expand(3, 4, 3), torch.from_numpy(x1).expand(3, 4, 3)
+    path = straight_path(start, end, t).numpy()  # one time per row of the batch
     assert path.shape == (3, 4, 3)
     np.testing.assert_array_equal(path[0], x0)
     np.testing.assert_array_equal(path[2], x1)

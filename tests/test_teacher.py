@@ -5,7 +5,18 @@ import pytest
 import torch
 
 from lft_core.errors import LFTError
-from lft_core.teacher import TeacherLoadError, load_teacher
+from lft_core.loading import load_teacher
+from lft_core.teacher import Replace, Skip, TeacherLoadError
+
+
+class Fixed:
+    """A stand-in replacement of a span that returns given hidden states (the teacher's own h_n)."""
+
+    def __init__(self, x1, span):
+        self.x1, self.span = x1, span
+
+    def __call__(self, h, k=1):
+        return self.x1
 
 
 def _check_hidden_states(teacher):
@@ -17,7 +28,7 @@ def _check_hidden_states(teacher):
     for i in range(L):
         torch.testing.assert_close(mine[i], ref[i].float(), rtol=0, atol=0)
     # h_L is the last block's output BEFORE the final norm; HF's last entry is after it.
-    final_norm = teacher._layout.final_norm
+    final_norm = teacher.family_entry.final_norm(teacher.model)
     torch.testing.assert_close(final_norm(mine[L]), ref[L].float(), rtol=1e-5, atol=1e-4)
     assert not torch.allclose(mine[L], ref[L].float())
     return ids, mine
@@ -30,11 +41,11 @@ def test_tiny_families(family, tiny_neox_dir, tiny_gpt2_dir):
     ids, hs = _check_hidden_states(teacher)
     full = teacher.logits(ids)
     # degenerate cases: empty skip, and a "flow" that returns x1 exactly
-    assert torch.equal(teacher.logits(ids, skip=(1, 0)), full)
+    assert torch.equal(teacher.logits(ids, Skip(1, 0)), full)
     x1 = hs[3]
-    assert torch.equal(teacher.logits(ids, replace=(1, 3, lambda h, k: x1, 1)), full)
+    assert torch.equal(teacher.logits(ids, Replace(Fixed(x1, (1, 3)), 1)), full)
     # a real skip changes the logits, and the model is restored afterwards
-    assert not torch.allclose(teacher.logits(ids, skip=(1, 2)), full)
+    assert not torch.allclose(teacher.logits(ids, Skip(1, 2)), full)
     assert torch.equal(teacher.logits(ids), full)
 
 
@@ -45,15 +56,15 @@ def test_embedded_model(smol):
     assert "Paris" in smol.tokenizer.decode(out[0])
     full = smol.logits(ids)
     x1 = hs[12]
-    assert torch.equal(smol.logits(ids, replace=(6, 12, lambda h, k: x1, 1)), full)
+    assert torch.equal(smol.logits(ids, Replace(Fixed(x1, (6, 12)), 1)), full)
 
 
 def test_surgery_restores_blocks_on_error(tiny_neox):
-    blocks = list(tiny_neox._layout.blocks)
+    blocks = list(tiny_neox._blocks)
     with pytest.raises(RuntimeError):
-        with tiny_neox.replaced_span(0, 3, lambda h: h):
+        with tiny_neox.replaced_span((0, 3), lambda h: h):
             raise RuntimeError("boom")
-    assert list(tiny_neox._layout.blocks) == blocks
+    assert list(tiny_neox._blocks) == blocks
 
 
 def test_span_checks(tiny_neox):
@@ -81,7 +92,8 @@ def test_field_initialised_from_a_block_reproduces_it(family, tmp_path):
     """With gates=1 the velocity field is exactly block(x) - x, so one Euler step equals the teacher block:
     checks field_spec / block_weights for each family (weights, head layout, rotary, residual style)."""
     from conftest import make_tiny_model
-    from lft_core.flow import LatentFlow, VelocityField
+    from lft_core.field import VelocityField
+    from lft_core.flow import LatentFlow
 
     teacher = load_teacher(str(make_tiny_model(tmp_path / family, family)))
     ids = teacher.encode("Every family must copy exactly. " * 4)

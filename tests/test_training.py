@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from lft_core.errors import LFTError
-from lft_core.training import TrainConfig, lr_at, open_flow, train_flow
+from lft_core.store import open_flow
+from lft_core.teacher import Replace
+from lft_core.training import TrainConfig, lr_at, train_flow
 
 
 def _cfg(model_dir, **kw):
@@ -29,7 +31,7 @@ def test_methods_train_and_checkpoint(tiny_neox, tiny_neox_dir, method):
     assert config["status"] == "complete" and config["method"] == method and config["span"] == [1, 3]
     assert len(config["history"]) == 6
     ids = tiny_neox.encode("A short test sentence for the spliced model.")
-    logits = tiny_neox.logits(ids, replace=(1, 3, flow, 2))
+    logits = tiny_neox.logits(ids, Replace(flow, 2))
     assert logits.shape == tiny_neox.logits(ids).shape and torch.isfinite(logits).all()
 
 
@@ -121,7 +123,7 @@ def test_delete_flow_and_the_flows_command(tiny_neox, tiny_neox_dir, capsys):
     from filelock import FileLock
 
     from lft_core.cli import main
-    from lft_core.training import delete_flow, flows_dir, list_flows
+    from lft_core.store import delete_flow, flows_dir, list_flows
 
     train_flow(_cfg(tiny_neox_dir, steps=2, name="t-doomed"), teacher=tiny_neox, verbose=False)
     assert main(["flows"]) == 0
@@ -137,7 +139,7 @@ def test_delete_flow_and_the_flows_command(tiny_neox, tiny_neox_dir, capsys):
             delete_flow(bad)
     assert main(["flows", "--delete", "t-doomed"]) == 0
     assert not (flows_dir() / "t-doomed").exists()
-    assert "t-doomed" not in [f["name"] for f in list_flows()]
+    assert "t-doomed" not in [f.name for f in list_flows()]
     assert not list(flows_dir().glob(".deleted-*"))  # the renamed folder is removed too
     assert main(["flows", "--delete", "t-doomed"]) == 2
     assert "no flow named 't-doomed'" in capsys.readouterr().err

@@ -25,10 +25,9 @@ if not flows:
 
 rows = []
 for f in flows:
-    m, n = f["span"]
-    params, replaced = f.get("params", 0), f.get("teacher_span_params", 0)
-    rows.append({"name": f["name"], "span": f"{m}:{n}", "blocks": n - m, "method": f.get("method"), "k": f.get("k"),
-                 "steps": f.get("steps_done"), "heldout_nmse": c.last_nmse(f),
+    params, replaced = f.params, f.teacher_span_params
+    rows.append({"name": f.name, "span": str(f.span), "blocks": f.span.blocks, "method": f.method, "k": f.k,
+                 "steps": f.steps_done, "heldout_nmse": f.last_nmse,
                  "params (M)": round(params / 1e6, 2), "replaced params (M)": round(replaced / 1e6, 2),
                  "params / replaced": round(params / replaced, 3) if replaced else None})
 table = pd.DataFrame(rows)
@@ -41,8 +40,8 @@ col_curves, col_scatter = st.columns([3, 2])
 with col_curves:
     chosen = [flows[i] for i in selected] or flows[:1]
     if not selected:
-        st.caption(f"Showing {chosen[0]['name']}; select rows above to overlay others.")
-    c.show_figure(figures.training_curves({f["name"]: f.get("history", []) for f in chosen}), "training_curves",
+        st.caption(f"Showing {chosen[0].name}; select rows above to overlay others.")
+    c.show_figure(figures.training_curves({f.name: f.history for f in chosen}), "training_curves",
                   key="compare_curves")
 with col_scatter:
     if table["heldout_nmse"].notna().any():
@@ -59,9 +58,9 @@ def evaluate_flow(spec: str, corpus_spec: str, name: str, stamp: float, windows:
 
     teacher = c.get_teacher(spec)
     flow, cfg = c.load_flow(name, spec, stamp)
-    m, n = cfg["span"]
+    m, n = flow.span
     ids = eval_windows(teacher, corpus_spec, windows=windows, seq_len=seq_len)
-    result = evaluate(teacher, flow, (m, n), ids, ks=[int(cfg.get("k", 3))], skips=list(range(1, min(3, n - m) + 1)),
+    result = evaluate(teacher, flow, None, ids, ks=[int(cfg.get("k", 3))], skips=list(range(1, min(3, n - m) + 1)),
                       best_skip=False)
     out = []
     for r in result.rows:
@@ -74,7 +73,7 @@ col_w, col_t, col_b = st.columns([1, 1, 2], vertical_alignment="bottom")
 windows = col_w.number_input("Held-out windows", 1, 64, 4, key="w_cmp_windows")
 seq = col_t.number_input("Tokens per window", 16, 512, min(c.seq_len(), 128), step=16, key="w_cmp_seq")
 which = [flows[i] for i in selected] or flows
-params = (c.model_spec(), c.corpus_spec(), tuple((f["name"], c.flow_stamp(f)) for f in which), int(windows), int(seq))
+params = (c.model_spec(), c.corpus_spec(), tuple(c.flow_key(f) for f in which), int(windows), int(seq))
 if col_b.button(f"Evaluate {len(which)} flow(s)", type="primary", key="cmp_eval"):
     st.session_state["cmp_params"] = params
 if st.session_state.get("cmp_params") == params:

@@ -7,6 +7,8 @@ import streamlit as st
 
 from app import common as c
 from app import figures
+from lft_core.coupling import CouplingView
+from lft_core.span import Span
 
 c.page_intro(
     "Coupling crossings",
@@ -20,18 +22,18 @@ c.page_intro(
 teacher = c.require_teacher()
 span = c.current_span(teacher)
 m, n = span
-flows = [f for f in c.flows_for(teacher) if tuple(f["span"]) == span]
-by_label = {c.flow_label(f): f for f in flows}
+flows = [f for f in c.flows_for(teacher) if f.span == span]
+by_label = {f.label: f for f in flows}
 
 col_src, col_n, col_flow, col_k = st.columns([2, 1, 2, 1])
 source = col_src.radio("Tokens from", ["Corpus windows", "My text"], horizontal=True, key="w_cross_source")
 n_tokens = col_n.slider("Tokens", 16, 256, 64, step=16, key="w_cross_n", disabled=source == "My text")
-best = max(flows, key=lambda f: (f.get("method") == "fw", f.get("steps_done", 0)), default=None)
+best = max(flows, key=lambda f: (f.method == "fw", f.steps_done or 0), default=None)
 flow_choice = col_flow.selectbox("Trained flow (optional)", ["(none)"] + list(by_label), key="w_cross_flow",
-                                 index=1 + list(by_label).index(c.flow_label(best)) if best else 0,
+                                 index=1 + list(by_label).index(best.label) if best else 0,
                                  help="Flows trained for this span (the best-trained FW flow is preselected).")
 flow_cfg = by_label.get(flow_choice)
-k = col_k.slider("k", 1, 8, int(flow_cfg.get("k", 3)) if flow_cfg else 3, key="w_cross_k", disabled=flow_cfg is None)
+k = col_k.slider("k", 1, 8, (flow_cfg.k or 3) if flow_cfg else 3, key="w_cross_k", disabled=flow_cfg is None)
 if not flows:
     st.caption(f"No flow is trained for span {m}:{n} yet; train one to see which tokens it recouples.")
 text = None
@@ -42,72 +44,48 @@ if source == "My text":
         st.stop()
 
 
-def _summary(tokens, x0, x1, x_hat, recoupled, index) -> dict:
-    """Numbers for the page: projection, assignment, crossings; the maths is lft_core.metrics."""
-    from lft_core.metrics import cost_matrix, crossings, recoupling_ratio
-    from lft_core.projection import project
-
-    rec = recoupling_ratio(x0, x1)
-    cross = crossings(x0, x1)
-    pooled = np.concatenate([x0, x1] + ([x_hat] if x_hat is not None else []))
-    coords = project(pooled.astype(np.float32), method="pca").coords
-    N = len(x0)
-    return {"tokens": tokens, "index": index, "ratio": rec.ratio, "assignment": rec.assignment,
-            "cost": cost_matrix(x0, x1), "cross": cross.to_frame(), "share": cross.share,
-            "p0": coords[:N], "p1": coords[N:2 * N], "p_hat": coords[2 * N:] if x_hat is not None else None,
-            "recoupled": recoupled}
-
-
 @st.cache_data(max_entries=16, show_spinner=False)
-def from_cache(spec: str, corpus_spec: str, seq_len: int, windows: int, span: tuple[int, int], n_tokens: int,
-               flow_key: tuple[str, float] | None, k: int) -> dict:
+def from_cache(spec: str, corpus_spec: str, seq_len: int, windows: int, span: Span, n_tokens: int,
+               flow_key: tuple[str, float] | None, k: int) -> tuple[CouplingView, list[str]]:
     from lft_core.activations import ensure_activations
-    from lft_core.coupling import span_coupling
+    from lft_core.coupling import coupling_view, span_coupling
 
     teacher = c.get_teacher(spec)
     cache = ensure_activations(teacher, c.get_corpus(corpus_spec), seq_len, windows, list(span), progress=False)
     flow = c.load_flow(flow_key[0], spec, flow_key[1])[0] if flow_key else None
     sc = span_coupling(teacher, cache, span, n_tokens=min(n_tokens, windows * (seq_len - 1)), flow=flow, k=k)
-    index = [f"window {w}, position {p}" for w, p in sc.token_index]
-    return _summary(sc.tokens, sc.x0, sc.x1, sc.x_hat, sc.flow_recoupled, index)
+    return coupling_view(sc), [f"window {w}, position {p}" for w, p in sc.token_index]
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
-def from_text(spec: str, text: str, span: tuple[int, int], flow_key: tuple[str, float] | None, k: int) -> dict:
-    from lft_core.coupling import text_coupling
+def from_text(spec: str, text: str, span: Span, flow_key: tuple[str, float] | None,
+              k: int) -> tuple[CouplingView, list[str]]:
+    from lft_core.coupling import coupling_view, text_coupling
 
     teacher = c.get_teacher(spec)
     flow = c.load_flow(flow_key[0], spec, flow_key[1])[0] if flow_key else None
     sc = text_coupling(teacher, teacher.encode(text, max_tokens=256), span, flow=flow, k=k)
-    index = [f"position {p}" for _, p in sc.token_index]  # position 0 excluded (attention sink)
-    return _summary(sc.tokens, sc.x0, sc.x1, sc.x_hat, sc.flow_recoupled, index)
+    return coupling_view(sc), [f"position {p}" for _, p in sc.token_index]  # position 0 excluded (attention sink)
 
 
-flow_key = (flow_cfg["name"], c.flow_stamp(flow_cfg)) if flow_cfg else None
+flow_key = c.flow_key(flow_cfg)
 with st.spinner(f"Reading h_{m} and h_{n} (computing them if they are not cached) and solving the assignment..."), \
         c.engine_errors():
     if text is None:
-        result = from_cache(c.model_spec(), c.corpus_spec(), c.seq_len(), c.n_windows(), span, int(n_tokens),
-                            flow_key, int(k))
+        result, where = from_cache(c.model_spec(), c.corpus_spec(), c.seq_len(), c.n_windows(), span, int(n_tokens),
+                                   flow_key, int(k))
     else:
-        result = from_text(c.model_spec(), text, span, flow_key, int(k))
+        result, where = from_text(c.model_spec(), text, span, flow_key, int(k))
 st.session_state["crossings_result"] = result
-tokens, cross = result["tokens"], result["cross"]
+tokens, involved = result.tokens, result.in_crossing
 N = len(tokens)
+table = result.crossing_table().round({"t*": 3, "distance": 2, "saving": 1})
 
 cols = st.columns(4)
 cols[0].metric("Tokens", N)
-cols[1].metric("Recoupling ratio R", f"{result['ratio']:.3f}", help="share of tokens the optimal assignment moves")
-cols[2].metric("Crossing pairs", f"{len(cross)} of {N * (N - 1) // 2}")
-cols[3].metric("Tokens in a crossing", f"{result['share']:.0%}")
-
-table = cross.assign(token_i=[repr(tokens[i]) for i in cross["i"]], token_j=[repr(tokens[j]) for j in cross["j"]])
-table = table[["i", "token_i", "j", "token_j", "t_star", "distance", "delta"]].sort_values("delta", ascending=False)
-table = table.rename(columns={"t_star": "t*", "delta": "saving"}).reset_index(drop=True).round(
-    {"t*": 3, "distance": 2, "saving": 1})
-involved = np.zeros(N, dtype=bool)
-involved[cross["i"].to_numpy()] = True
-involved[cross["j"].to_numpy()] = True
+cols[1].metric("Recoupling ratio R", f"{result.ratio:.3f}", help="share of tokens the optimal assignment moves")
+cols[2].metric("Crossing pairs", f"{len(table)} of {N * (N - 1) // 2}")
+cols[3].metric("Tokens in a crossing", f"{result.coupling.crossings.share:.0%}")
 
 col_fig, col_tab = st.columns([1, 1])
 with col_tab:
@@ -120,13 +98,13 @@ with col_tab:
 selected = event.selection.rows if event is not None else []
 highlight = (int(table.iloc[selected[0]]["i"]), int(table.iloc[selected[0]]["j"])) if selected else None
 with col_fig:
-    pooled = np.concatenate([result["p0"], result["p1"]] + ([result["p_hat"]] if result["p_hat"] is not None else []))
+    pooled = np.concatenate([result.p0, result.p1] + ([result.p_hat] if result.p_hat is not None else []))
     box, outside = figures.bulk_box(pooled)
     zoom = st.toggle("Zoom on the bulk of the tokens", value=outside > 0, key="w_cross_zoom",
                      help="A few tokens with very large hidden states can squash the picture; zooming leaves them "
                           "outside the view (the numbers and tables still include them).")
-    fig = figures.crossings_figure(result["p0"], result["p1"], tokens, involved, highlight, result["p_hat"],
-                                   result["recoupled"], box=box if zoom else None)
+    fig = figures.crossings_figure(result.p0, result.p1, tokens, involved, highlight, result.p_hat,
+                                   result.recoupled, box=box if zoom else None)
     c.show_figure(fig, f"crossings_{m}-{n}", key="cross_fig")
     if zoom and outside:
         st.caption(f"{outside} of {len(pooled)} points lie outside the zoomed view.")
@@ -134,20 +112,20 @@ with col_fig:
 col_match, col_flow_res = st.columns([3, 2])
 with col_match:
     st.markdown("**Matching matrix**: cost of sending start i to target j, with the optimal assignment.")
-    c.show_figure(figures.matching_figure(result["cost"], result["assignment"], tokens), f"matching_{m}-{n}",
+    c.show_figure(figures.matching_figure(result.cost, result.assignment, tokens), f"matching_{m}-{n}",
                   key="match_fig")
 with col_flow_res:
     st.markdown("**What the flow did**")
-    if result["recoupled"] is None:
+    if result.recoupled is None:
         st.info("Choose a trained flow of this span above to see which tokens its k-step walk delivers nearer "
                 "another token's target than its own.")
     else:
-        rec = np.asarray(result["recoupled"], dtype=bool)
+        rec = np.asarray(result.recoupled, dtype=bool)
         st.metric("Tokens recoupled by the flow", f"{rec.mean():.0%}", help="x̂_1 nearer another token's h_n")
-        moved = np.asarray(result["assignment"]) != np.arange(N)
-        st.caption(f"Of the tokens in a crossing, {rec[involved].mean() if involved.any() else 0:.0%} were recoupled; "
-                   f"of the others {rec[~involved].mean() if (~involved).any() else 0:.0%}.")
-        flow_table = pd.DataFrame({"token": [repr(t) for t in tokens], "where": result["index"],
+        moved = np.asarray(result.assignment) != np.arange(N)
+        st.caption(f"Of the tokens in a crossing, {result.recoupled_in_crossing or 0:.0%} were recoupled; "
+                   f"of the others {result.recoupled_elsewhere or 0:.0%}.")
+        flow_table = pd.DataFrame({"token": [repr(t) for t in tokens], "where": where,
                                    "in a crossing": involved,
                                    "moved by optimal transport": moved, "recoupled by the flow": rec})
         c.show_table(flow_table, f"flow_recoupled_{m}-{n}", key="flow_rec_table", height=320)

@@ -18,13 +18,13 @@ c.page_intro(
 teacher = c.require_teacher()
 span = c.current_span(teacher)
 flows = c.flows_for(teacher)
-by_label = {c.flow_label(f): f for f in flows}
+by_label = {f.label: f for f in flows}
 NO_FLOW = "(no flow: skip-k only)"
 if not flows:
     st.info("No flow is trained for this model yet: only the skip-k baseline can be compared. Train a flow on the "
             "**Train** page.")
 labels = list(by_label) + [NO_FLOW]
-default_flow = next((i for i, f in enumerate(flows) if tuple(f["span"]) == span), 0)
+default_flow = next((i for i, f in enumerate(flows) if f.span == span), 0)
 
 with st.form("kl_form"):
     text = st.text_area("Text", value=c.DEFAULT_PARAGRAPH, height=110, key="w_kl_text")
@@ -34,7 +34,7 @@ with st.form("kl_form"):
     use_skip = col_skip.toggle("skip-k", value=True, key="w_kl_skip", help="Also compare with removing blocks.")
     # the paper compares replacing 6 blocks with skipping 2, and 12 with 3: about a quarter of the span
     skip_k = col_sk.number_input("blocks skipped", min_value=1, max_value=teacher.n_layers,
-                                 value=max(1, int((span[1] - span[0]) / 4 + 0.5)), key="w_kl_skip_k",
+                                 value=max(1, int(span.blocks / 4 + 0.5)), key="w_kl_skip_k",
                                  help="Removed from the first block of the span.")
     st.form_submit_button("Compute KL", type="primary")
 
@@ -42,7 +42,7 @@ if not text.strip():
     st.error("The text is empty: enter a sentence or a paragraph to compare the models on.")
     st.stop()
 flow_cfg = by_label.get(flow_choice)
-m, n = tuple(flow_cfg["span"]) if flow_cfg else span
+m, n = flow_cfg.span if flow_cfg else span
 if flow_cfg is None and not use_skip:
     st.warning("Nothing to compare: choose a flow or switch skip-k on.")
     st.stop()
@@ -52,29 +52,29 @@ if use_skip and m + int(skip_k) > teacher.n_layers:
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def kl_for_text(spec: str, text: str, flow_key: tuple[str, float] | None, k: int, span: tuple[int, int],
+def kl_for_text(spec: str, text: str, flow_key: tuple[str, float] | None, k: int, skip_start: int,
                 skip_k: int | None):
     from lft_core.evaluation import token_kl
+    from lft_core.teacher import Replace, Skip
 
     teacher = c.get_teacher(spec)
     ids = teacher.encode(text, max_tokens=min(512, teacher.max_positions))
-    models: dict[str, dict] = {}
+    models = {}
     if flow_key:
-        flow = c.load_flow(flow_key[0], spec, flow_key[1])[0]
-        models[f"LFT k={k}"] = {"replace": (span[0], span[1], flow, k)}
+        models[f"LFT k={k}"] = Replace(c.load_flow(flow_key[0], spec, flow_key[1])[0], k)
     if skip_k:
-        models[f"skip {skip_k} @ {span[0]}"] = {"skip": (span[0], skip_k)}
+        models[f"skip {skip_k} @ {skip_start}"] = Skip(skip_start, skip_k)
     return token_kl(teacher, ids, models)
 
 
-flow_key = (flow_cfg["name"], c.flow_stamp(flow_cfg)) if flow_cfg else None
+flow_key = c.flow_key(flow_cfg)
 with st.spinner("Running the teacher, the LFT and the skip baseline..."), c.engine_errors():
-    result = kl_for_text(c.model_spec(), text, flow_key, int(k), (m, n), int(skip_k) if use_skip else None)
+    result = kl_for_text(c.model_spec(), text, flow_key, int(k), m, int(skip_k) if use_skip else None)
 st.session_state["kl_result"] = result
 compared = [label for label in result.kl if label != "teacher"]
 
 # -- summary ----------------------------------------------------------------------------------------------
-st.markdown(f"Span **{m}:{n}** ({n - m} blocks){' · flow ' + flow_cfg['name'] if flow_cfg else ''} · "
+st.markdown(f"Span **{m}:{n}** ({n - m} blocks){' · flow ' + flow_cfg.name if flow_cfg else ''} · "
             f"{len(result.tokens)} tokens")
 cols = st.columns(1 + len(compared))
 cols[0].metric("Teacher perplexity", f"{result.ppl['teacher']:.2f}")

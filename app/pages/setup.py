@@ -10,7 +10,7 @@ import streamlit as st
 from app import common as c
 from lft_core.activations import delete_entry, list_entries
 from lft_core.paths import cache_dir
-from lft_core.teacher import DEFAULT_MODEL
+from lft_core.loading import DEFAULT_MODEL
 
 c.page_intro(
     "LFT Explorer",

@@ -7,6 +7,7 @@ import streamlit as st
 
 from app import common as c
 from app import figures
+from lft_core.span import Span, grid_frame, lowest_of_length
 
 c.page_intro(
     "Choose a span",
@@ -28,15 +29,14 @@ L = teacher.n_layers
 def recoupling_matrix(cache_key: str, pairs: int, seed: int = 0) -> tuple[np.ndarray, float]:
     """R(m, n) for all spans from an all-layer cache entry (position 0 of each window excluded)."""
     from lft_core.activations import open_activations
-    from lft_core.metrics import recoupling_grid
+    from lft_core.coupling import recoupling_for_cache
 
-    cache = open_activations(cache_key)
-    grid = recoupling_grid(cache.layer, cache.meta["n_layers"], pairs=pairs, drop_first=True, seed=seed)
+    grid = recoupling_for_cache(open_activations(cache_key), pairs=pairs, drop_first=True, seed=seed)
     return grid.matrix, grid.seconds
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def skip_kl(spec: str, corpus_spec: str, span: tuple[int, int], ks: tuple[int, ...], windows: int,
+def skip_kl(spec: str, corpus_spec: str, span: Span, ks: tuple[int, ...], windows: int,
             seq_len: int) -> pd.DataFrame:
     from lft_core.evaluation import eval_windows, evaluate
 
@@ -59,7 +59,7 @@ if st.session_state.get("w_span_slider") != span:
 left, right = st.columns([3, 1], vertical_alignment="bottom")
 left.slider("Span [m, n): blocks m … n−1 are replaced (m < n)", min_value=0, max_value=L, key="w_span_slider",
             on_change=_slider_changed)
-right.metric("Blocks replaced", span[1] - span[0], help=f"span {c.span_text(span)} of {L} blocks")
+right.metric("Blocks replaced", span.blocks, help=f"span {span} of {L} blocks")
 
 # -- heatmap ------------------------------------------------------------------------------------------------
 cache = c.find_cache(teacher, corpus, c.seq_len(), c.n_windows())
@@ -85,7 +85,7 @@ else:
         with c.engine_errors():
             matrix, seconds = recoupling_matrix(cache.key, int(pairs))
     st.session_state["recoupling_matrix"] = matrix
-    r_here = matrix[span[0], span[1]]
+    r_here = matrix[span.m, span.n]
     fig = figures.recoupling_heatmap(matrix, span, int(pairs))
     col_fig, col_side = st.columns([3, 1])
     with col_fig:
@@ -100,29 +100,26 @@ else:
             c.set_span(picked)
             st.rerun()
     with col_side:
-        st.metric(f"R at span {c.span_text(span)}", f"{r_here:.3f}")
+        st.metric(f"R at span {span}", f"{r_here:.3f}")
         finite = matrix[np.isfinite(matrix)]
         st.caption(f"Over all {finite.size} spans: min {finite.min():.3f}, median {np.median(finite):.3f}, "
                    f"max {finite.max():.3f}.")
-        length = span[1] - span[0]
-        same = [matrix[m, m + length] for m in range(0, L - length + 1)]
-        best = int(np.nanargmin(same))
-        st.caption(f"Among spans of {length} blocks, the lowest R is at {best}:{best + length} "
-                   f"({same[best]:.3f}).")
+        lowest = lowest_of_length(matrix, span.blocks)
+        if lowest is not None:
+            st.caption(f"Among spans of {span.blocks} blocks, the lowest R is at {lowest[0]} ({lowest[1]:.3f}).")
         st.page_link("pages/train.py", label="Train a flow for this span", icon=":material/model_training:")
-    table = pd.DataFrame([{"m": m, "n": n, "blocks": n - m, "R": matrix[m, n]}
-                          for m in range(L) for n in range(m + 1, L + 1)])
+    table = grid_frame(matrix, "R")
     with st.expander("All spans as a table"):
         c.show_table(table, f"recoupling_{c.model_spec()}", key="recoupling_table")
 
 # -- skip-k -------------------------------------------------------------------------------------------------
 st.subheader("Reference: skipping blocks")
 st.markdown(f"KL(teacher ‖ model) of next-token distributions when the first k blocks of the span are simply "
-            f"removed (skip-k), on held-out windows. A flow replacing {span[1] - span[0]} blocks should beat "
+            f"removed (skip-k), on held-out windows. A flow replacing {span.blocks} blocks should beat "
             "skipping fewer blocks.")
-ks = tuple(range(1, min(3, span[1] - span[0]) + 1))
-eval_w = st.session_state.get("skip_eval_windows", 4)
-key = (c.model_spec(), c.corpus_spec(), span, ks, eval_w, min(c.seq_len(), 128))
+ks = tuple(range(1, min(3, span.blocks) + 1))
+SKIP_EVAL_WINDOWS = 4  # held-out windows for the skip-k reference (a few seconds on 2 cores)
+key = (c.model_spec(), c.corpus_spec(), span, ks, SKIP_EVAL_WINDOWS, min(c.seq_len(), 128))
 if st.button(f"Compute skip-k KL for k = {', '.join(map(str, ks))}", key="skip_button"):
     st.session_state["skip_shown"] = key
 if st.session_state.get("skip_shown") == key:
@@ -131,8 +128,8 @@ if st.session_state.get("skip_shown") == key:
     st.session_state["skip_table"] = skip_table
     col_t, col_f = st.columns([1, 1])
     with col_t:
-        st.caption(f"{eval_w} held-out windows of {key[-1]} tokens; teacher perplexity "
+        st.caption(f"{SKIP_EVAL_WINDOWS} held-out windows of {key[-1]} tokens; teacher perplexity "
                    f"{skip_table['teacher_ppl'].iloc[0]:.2f}.")
-        c.show_table(skip_table.drop(columns="teacher_ppl"), f"skip_kl_{c.span_text(span)}", key="skip_table_df")
+        c.show_table(skip_table.drop(columns="teacher_ppl"), f"skip_kl_{span}", key="skip_table_df")
     with col_f:
-        c.show_figure(figures.skip_kl_bars(skip_table), f"skip_kl_{c.span_text(span)}", key="skip_fig")
+        c.show_figure(figures.skip_kl_bars(skip_table), f"skip_kl_{span}", key="skip_fig")

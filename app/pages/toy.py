@@ -6,7 +6,7 @@ import streamlit as st
 
 from app import common as c
 from app import figures
-from lft_core.toy import DATASETS
+from lft_core.toy import DATASETS, LabRun
 
 c.page_intro(
     "Teaching lab (2-D)",
@@ -44,31 +44,16 @@ if dataset == CSV:
 
 
 @st.cache_data(max_entries=24, show_spinner=False)
-def toy_run(dataset: str, method: str, steps: int, k: int, n_points: int, csv_bytes: bytes | None) -> dict:
+def toy_run(dataset: str, method: str, steps: int, k: int, n_points: int, csv_bytes: bytes | None) -> LabRun:
     import io
 
-    from lft_core.metrics import crossings, straight_path
-    from lft_core.toy import flow_paths, pairs_from_csv, run_toy, train_toy
+    from lft_core.toy import lab_run, pairs_from_csv, run_toy, train_toy
 
     if csv_bytes is not None:
         result = train_toy(pairs_from_csv(io.BytesIO(csv_bytes), name="csv"), method=method, steps=steps, k=k)
     else:
         result = run_toy(dataset, method, steps, k=k, n_points=n_points)
-    x0, x1 = result.pairs.x0.numpy(), result.pairs.x1.numpy()
-    path = flow_paths(result.field, result.pairs.x0, k, fine_steps=8 * k)
-    marks = np.zeros((0, 2))
-    if len(x0) <= 2000:
-        cross = crossings(x0, x1)
-        top = np.argsort(-cross.delta)[:300]
-        if len(top):
-            i, j = cross.pairs[top, 0], cross.pairs[top, 1]
-            t = cross.t_star[top]
-            pi = np.stack([straight_path(x0[a], x1[a], [s])[0] for a, s in zip(i, t)])
-            pj = np.stack([straight_path(x0[b], x1[b], [s])[0] for b, s in zip(j, t)])
-            marks = (pi + pj) / 2
-    return {"x0": x0, "x1": x1, "frames": path.states.numpy(), "times": path.times.numpy(),
-            "recoupled": np.asarray(result.recoupled, dtype=bool), "marks": marks, "metrics": result.to_json(),
-            "losses": list(result.losses)}
+    return lab_run(result)
 
 
 params = (dataset, int(steps), int(k), int(n_points), csv_bytes)
@@ -83,18 +68,18 @@ with c.engine_errors():
     for method, name in (("sfm", "SFM"), ("fw", "FW")):
         with st.spinner(f"Training {name} for {steps} steps..."):
             runs[name] = toy_run(dataset, method, int(steps), int(k), int(n_points), csv_bytes)
-st.session_state["toy_runs"] = {name: r["metrics"] for name, r in runs.items()}
+st.session_state["toy_runs"] = {name: r.metrics for name, r in runs.items()}
 
-allp = np.concatenate([np.concatenate([r["x0"], r["x1"], r["frames"].reshape(-1, 2)]) for r in runs.values()])
+allp = np.concatenate([np.concatenate([r.x0, r.x1, r.frames.reshape(-1, 2)]) for r in runs.values()])
 lo, hi = allp.min(0), allp.max(0)
 pad = 0.08 * float((hi - lo).max())
 lims = (lo[0] - pad, hi[0] + pad, lo[1] - pad, hi[1] + pad)
 columns = st.columns(2)
 for col, (name, r) in zip(columns, runs.items()):
     with col:
-        metrics = r["metrics"]
+        metrics = r.metrics
         title = f"{name}: {'standard flow matching' if name == 'SFM' else 'Flow Walking'}, k = {k}"
-        fig = figures.toy_animation(r["x0"], r["x1"], r["frames"], r["times"], r["recoupled"], r["marks"],
+        fig = figures.toy_animation(r.x0, r.x1, r.frames, r.times, r.recoupled, r.marks,
                                     title=title, lims=lims)
         c.show_figure(fig, f"toy_{dataset}_{name}", key=f"toy_fig_{name}")
         m1, m2, m3 = st.columns(3)
@@ -106,7 +91,7 @@ for col, (name, r) in zip(columns, runs.items()):
         st.caption(f"{metrics['n_points']} points, {metrics['steps']} steps, {metrics['seconds']:.1f} s.")
 
 st.subheader("Training loss")
-histories = {name: [{"step": i + 1, "loss": v} for i, v in enumerate(r["losses"])] for name, r in runs.items()}
+histories = {name: [{"step": i + 1, "loss": v} for i, v in enumerate(r.losses)] for name, r in runs.items()}
 c.show_figure(figures.training_curves(histories, height=320), f"toy_{dataset}_losses", key="toy_losses")
 st.caption("The two losses measure different things (SFM: velocity regression; FW: end-point error), so compare "
            "the end-point MSE above rather than the loss values.")

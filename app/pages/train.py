@@ -8,7 +8,8 @@ from app import common as c
 from app import figures
 from lft_core.errors import LFTError
 from lft_core.jobs import list_jobs, read_job, start_job, stop_job
-from lft_core.training import METHODS, TrainConfig, delete_flow
+from lft_core.store import delete_flow, list_flows
+from lft_core.training import METHODS, TrainConfig
 
 c.page_intro(
     "Train a latent flow",
@@ -20,9 +21,8 @@ c.page_intro(
 
 teacher = c.require_teacher()
 span = c.current_span(teacher)
-m, n = span
-st.markdown(f"Span **{m}:{n}**: {n - m} blocks of {teacher.n_layers}, "
-            f"{teacher.span_params(m, n) / 1e6:.1f} M teacher parameters replaced by about one block's worth.")
+st.markdown(f"Span **{span}**: {span.blocks} blocks of {teacher.n_layers}, "
+            f"{teacher.span_params(*span) / 1e6:.1f} M teacher parameters replaced by about one block's worth.")
 st.page_link("pages/span.py", label="Change the span", icon=":material/grid_on:")
 
 METHOD_NAMES = {"fw": "Flow Walking (FW)", "sfm": "Standard flow matching (SFM)", "hybrid": "Hybrid (FW + α·SFM)"}
@@ -60,17 +60,11 @@ if submitted:
     try:
         cfg.validate(teacher.n_layers)
         flow_name = cfg.name or cfg.default_name()
-        if any(f["name"] == flow_name for f in c.flows_for(teacher)) or any(
+        cfg.name = flow_name
+        if any(f.name == flow_name for f in list_flows()) or any(
                 j.label == flow_name and j.status in ("running", "stopping") for j in list_jobs("train")):
             raise LFTError(f"a flow named {flow_name!r} exists or is being trained; give another name")
-        args = ["--model", cfg.model, "--corpus", cfg.corpus, "--span", f"{m}:{n}", "--method", cfg.method,
-                "--k", str(cfg.k), "--alpha", str(cfg.alpha), "--steps", str(cfg.steps), "--batch", str(cfg.batch),
-                "--seq-len", str(cfg.seq_len), "--windows", str(cfg.windows), "--heldout-windows",
-                str(cfg.heldout_windows), "--lr", str(cfg.lr), "--seed", str(cfg.seed), "--eval-every",
-                str(cfg.eval_every), "--name", flow_name]
-        if cfg.init_from_teacher:
-            args.append("--init-from-teacher")
-        job = start_job("train", args, label=flow_name)
+        job = start_job("train", cfg.cli_args(), label=flow_name)
         st.session_state["train_job"] = job.id
         st.toast(f"Training {flow_name} started")
     except LFTError as e:
@@ -158,17 +152,16 @@ if deleted := st.session_state.pop("flow_deleted", None):
 flows = c.flows_for(teacher)
 if flows:
     table = pd.DataFrame([{
-        "name": f["name"], "span": c.span_text(f["span"]), "blocks": f["span"][1] - f["span"][0],
-        "method": f.get("method"), "k": f.get("k"), "steps": f"{f.get('steps_done', '?')} / {f.get('steps', '?')}",
-        "status": f.get("status"), "held-out NMSE": c.last_nmse(f),
-        "params (M)": round(f.get("params", 0) / 1e6, 2),
-        "replaced params (M)": round(f.get("teacher_span_params", 0) / 1e6, 2),
+        "name": f.name, "span": str(f.span), "blocks": f.span.blocks, "method": f.method, "k": f.k,
+        "steps": f"{f.steps_done if f.steps_done is not None else '?'} / {f.steps if f.steps is not None else '?'}",
+        "status": f.status, "held-out NMSE": f.last_nmse, "params (M)": round(f.params / 1e6, 2),
+        "replaced params (M)": round(f.teacher_span_params / 1e6, 2),
     } for f in flows])
     st.session_state["flows_table"] = table
     c.show_table(table, "flows", key="flows_table_df")
     with st.expander("Delete a flow"):
         with st.form("delete_flow_form", clear_on_submit=True, border=False):
-            victim = st.selectbox("Flow", [f["name"] for f in flows], key="w_delete_flow")
+            victim = st.selectbox("Flow", [f.name for f in flows], key="w_delete_flow")
             sure = st.checkbox("Delete its weights and training history; this cannot be undone",
                                key="w_delete_sure")
             if st.form_submit_button("Delete flow", icon=":material/delete:"):

@@ -5,6 +5,7 @@ import streamlit as st
 
 from app import common as c
 from app import figures
+from lft_core.span import Span
 
 c.page_intro(
     "Latent trajectories",
@@ -17,7 +18,7 @@ c.page_intro(
 teacher = c.require_teacher()
 span = c.current_span(teacher)
 flows = c.flows_for(teacher)
-by_label = {c.flow_label(f): f for f in flows}
+by_label = {f.label: f for f in flows}
 
 if not flows:
     st.info("No flow is trained for this model yet, so only the teacher's path and the straight path are shown. "
@@ -25,23 +26,22 @@ if not flows:
     st.page_link("pages/train.py", label="Train a flow", icon=":material/model_training:")
     chosen: list[str] = []
 else:
-    here = [f for f in flows if tuple(f["span"]) == span]
+    here = [f for f in flows if f.span == span]
     # one FW and one SFM flow of this span if there are (the best trained of each), else the first two
-    best = [max((f for f in here if f.get("method") == method), key=lambda f: f.get("steps_done", 0), default=None)
+    best = [max((f for f in here if f.method == method), key=lambda f: f.steps_done or 0, default=None)
             for method in ("fw", "sfm")]
-    default = [c.flow_label(f) for f in best if f is not None] or [c.flow_label(f) for f in here[:2]]
+    default = [f.label for f in best if f is not None] or [f.label for f in here[:2]]
     chosen = st.multiselect("Flows to draw (all for one span)", list(by_label), default=default, key="w_traj_flows",
                             help="Flows of the current span are preselected.")
-spans = {tuple(by_label[label]["span"]) for label in chosen}
+spans = {by_label[label].span for label in chosen}
 if len(spans) > 1:
-    st.error("The chosen flows replace different spans (" + ", ".join(c.span_text(s) for s in sorted(spans))
+    st.error("The chosen flows replace different spans (" + ", ".join(str(s) for s in sorted(spans))
              + "): choose flows of one span.")
     st.stop()
 if spans:
     flow_span = spans.pop()
     if flow_span != span:
-        st.info(f"The chosen flows replace span {c.span_text(flow_span)}; that span is shown (the current span is "
-                f"{c.span_text(span)}).")
+        st.info(f"The chosen flows replace span {flow_span}; that span is shown (the current span is {span}).")
     span = flow_span
 m, n = span
 
@@ -53,7 +53,7 @@ if not text.strip():
     st.stop()
 with c.engine_errors():
     ids = teacher.encode(text, max_tokens=64)
-words = [teacher.tokenizer.decode([int(i)]) for i in ids[0]]
+words = teacher.decode_tokens(ids[0])
 options = [f"{p}: {w!r}" for p, w in enumerate(words)]
 T = len(words)
 default_positions = sorted({min(1, T - 1), T // 2, T - 1})
@@ -66,13 +66,13 @@ if not picked:
 positions = [int(o.split(":", 1)[0]) for o in picked]
 
 col_k, col_proj, col_kinds = st.columns([1, 1, 3])
-first_k = int(by_label[chosen[0]].get("k", 3)) if chosen else 3
+first_k = (by_label[chosen[0]].k or 3) if chosen else 3
 k = col_k.slider("k (flow steps)", 1, 8, first_k, key="w_traj_k", disabled=not chosen)
 method = col_proj.radio("Projection", ["PCA", "UMAP"], horizontal=True, key="w_traj_proj")
 centre = col_proj.checkbox("Start every token at 0", value=True, key="w_traj_centre",
                            help="Subtract each token's h_m from all its states before projecting, so the picture "
                                 "shows how the paths move rather than how far apart the tokens are.")
-flow_names = {f"{by_label[label]['method'].upper()} {by_label[label]['name']}": by_label[label] for label in chosen}
+flow_names = {f"{by_label[label].method.upper()} {by_label[label].name}": by_label[label] for label in chosen}
 path_options = ["teacher", "straight"] + list(flow_names) + (["fine curves"] if flow_names else [])
 shown = col_kinds.pills("Paths to show", path_options, selection_mode="multi", default=path_options,
                         key=f"w_traj_paths_{abs(hash(tuple(path_options)))}",
@@ -83,20 +83,17 @@ fine = show.get("fine curves", False)
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def trajectories(spec: str, flow_keys: tuple[tuple[str, str, float], ...], text: str, positions: tuple[int, ...],
-                 span: tuple[int, int], k: int, method: str, centre: bool):
-    from lft_core.trajectories import project_table, trajectory_table
+                 span: Span, k: int, method: str, centre: bool):
+    from lft_core.trajectories import centred, project_table, trajectory_table
 
     teacher = c.get_teacher(spec)
     flows = {label: c.load_flow(name, spec, stamp)[0] for label, name, stamp in flow_keys}
     ids = teacher.encode(text, max_tokens=64)
     df = trajectory_table(teacher, ids, span, list(positions), flows, k=k, fine_steps=24)
-    if centre:  # every path of a token starts at its h_m (the teacher's state at step 0)
-        start = df[(df["kind"] == "teacher") & (df["step"] == 0)].set_index("position")["state"]
-        df = df.assign(state=[s - start[p] for s, p in zip(df["state"], df["position"])])
-    return project_table(df, method=method.lower()).drop(columns="state")
+    return project_table(centred(df) if centre else df, method=method.lower()).drop(columns="state")
 
 
-flow_keys = tuple((label, f["name"], c.flow_stamp(f)) for label, f in flow_names.items())
+flow_keys = tuple((label, *c.flow_key(f)) for label, f in flow_names.items())
 with st.spinner(f"Running the teacher and {len(flow_keys)} flow(s), projecting with {method}..."), c.engine_errors():
     df = trajectories(c.model_spec(), flow_keys, text, tuple(positions), span, int(k), method, bool(centre))
 st.session_state["trajectory_table"] = df

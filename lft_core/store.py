@@ -1,0 +1,355 @@
+"""The flow store: saved latent flows under ``cache/flows/<name>/``, and everything that reads or writes them.
+
+A saved flow is a folder::
+
+    model.safetensors           the LatentFlow's state dict (safetensors: loading never unpickles anything)
+    config.json                 the training settings, span, field spec, model id + weights hash, status, history
+    training_state.safetensors  optimizer moments and RNG state, for ``--resume`` (tensors)
+    training_state.json         the step and the optimizer's scalars
+
+* ``save_flow`` / ``load_flow``: one checkpoint folder (a new folder appears whole; an existing one has each
+  file replaced atomically, weights first);
+* ``save_training_state`` / ``load_training_state``: what resuming needs beyond the weights;
+* ``flow_lock`` / ``being_trained``: one process at a time trains a given name (a file lock);
+* ``SavedFlow``: the typed record of one saved flow that listings and pages use;
+* ``list_flows``, ``saved_flow``, ``read_flow_config``, ``flow_path``, ``open_flow``, ``delete_flow``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import torch
+from torch import Tensor
+
+from .atomic import atomic_folder, atomic_write, write_json, write_text
+from .errors import LFTError
+from .field import FieldSpec
+from .flow import LatentFlow
+from .paths import cache_dir
+from .span import Span
+
+if TYPE_CHECKING:
+    from .teacher import Teacher
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_TENSORS = "training_state.safetensors"
+STATE_JSON = "training_state.json"
+
+
+class FlowCheckpointError(LFTError):
+    """A flow checkpoint folder is missing, truncated, or does not match its config."""
+
+
+def flows_dir() -> Path:
+    """Where saved flows live: ``cache/flows`` (or ``$LFT_CACHE_DIR/flows``)."""
+    return cache_dir("flows")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One checkpoint folder
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().cpu().tolist()
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def save_flow(flow: LatentFlow, directory: str | Path, config: dict[str, Any] | None = None) -> None:
+    """Write ``model.safetensors`` (the state dict) and ``config.json`` (config + field_spec + span).
+
+    A new folder appears whole (written to a temporary sibling, then renamed). An existing folder (periodic
+    checkpoints) has each file replaced atomically, weights first, so a reader never sees a partial file.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**(config or {}), "field_spec": flow.spec.to_dict(), "span": list(flow.span)}
+    text = json.dumps(payload, indent=2, default=_jsonable)
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in flow.state_dict().items()}
+
+    def write_into(folder: Path) -> None:
+        atomic_write(folder / MODEL_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        write_text(folder / CONFIG_FILE, text)
+
+    if directory.is_dir():
+        write_into(directory)
+        return
+    with atomic_folder(directory) as staging:
+        write_into(staging)
+
+
+def load_flow(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[LatentFlow, dict[str, Any]]:
+    """Read a checkpoint folder written by ``save_flow``: (the flow in eval mode, its config dict).
+
+    Uses safetensors only (never pickle). A missing, truncated or inconsistent folder raises FlowCheckpointError.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    model_path, config_path = directory / MODEL_FILE, directory / CONFIG_FILE
+    for path in (model_path, config_path):
+        if not path.is_file():
+            raise FlowCheckpointError(f"flow checkpoint file not found: {path}")
+    try:
+        config = json.loads(config_path.read_text())
+        spec = FieldSpec.from_dict(config["field_spec"])
+        n_layers = config.get("n_layers")
+        n_layers = n_layers if isinstance(n_layers, int) else None
+        span = Span.of(config["span"]).check(n_layers, where=f" for a model of {n_layers} blocks" if n_layers else "")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, LFTError) as exc:
+        raise FlowCheckpointError(f"invalid flow config {config_path}: {exc}") from None
+    try:
+        state = load_file(str(model_path), device=str(map_location))
+    except Exception as exc:  # safetensors raises its own error types for truncated / corrupt files
+        raise FlowCheckpointError(f"cannot read flow weights {model_path} (truncated or corrupt?): {exc}") from None
+    try:
+        flow = LatentFlow(spec, span=span)
+        flow.load_state_dict(state, strict=True)
+    except LFTError as exc:
+        raise FlowCheckpointError(f"invalid flow config {config_path}: {exc}") from None
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+        raise FlowCheckpointError(
+            f"flow weights {model_path} do not match its config (from another model?): {detail[:160]}"
+        ) from None
+    return flow.to(map_location).eval(), config
+
+
+def save_training_state(directory: Path, opt: torch.optim.Optimizer, step: int, gen: torch.Generator) -> None:
+    """Optimizer moments and RNG in safetensors (no pickle), the rest in JSON; both written atomically."""
+    from safetensors.torch import save_file
+
+    tensors, scalars = {}, {"step": step, "param_state": {}}
+    for idx, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.ndim > 0:
+                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars["param_state"][f"{idx}.{key}"] = float(value)
+    tensors["rng"] = gen.get_state()
+    atomic_write(directory / STATE_TENSORS, lambda tmp: save_file(tensors, str(tmp)))
+    write_json(directory / STATE_JSON, scalars)
+
+
+def has_training_state(directory: Path) -> bool:
+    """True when ``directory`` holds what ``--resume`` needs."""
+    return (directory / STATE_JSON).is_file()
+
+
+def load_training_state(directory: Path, opt: torch.optim.Optimizer, gen: torch.Generator) -> int:
+    """Restore the optimizer and the RNG saved by ``save_training_state``; returns the step to continue from."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(directory / STATE_TENSORS))
+    scalars = json.loads((directory / STATE_JSON).read_text())
+    state: dict = {}
+    for name, value in tensors.items():
+        if name == "rng":
+            gen.set_state(value)
+            continue
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    for name, value in scalars["param_state"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = torch.tensor(value)
+    sd = opt.state_dict()
+    sd["state"] = state
+    opt.load_state_dict(sd)
+    return int(scalars["step"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Who trains a name
+
+
+@contextmanager
+def flow_lock(name: str, busy: str) -> Iterator[None]:
+    """Hold flow ``name``'s training lock (cache/flows/.NAME.lock) for the block; LFTError(busy) at once if
+    another process holds it."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(flows_dir() / f".{name}.lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise LFTError(busy) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def being_trained(name: str) -> bool:
+    """True while some process holds the flow's training lock."""
+    try:
+        with flow_lock(name, "busy"):
+            return False
+    except LFTError:
+        return True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The saved flows
+
+
+@dataclass(frozen=True)
+class SavedFlow:
+    """One saved flow as listings and pages see it (its config.json, typed), without its weights.
+
+    ``error`` is set (and the other fields left at their defaults) when the config cannot be read. ``config``
+    keeps the whole file for the settings that have no field here (corpus, seq_len, lr, ...).
+    """
+
+    name: str
+    dir: Path
+    span: Span | None = None
+    model: str | None = None
+    weights_hash: str | None = None
+    method: str = "?"
+    k: int | None = None
+    status: str | None = None
+    steps: int | None = None
+    steps_done: int | None = None
+    params: int = 0
+    teacher_span_params: int = 0
+    history: tuple[dict, ...] = ()
+    config: dict = field(default_factory=dict, repr=False, compare=False)
+    error: str | None = None
+
+    @classmethod
+    def from_config(cls, name: str, directory: Path, config: Any) -> SavedFlow:
+        """The record of a config.json's contents; a config of the wrong shape gives a record with ``error``."""
+        if not isinstance(config, dict):
+            return cls(name, directory, error=f"config.json holds a {type(config).__name__}, not an object")
+        try:
+            span = Span.of(config.get("span"))
+        except LFTError as e:
+            return cls(name, directory, error=str(e))
+        history = config.get("history")
+        as_int = lambda v: v if isinstance(v, int) and not isinstance(v, bool) else None  # noqa: E731
+        return cls(
+            name=name, dir=directory, span=span, model=config.get("model"), weights_hash=config.get("weights_hash"),
+            method=str(config.get("method", "?")), k=as_int(config.get("k")), status=config.get("status"),
+            steps=as_int(config.get("steps")), steps_done=as_int(config.get("steps_done")),
+            params=as_int(config.get("params")) or 0, teacher_span_params=as_int(config.get("teacher_span_params")) or 0,
+            history=tuple(e for e in history if isinstance(e, dict)) if isinstance(history, list) else (),
+            config=config,
+        )
+
+    @property
+    def label(self) -> str:
+        """``name (FW, k=3, span 6:12)``: how a page offers the flow in a list."""
+        return f"{self.name} ({self.method.upper()}, k={self.k if self.k is not None else '?'}, span {self.span})"
+
+    @property
+    def last_nmse(self) -> float | None:
+        """The last held-out NMSE of its training history (None before the first evaluation)."""
+        values = [e["heldout_nmse"] for e in self.history if e.get("heldout_nmse") is not None]
+        return values[-1] if values else None
+
+    @property
+    def stamp(self) -> float:
+        """Modification time of its weights (changes with every checkpoint; 0 when missing)."""
+        try:
+            return (self.dir / MODEL_FILE).stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def trained_for(self, teacher: Teacher) -> bool:
+        """True when it was trained for exactly this teacher (model id and weights hash)."""
+        return self.error is None and self.model == teacher.model_id and self.weights_hash == teacher.weights_hash
+
+
+def _record(directory: Path) -> SavedFlow:
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        return SavedFlow(directory.name, directory, error=f"unreadable config ({e})")
+    record = SavedFlow.from_config(directory.name, directory, config)
+    if record.status == "running" and not being_trained(directory.name):
+        # a checkpoint that says "running" while nobody trains it: the trainer was killed
+        return SavedFlow.from_config(directory.name, directory, {**config, "status": "interrupted"})
+    return record
+
+
+def list_flows() -> list[SavedFlow]:
+    """Every saved flow, by name (damaged ones with ``error`` set). A checkpoint that says "running" while no
+    process trains it (the trainer was killed) is reported as "interrupted"."""
+    return [_record(d) for d in sorted(flows_dir().iterdir()) if d.is_dir() and not d.name.startswith(".")]
+
+
+def flow_path(name: str) -> Path:
+    """The folder of a flow given by name (in cache/flows) or by path; LFTError if there is none."""
+    path = Path(name)
+    if not (path.is_dir() and (path / CONFIG_FILE).exists()):
+        if path.is_dir() and os.sep in name:
+            raise FlowCheckpointError(f"{path} is not a flow checkpoint: it needs config.json and model.safetensors")
+        if not NAME_RE.match(name):
+            raise LFTError(f"bad flow name {name!r}")
+        path = flows_dir() / name
+    if not path.is_dir():
+        raise LFTError(f"no flow named {name!r} (see the flows in {flows_dir()})")
+    return path
+
+
+def read_flow_config(name: str) -> dict:
+    """A flow's config.json (by name or folder) without loading its weights."""
+    path = flow_path(name)
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        raise LFTError(f"flow {name!r} has a missing or damaged config.json") from None
+    return config
+
+
+def saved_flow(name: str) -> SavedFlow:
+    """The record of one saved flow (by name or folder); LFTError when there is none."""
+    return _record(flow_path(name))
+
+
+def open_flow(name: str, teacher: Teacher | None = None) -> tuple[LatentFlow, dict]:
+    """Load a saved flow by name or folder: (the flow, its config.json); with a teacher, check it was trained
+    for that model and fits it."""
+    flow, config = load_flow(flow_path(name))
+    if teacher is not None:
+        if config.get("model") != teacher.model_id or config.get("weights_hash") != teacher.weights_hash:
+            raise LFTError(f"flow {name!r} was trained for model {config.get('model')!r}, not {teacher.model_id!r}")
+        if flow.span.n > teacher.n_layers or flow.spec.d_model != teacher.d_model:
+            raise FlowCheckpointError(
+                f"flow {name!r} (span {flow.span}, width {flow.spec.d_model}) does not fit {teacher.model_id} "
+                f"({teacher.n_layers} blocks, width {teacher.d_model}): its config.json was edited or damaged"
+            )
+    return flow, config
+
+
+def delete_flow(name: str) -> None:
+    """Delete the saved flow ``name`` from cache/flows (a name, never a path).
+
+    Refused with LFTError while a job trains it. The folder is first renamed away (one atomic step), so a
+    flow is either listed whole or not at all, even if the removal is interrupted."""
+    if not NAME_RE.match(name):
+        raise LFTError(f"bad flow name {name!r}")
+    path = flows_dir() / name
+    if not path.is_dir():
+        raise LFTError(f"no flow named {name!r} (see the flows in {flows_dir()})")
+    trash = flows_dir() / f".deleted-{name}-{uuid.uuid4().hex[:8]}"
+    with flow_lock(name, f"flow {name!r} is being trained right now: stop its job first"):
+        os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
