@@ -10,11 +10,11 @@ Session-state keys, all of them, by kind:
   is left; ``persistent_widget`` restores the shared ones);
 * background jobs this session started: ``cache_job``, ``train_job`` (job ids), and the frame's bookkeeping of
   running jobs ``_cache_running``, ``_train_running``; the span link's ``_span_qp``, ``_span_error`` and the
-  heatmap's ``_last_click``;
+  heatmaps' last clicks ``_last_click_r``, ``_last_click_affine``;
 * "show this result" gates, holding the inputs of the last request: ``skip_shown``, ``cmp_params``,
   ``toy_params``; ``flow_deleted`` carries a deletion's name across the rerun that follows it;
 * results each page publishes for its tests (AppTest reads them; pages never read another page's):
-  ``recoupling_matrix``, ``skip_table``, ``flows_table``, ``trajectory_table``, ``crossings_result``,
+  ``recoupling_matrix``, ``affine_matrix``, ``skip_table``, ``flows_table``, ``trajectory_table``, ``crossings_result``,
   ``kl_result``, ``compare_table``, ``compare_eval``, ``toy_runs``.
 
 Engine errors (``LFTError``) are shown with ``st.error`` by :func:`engine_errors`; pages never show a traceback.

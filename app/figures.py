@@ -37,9 +37,9 @@ def to_html(fig: go.Figure) -> str:
 # Choose a span
 
 
-def recoupling_heatmap(matrix: np.ndarray, span: tuple[int, int] | None = None, pairs: int | None = None,
-                       height: int = 620) -> go.Figure:
-    """R(m, n) for every span: x = end n, y = start m (m grows downwards); only m < n is filled.
+def span_heatmap(matrix: np.ndarray, span: tuple[int, int] | None, title: str, value: str, zmax: float,
+                 colorscale: str = "Viridis", height: int = 620, fmt: str = ".3f") -> go.Figure:
+    """A value for every span [m, n): x = end n, y = start m (m grows downwards); only m < n is filled.
 
     ``matrix`` shape (L+1, L+1) with NaN where m >= n. A transparent marker sits on every cell so that a
     click selects the span (plotly heatmaps do not report clicks); the chosen span is outlined.
@@ -48,32 +48,45 @@ def recoupling_heatmap(matrix: np.ndarray, span: tuple[int, int] | None = None, 
     z = matrix[:L, 1:]  # rows m = 0..L-1, columns n = 1..L
     m_idx, n_idx = np.nonzero(np.isfinite(z))
     m_vals, n_vals = m_idx, n_idx + 1
-    r_vals = z[m_idx, n_idx]
+    v_vals = z[m_idx, n_idx]
     fig = go.Figure()
     fig.add_trace(go.Heatmap(
-        z=z, x=list(range(1, L + 1)), y=list(range(L)), zmin=0.0, zmax=1.0, colorscale="Viridis",
-        colorbar=dict(title=dict(text="R", side="right"), thickness=14), hoverinfo="skip", name="R",
+        z=z, x=list(range(1, L + 1)), y=list(range(L)), zmin=0.0, zmax=zmax, colorscale=colorscale,
+        colorbar=dict(title=dict(text=value, side="right"), thickness=14), hoverinfo="skip", name=value,
     ))
     fig.add_trace(go.Scatter(
         x=n_vals, y=m_vals, mode="markers", name="spans", showlegend=False,
         marker=dict(symbol="square", size=max(6, min(22, 560 // max(L, 1))), color="rgba(0,0,0,0)"),
-        customdata=np.stack([m_vals, n_vals, r_vals, n_vals - m_vals], axis=1),
+        customdata=np.stack([m_vals, n_vals, v_vals, n_vals - m_vals], axis=1),
         hovertemplate=("span %{customdata[0]}:%{customdata[1]}<br>m = %{customdata[0]}, n = %{customdata[1]}"
-                       "<br>blocks replaced: %{customdata[3]}<br>R = %{customdata[2]:.3f}<extra></extra>"),
+                       f"<br>blocks replaced: %{{customdata[3]}}<br>{html.escape(value)} = %{{customdata[2]:{fmt}}}"
+                       "<extra></extra>"),
     ))
     if span is not None:
         m, n = span
         fig.add_shape(type="rect", x0=n - 0.5, x1=n + 0.5, y0=m - 0.5, y1=m + 0.5,
                       line=dict(color="#e4002b", width=3))
-    title = "Recoupling ratio R of every span [m, n)"
-    if pairs:
-        title += f"  ({pairs} token pairs, position 0 excluded)"
     _finish(fig, title, height)
     fig.update_xaxes(title="n (first block after the span)", dtick=max(1, L // 15), range=[0.5, L + 0.5],
                      showgrid=False, constrain="domain")
     fig.update_yaxes(title="m (first replaced block)", dtick=max(1, L // 15), range=[L - 0.5, -0.5],
                      showgrid=False, scaleanchor="x", constrain="domain")
     return fig
+
+
+def recoupling_heatmap(matrix: np.ndarray, span: tuple[int, int] | None = None, pairs: int | None = None,
+                       height: int = 620) -> go.Figure:
+    """The recoupling ratio R(m, n) of every span, on a fixed 0..1 scale."""
+    title = "Recoupling ratio R of every span [m, n)" + (f" ({pairs} pairs)" if pairs else "")
+    return span_heatmap(matrix, span, title, "R", zmax=1.0, height=height)
+
+
+def affine_heatmap(matrix: np.ndarray, span: tuple[int, int] | None = None, height: int = 620) -> go.Figure:
+    """Held-out NMSE of the closed-form affine replacement of every span (0 = the span is exactly affine)."""
+    finite = matrix[np.isfinite(matrix)]
+    zmax = float(np.quantile(finite, 0.98)) if finite.size else 1.0
+    return span_heatmap(matrix, span, "Affine baseline: held-out NMSE of every span", "NMSE", zmax=max(zmax, 1e-6),
+                        colorscale="Cividis", height=height)
 
 
 def skip_kl_bars(table: pd.DataFrame, height: int = 300) -> go.Figure:

@@ -42,6 +42,14 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
 
 
+def _baseline_list(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = sorted(set(names) - {"affine"})
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown baseline(s) {', '.join(unknown)}; known: affine")
+    return names
+
+
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -128,10 +136,84 @@ def cmd_eval(a: argparse.Namespace) -> dict:
 
         text = read_text_file(a.text)  # size limit, empty / binary / not-UTF-8 checks
     ids = eval_windows(teacher, a.corpus, text, a.windows, a.seq_len or config.get("seq_len", 128))
+    affine = None
+    if "affine" in a.baselines:  # fitted on the flow's own training data
+        from .baselines import fit_affine_for_span
+
+        print("fitting the affine replacement of the flow's span", file=sys.stderr)
+        affine = fit_affine_for_span(teacher, flow.span, config.get("corpus", "builtin"),
+                                     int(config.get("seq_len", 128)), int(config.get("windows", 256)),
+                                     int(config.get("heldout_windows", 16)), config.get("sink_weight"))
     result = evaluate(teacher, flow, None, ids, ks=a.k, skips=a.skip,
-                      progress=lambda s: print(s, file=sys.stderr))
+                      progress=lambda s: print(s, file=sys.stderr), affine=affine)
     print(result.table())
     return result.to_json()
+
+
+def cmd_baselines(a: argparse.Namespace) -> dict:
+    from .loading import load_teacher
+
+    if (a.span is None) == (a.spans is None):
+        raise LFTError("give either --span M:N (baselines of one span) or --spans all (the affine grid)")
+    if a.text and a.span is None:
+        raise LFTError("--text goes with --span")
+    for k in a.skip:
+        if k < 1:
+            raise LFTError(f"--skip values must be at least 1, got {k}")
+    text = None
+    if a.text:
+        from .corpus import read_text_file
+
+        text = read_text_file(a.text)
+    teacher = load_teacher(a.model, trust_remote_code=a.trust_remote_code)
+    if a.spans is not None:
+        return _affine_grid(a, teacher)
+    from .baselines import fit_affine_for_span
+    from .evaluation import eval_windows, evaluate
+
+    span = teacher.check_span(*a.span)
+    t0 = time.perf_counter()
+    affine = fit_affine_for_span(teacher, span, a.corpus, a.seq_len, a.fit_windows, a.heldout_windows)
+    fit_seconds = time.perf_counter() - t0
+    print(f"affine fit of {span}: ridge {affine.ridge:.3g}, held-out NMSE {affine.heldout_nmse:.4f} "
+          f"({fit_seconds:.1f} s)", file=sys.stderr)
+    ids = eval_windows(teacher, a.corpus, text, a.windows, a.seq_len)
+    result = evaluate(teacher, None, span, ids, ks=[], skips=a.skip, progress=lambda s: print(s, file=sys.stderr),
+                      affine=affine)
+    print(result.table())
+    return {**result.to_json(), "model_id": teacher.model_id, "fit_seconds": round(fit_seconds, 3),
+            "fit": {"windows": a.fit_windows, "heldout_windows": a.heldout_windows, "seq_len": a.seq_len,
+                    "corpus": a.corpus, "ridge": affine.ridge, "heldout_nmse": affine.heldout_nmse}}
+
+
+def _affine_grid(a: argparse.Namespace, teacher) -> dict:
+    from tqdm import tqdm
+
+    from .baselines import affine_grid_for_model
+    from .span import parse_spans
+
+    spans = parse_spans(a.spans, teacher.n_layers)
+    bar = tqdm(desc="affine grid", unit="span", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        grid = affine_grid_for_model(teacher, a.corpus, a.seq_len, a.grid_windows, a.grid_heldout_windows, spans,
+                                     callback=progress)
+    finally:
+        bar.close()
+    values = grid.matrix[np.isfinite(grid.matrix)]
+    print(f"affine held-out NMSE over {values.size} spans of {teacher.model_id} ({grid.tokens} tokens fitted, "
+          f"{grid.heldout_tokens} scored, position 0 excluded): min {values.min():.3f}, median "
+          f"{np.median(values):.3f}, max {values.max():.3f} in {grid.seconds:.1f} s")
+    from .span import grid_json
+
+    return {"model": teacher.model_id, "layers": teacher.n_layers, "metric": "nmse", "matrix": grid_json(grid.matrix),
+            "ridge": grid_json(grid.ridge), "tokens": grid.tokens, "heldout_tokens": grid.heldout_tokens,
+            "seconds": round(grid.seconds, 3)}
 
 
 def cmd_recoupling(a: argparse.Namespace) -> dict:
@@ -205,7 +287,7 @@ def cmd_bench(a: argparse.Namespace) -> dict:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "cache": cmd_cache, "train": cmd_train, "eval": cmd_eval, "recoupling": cmd_recoupling, "toy": cmd_toy,
-    "flows": cmd_flows, "bench": cmd_bench,
+    "flows": cmd_flows, "bench": cmd_bench, "baselines": cmd_baselines,
 }
 
 
@@ -263,7 +345,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=_positive, default=None)
     e.add_argument("--k", type=_int_list, default=[1, 2, 3], help="LFT integration steps, e.g. 1,2,3")
     e.add_argument("--skip", type=_int_list, default=[1, 2, 3], help="skip-k baselines, e.g. 1,2,3")
+    e.add_argument("--baselines", type=_baseline_list, default=[],
+                   help="closed-form baselines to add: affine (fitted on the flow's training data)")
     e.add_argument("--json", metavar="PATH")
+
+    a_ = sub.add_parser("baselines", help="what-if baselines without training: skip-k and the closed-form affine "
+                                          "replacement of one span, or the affine grid of every span")
+    common(a_)
+    a_.add_argument("--span", type=_span, default=None, help="M:N: skip-k and affine rows for this span")
+    a_.add_argument("--spans", default=None, help="all or M:N,M:N: the affine held-out NMSE grid")
+    a_.add_argument("--skip", type=_int_list, default=[1, 2, 3], help="skip-k baselines, e.g. 1,2,3")
+    a_.add_argument("--text", help="evaluate on this text file instead of held-out corpus windows")
+    a_.add_argument("--windows", type=_positive, default=16, help="held-out windows to evaluate on")
+    a_.add_argument("--seq-len", type=_positive, default=128)
+    a_.add_argument("--fit-windows", type=_positive, default=256, help="training windows the affine map is fitted on")
+    a_.add_argument("--heldout-windows", type=_positive, default=16, help="held-out windows that choose the ridge")
+    a_.add_argument("--grid-windows", type=_positive, default=16,
+                    help="--spans: training windows of the all-layer cache (the recoupling grid's)")
+    a_.add_argument("--grid-heldout-windows", type=_positive, default=4, help="--spans: held-out windows scored")
 
     r = sub.add_parser("recoupling", help="recoupling ratio of every span (optimal transport vs true pairing)")
     common(r)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class EvalRow:
-    model: str  # "lft" | "skip"
+    model: str  # "lft" | "skip" | "affine"
     k: int
     kl: float
     ppl: float
@@ -96,8 +96,9 @@ def reference_logits(teacher: Teacher, ids: torch.Tensor, batch: int = 8) -> tor
 
 
 def lft_rows(teacher: Teacher, flow: Replacement, ids: torch.Tensor, ref: torch.Tensor, ks: Sequence[int] = (1, 2, 3),
-             batch: int = 8, progress: Callable[[str], None] | None = None) -> list[EvalRow]:
-    """KL / PPL / NMSE of the LFT (``flow.span`` replaced by ``flow``) for each k."""
+             batch: int = 8, progress: Callable[[str], None] | None = None, model: str = "lft") -> list[EvalRow]:
+    """KL / PPL / NMSE of the teacher with ``flow.span`` replaced by ``flow`` (an LFT, or any ``Replacement``:
+    ``model`` labels the rows, e.g. "affine") for each k."""
     m, n = teacher.check_span(*flow.span)
     _check_ks(ks)
     say = progress or (lambda s: None)
@@ -108,12 +109,12 @@ def lft_rows(teacher: Teacher, flow: Replacement, ids: torch.Tensor, ref: torch.
     x0, x1 = torch.cat(hs[m]), torch.cat(hs[n])
     rows = []
     for k in ks:
-        say(f"LFT k={k}")
+        say(f"{model.upper()} k={k}")
         with torch.no_grad():
             x_hat = torch.cat([flow(x0[s : s + batch], k=k).float() for s in range(0, len(x0), batch)])
         logits = _batched_logits(teacher, ids, batch, Replace(flow, k))
         kl, ppl = _kl_ppl(ref, logits, ids)
-        rows.append(EvalRow("lft", k, kl, ppl, nmse=float(nmse(x_hat, x1))))
+        rows.append(EvalRow(model, k, kl, ppl, nmse=float(nmse(x_hat, x1))))
     return rows
 
 
@@ -150,20 +151,24 @@ def evaluate(
     best_skip: bool = True,
     batch: int = 8,
     progress: Callable[[str], None] | None = None,
+    affine: Replacement | None = None,
 ) -> EvalResult:
-    """Rows of KL / NMSE / PPL for the LFT at each k and skip-k (in the span, and at the best position).
+    """Rows of KL / NMSE / PPL for the LFT at each k, the closed-form affine replacement (``affine``, a
+    ``baselines.AffineReplacement`` of the same span, one row with k = 1) and skip-k (in the span, and at the
+    best position).
 
-    ``ids`` shape (windows, seq_len), held-out text. ``flow`` is a LatentFlow (or None for skip rows only);
-    ``span`` defaults to the flow's and must agree with it when both are given.
+    ``ids`` shape (windows, seq_len), held-out text. ``flow`` is a LatentFlow (or None for baseline rows only);
+    ``span`` defaults to the flow's (or the affine map's) and must agree with them when given.
     """
     start_time = time.perf_counter()
     if span is None:
-        if flow is None:
+        if flow is None and affine is None:
             raise LFTError("evaluate needs a flow or a span")
-        span = flow.span
+        span = (flow or affine).span
     m, n = span = teacher.check_span(*span)
-    if flow is not None:
-        check_replaces(flow, span)
+    for replacement, label in ((flow, "the flow"), (affine, "the affine map")):
+        if replacement is not None:
+            check_replaces(replacement, span, label)
     if ids.ndim != 2 or ids.shape[1] < 2:
         raise LFTError("evaluation needs token windows of at least 2 tokens")
     _check_ks(ks)  # before any forward pass (lft_rows and skip_rows check again for direct callers)
@@ -172,6 +177,8 @@ def evaluate(
     result = EvalResult(span=span, tokens=int(ids.numel()), teacher_ppl=perplexity(ref, ids))
     if flow is not None:
         result.rows += lft_rows(teacher, flow, ids, ref, ks, batch, progress)
+    if affine is not None:
+        result.rows += lft_rows(teacher, affine, ids, ref, (1,), batch, progress, model="affine")
     result.rows += skip_rows(teacher, span, ids, ref, skips, best_skip, batch, progress=progress)
     result.seconds = time.perf_counter() - start_time
     return result

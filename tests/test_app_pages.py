@@ -144,6 +144,27 @@ def test_span_page_heatmap_and_url(small_cache):
     assert list(skip["k"]) == [1, 2, 3] and (skip["kl"] > 0).all()
 
 
+def test_span_page_affine_heatmap(small_cache, smol):
+    from lft_core.activations import ensure_activations
+    from lft_core.baselines import affine_grid
+    from lft_core.corpus import load_corpus
+
+    at = open_page("span", {"span": TINY_SPAN})
+    assert_clean(at)
+    affine = at.session_state["affine_matrix"]
+    assert affine.shape == (31, 31) and np.isnan(affine[4, 2])
+    upper = np.triu(np.ones((31, 31), bool), 1)
+    assert np.isfinite(affine[upper]).all() and (affine[upper] >= 0).all()
+    # the page shows the engine's numbers: the same grid computed directly from the same caches
+    held = ensure_activations(smol, load_corpus("builtin"), SMALL["seq_len"], 4, range(31), "heldout", progress=False)
+    direct = affine_grid(small_cache.layer, held.layer, 30, spans=[TINY_SPAN, (6, 12)])
+    assert direct.matrix[2, 4] == pytest.approx(affine[2, 4]) and direct.matrix[6, 12] == pytest.approx(affine[6, 12])
+    labels = {m.label: m.value for m in at.metric}
+    assert labels["Affine NMSE at span 2:4"] == f"{affine[2, 4]:.3f}"
+    table = [df.value for df in at.dataframe if "affine NMSE" in df.value.columns]
+    assert table and len(table[0]) == 465
+
+
 def test_span_from_link_outside_the_model_is_an_error():
     at = open_page("span", query={"span": "40:50"})
     assert not at.exception

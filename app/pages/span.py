@@ -1,4 +1,4 @@
-"""Choose a span: the recoupling ratio of every span [m, n), and skip-k KL at the chosen one."""
+"""Choose a span: the recoupling ratio and the affine baseline of every span [m, n), and skip-k KL at the chosen one."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,7 +13,8 @@ c.page_intro(
     "Choose a span",
     "For a span [m, n) every token gives a pair (x0, x1) = (h_m, h_n). The **recoupling ratio** R is the share of "
     "tokens that the optimal transport assignment of starts to targets sends to *another* token's target: at R = 0 "
-    "straight paths agree with the true pairing, a high R means flow matching will mix tokens up.",
+    "straight paths agree with the true pairing, a high R means flow matching will mix tokens up. Beside it, the "
+    "**affine baseline**: how well one linear map, fitted in closed form with no training, replaces the span.",
     "Click a cell or use the slider to pick the span; the link of this page keeps it (?span=m:n).",
 )
 
@@ -33,6 +34,19 @@ def recoupling_matrix(cache_key: str, pairs: int, seed: int = 0) -> tuple[np.nda
 
     grid = recoupling_for_cache(open_activations(cache_key), pairs=pairs, drop_first=True, seed=seed)
     return grid.matrix, grid.seconds
+
+
+AFFINE_HELDOUT_WINDOWS = 4  # held-out windows that choose each span's ridge strength and score it
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def affine_matrix(spec: str, corpus_spec: str, seq_len: int, windows: int, cache_key: str) -> np.ndarray:
+    """Held-out NMSE of the affine replacement of every span (``cache_key``: the all-layer entry it reads, so a
+    rebuilt cache gives a new result)."""
+    from lft_core.baselines import affine_grid_for_model
+
+    return affine_grid_for_model(c.get_teacher(spec), corpus_spec, seq_len, windows, AFFINE_HELDOUT_WINDOWS,
+                                 progress=False).matrix
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -79,38 +93,59 @@ else:
     col_pairs, col_note = st.columns([1, 3], vertical_alignment="bottom")
     pairs = col_pairs.selectbox("Token pairs per span", options, key="w_pairs",
                                 help="More pairs: a steadier estimate, slower (512 pairs ~ 10-20 s on 2 cores).")
-    col_note.caption(f"From `{cache.key}`. Position 0 of every window is excluded: attention-sink tokens have "
-                     "huge norms and would dominate the distances. The same tokens are used for every span.")
+    col_note.caption(f"From `{cache.key}`. Position 0 of every window is excluded from both maps: attention-sink "
+                     "tokens have huge norms and would dominate the distances. The same tokens are used for every "
+                     "span.")
     with st.spinner(f"Solving {L * (L + 1) // 2} optimal assignments of {pairs} tokens..."):
         with c.engine_errors():
             matrix, seconds = recoupling_matrix(cache.key, int(pairs))
     st.session_state["recoupling_matrix"] = matrix
-    r_here = matrix[span.m, span.n]
-    fig = figures.recoupling_heatmap(matrix, span, int(pairs))
-    col_fig, col_side = st.columns([3, 1])
-    with col_fig:
-        event = c.show_figure(fig, f"recoupling_{c.model_spec()}", key="heatmap", on_select="rerun",
-                              selection_mode="points")
-    points = (event.selection.points if event is not None and event.selection else []) or []
-    if points:
-        p = points[0]
-        picked = (int(round(p["y"])), int(round(p["x"])))
-        if picked[0] < picked[1] and picked != span and picked != st.session_state.get("_last_click"):
-            st.session_state["_last_click"] = picked
-            c.set_span(picked)
-            st.rerun()
-    with col_side:
-        st.metric(f"R at span {span}", f"{r_here:.3f}")
-        finite = matrix[np.isfinite(matrix)]
-        st.caption(f"Over all {finite.size} spans: min {finite.min():.3f}, median {np.median(finite):.3f}, "
-                   f"max {finite.max():.3f}.")
-        lowest = lowest_of_length(matrix, span.blocks)
+
+    def pick_from(event, chart: str) -> None:
+        """A click on a heatmap cell picks that span (a chart keeps its selection: act on a new one only)."""
+        points = (event.selection.points if event is not None and event.selection else []) or []
+        if points:
+            picked = (int(round(points[0]["y"])), int(round(points[0]["x"])))
+            if picked[0] < picked[1] and picked != span and picked != st.session_state.get(f"_last_click_{chart}"):
+                st.session_state[f"_last_click_{chart}"] = picked
+                c.set_span(picked)
+                st.rerun()
+
+    col_r, col_a = st.columns(2)
+    with col_r:
+        event = c.show_figure(figures.recoupling_heatmap(matrix, span, int(pairs)), f"recoupling_{c.model_spec()}",
+                              key="heatmap", on_select="rerun", selection_mode="points")
+        pick_from(event, "r")
+        st.markdown("**How much would flow matching mix tokens here?** R is the share of tokens that optimal "
+                    "transport pairs with another token's target.")
+    with col_a:
+        with st.spinner(f"Fitting the affine replacement of all {L * (L + 1) // 2} spans (ridge least squares, "
+                        "about 15 s on 2 cores the first time)..."), c.engine_errors():
+            affine = affine_matrix(c.model_spec(), c.corpus_spec(), c.seq_len(), c.n_windows(), cache.key)
+        st.session_state["affine_matrix"] = affine
+        event = c.show_figure(figures.affine_heatmap(affine, span), f"affine_nmse_{c.model_spec()}",
+                              key="affine_heatmap", on_select="rerun", selection_mode="points")
+        pick_from(event, "affine")
+        st.markdown("**How linear is this span?** The held-out NMSE ‖x̂ − h_n‖² / ‖h_n‖² of h_n ≈ h_m + A·h_m + b "
+                    "fitted in closed form: a flow must beat this to be worth training.")
+
+    cols = st.columns(4)
+    cols[0].metric(f"R at span {span}", f"{matrix[span.m, span.n]:.3f}")
+    cols[1].metric(f"Affine NMSE at span {span}", f"{affine[span.m, span.n]:.3f}")
+    for col, grid, name in ((cols[2], matrix, "R"), (cols[3], affine, "affine NMSE")):
+        lowest = lowest_of_length(grid, span.blocks)
         if lowest is not None:
-            st.caption(f"Among spans of {span.blocks} blocks, the lowest R is at {lowest[0]} ({lowest[1]:.3f}).")
-        st.page_link("pages/train.py", label="Train a flow for this span", icon=":material/model_training:")
-    table = grid_frame(matrix, "R")
+            col.metric(f"Lowest {name}, {span.blocks} blocks", f"{lowest[1]:.3f} at {lowest[0]}",
+                       help=f"the {span.blocks}-block span with the lowest {name}")
+    finite = matrix[np.isfinite(matrix)]
+    st.caption(f"R over all {finite.size} spans: min {finite.min():.3f}, median {np.median(finite):.3f}, max "
+               f"{finite.max():.3f}. The affine maps are fitted on the same {c.n_windows()} windows and scored on "
+               f"{AFFINE_HELDOUT_WINDOWS} held-out windows; with few windows they overfit, so read the map for its "
+               "pattern more than its values.")
+    st.page_link("pages/train.py", label="Train a flow for this span", icon=":material/model_training:")
+    table = grid_frame(matrix, "R").merge(grid_frame(affine, "affine NMSE"), on=["m", "n", "blocks"])
     with st.expander("All spans as a table"):
-        c.show_table(table, f"recoupling_{c.model_spec()}", key="recoupling_table")
+        c.show_table(table, f"spans_{c.model_spec()}", key="recoupling_table")
 
 # -- skip-k -------------------------------------------------------------------------------------------------
 st.subheader("Reference: skipping blocks")
