@@ -235,6 +235,37 @@ def flow_key(saved: SavedFlow | None) -> tuple[str, float] | None:
     return (saved.name, saved.stamp) if saved is not None else None
 
 
+AFFINE_FIT_WINDOWS = 64  # training windows the affine baseline is fitted on when no flow says otherwise
+AFFINE_FIT_HELDOUT = 8
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def load_affine(spec: str, corpus_spec: str, span: Span, seq_len: int, windows: int, heldout_windows: int):
+    """The closed-form affine replacement of ``span`` fitted on ``windows`` training windows (one per process;
+    never mutated)."""
+    from lft_core.baselines import fit_affine_for_span
+
+    return fit_affine_for_span(get_teacher(spec), span, corpus_spec, seq_len, windows, heldout_windows,
+                               progress=False)
+
+
+def affine_settings(flow_config: dict | None) -> tuple[str, int, int, int]:
+    """(corpus, seq_len, windows, held-out windows) the affine baseline is fitted on: a flow's own training data
+    (its config.json), so that the two are compared fairly, or the chosen corpus and window length without one."""
+    if flow_config is not None:
+        return (str(flow_config.get("corpus", "builtin")), int(flow_config.get("seq_len", 128)),
+                int(flow_config.get("windows", 256)), int(flow_config.get("heldout_windows", 16)))
+    return corpus_spec(), seq_len(), AFFINE_FIT_WINDOWS, AFFINE_FIT_HELDOUT
+
+
+def get_affine(span: Span, flow_config: dict | None = None):
+    """The affine baseline of ``span`` for the current model (fitted once, with a spinner that says on what)."""
+    corpus, length, windows, heldout = affine_settings(flow_config)
+    with st.spinner(f"Fitting the affine baseline of span {span} on {windows} windows × {length} tokens (caching "
+                    "their hidden states first if needed)..."):
+        return load_affine(model_spec(), corpus, Span.of(span), length, windows, heldout)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Output helpers: every figure gets an HTML download, every table a CSV download
 

@@ -181,6 +181,7 @@ def training_curves(histories: Mapping[str, Sequence[Mapping]], height: int = 36
 _KIND_STYLE = {
     "teacher": dict(dash="solid", width=2.5, symbol="circle", size=8),
     "straight": dict(dash="dot", width=1.5, symbol="circle-open", size=6),
+    "affine": dict(dash="dashdot", width=1.5, symbol="x", size=10),
 }
 _FLOW_DASH = ["dash", "dashdot", "longdash", "longdashdot"]
 _FLOW_SYMBOL = ["diamond", "square", "triangle-up", "star"]

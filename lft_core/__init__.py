@@ -13,7 +13,8 @@ One module per concept:
   ``solvers`` (Euler, midpoint), ``losses`` (SFM, Flow Walking, hybrid; the straight path);
 * runs: ``training`` (TrainConfig, train_flow), ``store`` (saved flows: save, load, list, lock, delete),
   ``jobs`` (background CLI processes), ``bench``;
-* analysis: ``metrics`` (KL, NLL, PPL, NMSE), ``evaluation`` (vs skip-k), ``coupling`` (recoupling ratio,
+* analysis: ``metrics`` (KL, NLL, PPL, NMSE), ``evaluation`` (vs skip-k), ``baselines`` (the closed-form
+  affine replacement of a span, and its grid), ``coupling`` (recoupling ratio,
   crossings), ``trajectories``, ``projection`` (PCA / UMAP), ``toy`` (the 2-D lab);
 * plumbing: ``atomic`` (every write), ``paths`` (the cache folder), ``cli``.
 """

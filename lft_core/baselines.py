@@ -50,7 +50,8 @@ class AffineReplacement(nn.Module):
     """A span [m, n) replaced by h_n ≈ h_m + ((h_m − mu) / sigma) W + b.
 
     h_m: shape (batch, seq, d) -> shape (batch, seq, d), in h_m's dtype. W: shape (d, d); b, mu, sigma: shape (d,).
-    ``k`` is accepted for the ``Replacement`` protocol and ignored (one closed-form step).
+    ``k`` is accepted for the ``Replacement`` protocol and ignored (one closed-form step). ``ridge``: the λ
+    chosen, relative to the mean eigenvalue of the fit's Gram matrix; ``heldout_nmse``: its held-out NMSE.
     """
 
     def __init__(self, span: Span | tuple[int, int], weight: Tensor, bias: Tensor, mu: Tensor, sigma: Tensor,
@@ -143,29 +144,28 @@ def fit_affine(span: Span | tuple[int, int], train: Callable[[], Iterator[tuple[
     scale = float(np.trace(G[:d, :d])) / d or 1.0
     candidates = []
     for r in ridge_grid:
-        lam = r * scale
         try:
-            beta = np.linalg.solve(G + lam * np.diag(penalty), C)
+            beta = np.linalg.solve(G + r * scale * np.diag(penalty), C)
         except np.linalg.LinAlgError:
             continue
         if np.isfinite(beta).all():
-            candidates.append((lam, beta))
+            candidates.append((r, beta))
     if not candidates:
         raise LFTError("the affine fit is singular for every ridge strength tried")
     held = [(_with_bias((x0 - mu) / sigma), x0, x1) for x0, x1, _ in heldout()]
     if not held or sum(len(x0) for _, x0, _ in held) == 0:
         raise LFTError("the affine fit needs held-out tokens to choose its ridge strength")
     best = None
-    for lam, beta in candidates:
+    for r, beta in candidates:
         errors = np.concatenate([_nmse_rows(x0 + z @ beta, x1) for z, x0, x1 in held])
         score = float(errors.mean())
         if np.isfinite(score) and (best is None or score < best[0]):
-            best = (score, lam, beta)
+            best = (score, r, beta)
     if best is None:
         raise LFTError("the affine fit gives non-finite held-out errors for every ridge strength tried")
-    score, lam, beta = best
+    score, r, beta = best
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-    return AffineReplacement(span, t(beta[:d]), t(beta[d]), t(mu), t(sigma), ridge=lam, heldout_nmse=score)
+    return AffineReplacement(span, t(beta[:d]), t(beta[d]), t(mu), t(sigma), ridge=r, heldout_nmse=score)
 
 
 def fit_affine_for_span(teacher: Teacher, span: Span | tuple[int, int], corpus_spec: str = "builtin",

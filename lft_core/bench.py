@@ -114,6 +114,35 @@ def bench_recoupling(teacher, pairs: int = 512, windows: int = 16, seq_len: int 
             "grid_seconds": round(grid.seconds, 2), "cache_seconds": round(cache_s, 2), "cache_hit": cache.hit}
 
 
+def bench_baselines(teacher, span=(12, 18), windows: int = 16, seq_len: int = 128, fit_windows: int = 256,
+                    eval_windows_: int = 16) -> dict:
+    """The affine baseline: the grid of every span from the all-layer caches (cache time reported apart), one
+    span's fit on ``fit_windows`` cached training windows, and its evaluation (one spliced forward per window)."""
+    from .baselines import affine_grid, fit_affine_for_span
+    from .coupling import all_layer_cache
+    from .evaluation import eval_windows, evaluate
+
+    t = time.perf_counter()
+    train = all_layer_cache(teacher, "builtin", seq_len, windows, progress=False)
+    held = ensure_activations(teacher, load_corpus("builtin"), seq_len, 4, range(teacher.n_layers + 1), "heldout",
+                              progress=False)
+    cache_s = time.perf_counter() - t
+    grid = affine_grid(train.layer, held.layer, teacher.n_layers)
+    fit_affine_for_span(teacher, span, "builtin", seq_len, fit_windows, 16, progress=False)  # caches h_m, h_n
+    t = time.perf_counter()
+    affine = fit_affine_for_span(teacher, span, "builtin", seq_len, fit_windows, 16, progress=False)
+    fit_s = time.perf_counter() - t
+    ids = eval_windows(teacher, "builtin", None, eval_windows_, seq_len)
+    t = time.perf_counter()
+    result = evaluate(teacher, None, span, ids, ks=[], skips=[], affine=affine)
+    eval_s = time.perf_counter() - t
+    return {"layers": teacher.n_layers, "spans": int(np.isfinite(grid.matrix).sum()), "grid_windows": windows,
+            "grid_tokens": grid.tokens, "grid_heldout_tokens": grid.heldout_tokens,
+            "grid_seconds": round(grid.seconds, 2), "cache_seconds": round(cache_s, 2), "span": list(span),
+            "fit_windows": fit_windows, "fit_seconds": round(fit_s, 2), "eval_tokens": int(ids.numel()),
+            "eval_seconds": round(eval_s, 2), "affine_kl": round(result.rows[0].kl, 4)}
+
+
 def bench_umap(points: int = 20_000, d: int = 576, seed: int = 0) -> dict:
     """UMAP (PCA to 50 dims first) of ``points`` random clustered points, then the cached reopen."""
     from .projection import project
@@ -136,16 +165,16 @@ def bench_umap(points: int = 20_000, d: int = 576, seed: int = 0) -> dict:
 
 
 def run(what: list[str], model: str = "smollm2-135m") -> dict:
-    """Run the named benchmarks (cache, train, recoupling, umap) and return their figures."""
+    """Run the named benchmarks (cache, train, recoupling, umap, baselines) and return their figures."""
     from .errors import LFTError
     from .loading import load_teacher
 
-    known = {"cache", "train", "recoupling", "umap"}
+    known = {"cache", "train", "recoupling", "umap", "baselines"}
     unknown = set(what) - known
     if unknown:
         raise LFTError(f"unknown benchmark(s) {sorted(unknown)}; known: {sorted(known)}")
     out: dict = {"machine": machine()}
-    teacher = load_teacher(model) if set(what) & {"cache", "train", "recoupling"} else None
+    teacher = load_teacher(model) if set(what) & {"cache", "train", "recoupling", "baselines"} else None
     for name in what:
         t = time.perf_counter()
         if name == "cache":
@@ -156,6 +185,8 @@ def run(what: list[str], model: str = "smollm2-135m") -> dict:
             out["recoupling"] = bench_recoupling(teacher)
         elif name == "umap":
             out["umap"] = bench_umap()
+        elif name == "baselines":
+            out["baselines"] = bench_baselines(teacher)
         print(f"{name}: {out[name]} ({time.perf_counter() - t:.1f} s)", flush=True)
     out["peak_rss_mib"] = round(peak_rss_mib(), 1)
     return out

@@ -175,7 +175,7 @@ def cmd_baselines(a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     affine = fit_affine_for_span(teacher, span, a.corpus, a.seq_len, a.fit_windows, a.heldout_windows)
     fit_seconds = time.perf_counter() - t0
-    print(f"affine fit of {span}: ridge {affine.ridge:.3g}, held-out NMSE {affine.heldout_nmse:.4f} "
+    print(f"affine fit of {span}: relative ridge {affine.ridge:.0e}, held-out NMSE {affine.heldout_nmse:.4f} "
           f"({fit_seconds:.1f} s)", file=sys.stderr)
     ids = eval_windows(teacher, a.corpus, text, a.windows, a.seq_len)
     result = evaluate(teacher, None, span, ids, ks=[], skips=a.skip, progress=lambda s: print(s, file=sys.stderr),
@@ -387,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", metavar="PATH")
 
     b = sub.add_parser("bench", help="benchmarks (see docs/BENCHMARKS.md)")
-    b.add_argument("--what", default="cache,train,recoupling,umap", help="comma list of benchmarks")
+    b.add_argument("--what", default="cache,train,recoupling,umap",
+                   help="comma list of benchmarks: cache, train, recoupling, umap, baselines")
     b.add_argument("--model", default="smollm2-135m")
     b.add_argument("--json", metavar="PATH")
     return p

@@ -5,7 +5,8 @@ Path kinds, for a token at position p of a window and a span [m, n):
 * ``teacher``: h_m, h_{m+1}, ..., h_n at times t = (i - m) / (n - m);
 * ``straight``: (1 - t) h_m + t h_n sampled at the same times (the flow-matching interpolant);
 * ``<label>``: a trained flow's k-step Euler walk from h_m (times 0, 1/k, ..., 1);
-* ``<label> (fine)``: the same flow integrated with many small steps, to show the continuous curve.
+* ``<label> (fine)``: the same flow integrated with many small steps, to show the continuous curve;
+* an end-point replacement (the closed-form affine baseline): h_m at t = 0 and its estimate of h_n at t = 1.
 
 The flow sees the whole window (its attention is causal over the sequence), then the chosen positions are
 selected. ``project_table`` adds 2-D coordinates fitted on the pooled states of every row.
@@ -19,7 +20,7 @@ import pandas as pd
 import torch
 
 from .errors import LFTError
-from .flow import LatentFlow, check_replaces
+from .flow import LatentFlow, Replacement, check_replaces
 from .losses import straight_path
 from .projection import project
 from .span import Span
@@ -38,11 +39,13 @@ def trajectory_table(
     flows: Mapping[str, LatentFlow] | None = None,
     k: int = 3,
     fine_steps: int = 24,
+    endpoints: Mapping[str, Replacement] | None = None,
 ) -> pd.DataFrame:
     """Rows (token, position, kind, step, t, state) for every chosen position and path kind.
 
-    ``ids`` shape (1, T); ``flows`` maps a label ("SFM", "FW", a flow name) to a LatentFlow of this span.
-    ``state`` holds a float32 array of shape (d,).
+    ``ids`` shape (1, T); ``flows`` maps a label ("SFM", "FW", a flow name) to a LatentFlow of this span;
+    ``endpoints`` maps a label to a one-step replacement of this span (e.g. "affine": an AffineReplacement),
+    drawn from h_m straight to its estimate of h_n. ``state`` holds a float32 array of shape (d,).
     """
     m, n = teacher.check_span(*span)
     if ids.ndim != 2 or ids.shape[0] != 1:
@@ -79,6 +82,11 @@ def trajectory_table(
                 states = path.states[:, 0].float().numpy()
                 t = path.times.float().numpy()
                 add(kind, states, t if t.ndim == 1 else t[:, 0])
+    for label, replacement in (endpoints or {}).items():
+        check_replaces(replacement, (m, n), label=f"{label!r}")
+        with torch.no_grad():
+            end = replacement(hs[m], k=1)[0].float()
+        add(label, torch.stack([hs[m][0], end]).numpy(), np.array([0.0, 1.0]))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -251,6 +251,10 @@ def test_trajectories_with_a_flow(tiny_flow):
     assert_clean(at)
     umap = at.session_state["trajectory_table"]
     assert len(umap) == len(df) and np.isfinite(umap[["x", "y"]].to_numpy()).all()
+    at.checkbox(key="w_traj_affine").check().run()  # the affine baseline's end point joins the picture
+    assert_clean(at)
+    affine = at.session_state["trajectory_table"].query("kind == 'affine'")
+    assert len(affine) == 2 * 3 and sorted(set(affine["t"])) == [0.0, 1.0]
 
 
 def test_trajectories_without_flows_show_teacher_and_straight(tmp_path):
@@ -297,6 +301,12 @@ def test_kl_page_colours_tokens(tiny_flow):
     html = next(md.value for md in at.markdown if "lft-token" in md.value)
     assert html.count('class="lft-token"') == len(result.tokens)
     assert "top 5" in html
+    at.toggle(key="w_kl_affine").set_value(True)
+    at = click(at, "Compute KL")
+    assert_clean(at)
+    result = at.session_state["kl_result"]
+    assert set(result.kl) == {"teacher", "LFT k=3", "skip 1 @ 2", "affine"}
+    assert (result.kl["affine"] >= 0).all() and len(result.kl["affine"]) == len(result.tokens)
 
 
 def test_kl_page_empty_text_is_an_error(tiny_flow):
@@ -322,8 +332,12 @@ def test_compare_page_table_and_evaluation(tiny_flow):
     assert_clean(at)
     ev = at.session_state["compare_eval"]
     tiny = ev[ev["flow"] == "tiny-fw"]
-    assert set(tiny["model"]) == {"LFT k=3", "skip 1", "skip 2"}
-    assert (tiny["KL"] >= 0).all()
+    assert set(tiny["model"]) == {"LFT k=3", "skip 1", "skip 2", "affine"}  # the affine baseline is on by default
+    assert (tiny["KL"] >= 0).all() and tiny[tiny["model"] == "affine"]["NMSE"].iloc[0] > 0
+    at.toggle(key="w_cmp_affine").set_value(False).run()
+    at = click(at, "Evaluate")
+    ev = at.session_state["compare_eval"]
+    assert set(ev[ev["flow"] == "tiny-fw"]["model"]) == {"LFT k=3", "skip 1", "skip 2"}
 
 
 # -- teaching lab -------------------------------------------------------------------------------------------

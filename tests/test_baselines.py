@@ -158,6 +158,22 @@ def test_affine_splices_like_a_flow(tiny_neox):
         evaluate(tiny_neox, None, (0, 2), ids, ks=[], skips=[], affine=affine)
 
 
+def test_affine_end_point_in_the_trajectory_table(tiny_neox):
+    from lft_core.trajectories import trajectory_table
+
+    affine = fit_affine_for_span(tiny_neox, (1, 3), seq_len=32, windows=8, heldout_windows=2, progress=False)
+    ids = tiny_neox.encode("One two three four five six seven.")
+    df = trajectory_table(tiny_neox, ids, (1, 3), [1, 4], endpoints={"affine": affine})
+    rows = df[df.kind == "affine"].sort_values(["position", "t"])
+    assert len(rows) == 4 and list(rows["t"]) == [0.0, 1.0, 0.0, 1.0]
+    h = tiny_neox.hidden_states(ids, [1])[1][0]
+    expected = affine(h[None])[0]
+    np.testing.assert_allclose(rows.iloc[1]["state"], expected[1].numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rows.iloc[0]["state"], h[1].numpy())  # starts at h_m
+    with pytest.raises(LFTError, match="replaces 1:3, not 0:2"):
+        trajectory_table(tiny_neox, ids, (0, 2), [1], endpoints={"affine": affine})
+
+
 # ---------------------------------------------------------------------------------------------------------
 # CLI
 
@@ -184,8 +200,9 @@ def test_cli_baselines_of_one_span(tiny_neox_dir, tmp_path, capsys):
 
 def test_cli_affine_grid(tiny_neox_dir, tmp_path, capsys):
     out = tmp_path / "g.json"
-    rc = main(["baselines", "--model", str(tiny_neox_dir), "--spans", "all", "--seq-len", "16",
-               "--grid-windows", "8", "--grid-heldout-windows", "2", "--json", str(out)])
+    # a window size no other test caches (a cache hit elsewhere would change what those tests see)
+    rc = main(["baselines", "--model", str(tiny_neox_dir), "--spans", "all", "--seq-len", "20",
+               "--grid-windows", "6", "--grid-heldout-windows", "2", "--json", str(out)])
     assert rc == 0, capsys.readouterr().err
     data = json.loads(out.read_text())
     assert data["metric"] == "nmse" and data["layers"] == 4 and data["seconds"] >= 0
@@ -193,6 +210,22 @@ def test_cli_affine_grid(tiny_neox_dir, tmp_path, capsys):
     assert len(matrix) == 5 and all(len(row) == 5 for row in matrix)
     assert all((matrix[m][n] is None) == (m >= n) for m in range(5) for n in range(5))
     assert all(matrix[m][n] >= 0 for m in range(5) for n in range(m + 1, 5))
+
+
+def test_cli_eval_with_the_affine_baseline(tiny_neox, tiny_neox_dir, tmp_path, capsys):
+    from lft_core.training import TrainConfig, train_flow
+
+    train_flow(TrainConfig(model=str(tiny_neox_dir), span=(1, 3), steps=2, batch=2, seq_len=32, windows=8,
+                           heldout_windows=2, name="t-aff"), teacher=tiny_neox, verbose=False)
+    out = tmp_path / "e.json"
+    rc = main(["eval", "--flow", "t-aff", "--k", "1", "--skip", "1", "--windows", "2", "--baselines", "affine",
+               "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows].count("affine") == 1 and [r["model"] for r in rows].count("lft") == 1
+    affine = next(r for r in rows if r["model"] == "affine")
+    assert affine["k"] == 1 and affine["kl"] >= 0 and affine["nmse"] > 0
+    assert "affine" in capsys.readouterr().out  # the printed table has the row
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -53,27 +53,34 @@ st.subheader("KL and perplexity on held-out text")
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def evaluate_flow(spec: str, corpus_spec: str, name: str, stamp: float, windows: int, seq_len: int) -> list[dict]:
+def evaluate_flow(spec: str, corpus_spec: str, name: str, stamp: float, windows: int, seq_len: int,
+                  with_affine: bool) -> list[dict]:
     from lft_core.evaluation import eval_windows, evaluate
 
     teacher = c.get_teacher(spec)
     flow, cfg = c.load_flow(name, spec, stamp)
     m, n = flow.span
+    affine = None
+    if with_affine:  # fitted on the flow's own training windows
+        corpus, length, fit_windows, heldout = c.affine_settings(cfg)
+        affine = c.load_affine(spec, corpus, flow.span, length, fit_windows, heldout)
     ids = eval_windows(teacher, corpus_spec, windows=windows, seq_len=seq_len)
     result = evaluate(teacher, flow, None, ids, ks=[int(cfg.get("k", 3))], skips=list(range(1, min(3, n - m) + 1)),
-                      best_skip=False)
-    out = []
-    for r in result.rows:
-        out.append({"flow": name, "span": f"{m}:{n}", "model": f"LFT k={r.k}" if r.model == "lft" else f"skip {r.k}",
-                    "KL": r.kl, "PPL": r.ppl, "NMSE": r.nmse, "teacher PPL": result.teacher_ppl})
-    return out
+                      best_skip=False, affine=affine)
+    label = {"lft": "LFT k={}", "skip": "skip {}", "affine": "affine"}
+    return [{"flow": name, "span": f"{m}:{n}", "model": label[r.model].format(r.k), "KL": r.kl, "PPL": r.ppl,
+             "NMSE": r.nmse, "teacher PPL": result.teacher_ppl} for r in result.rows]
 
 
-col_w, col_t, col_b = st.columns([1, 1, 2], vertical_alignment="bottom")
+col_w, col_t, col_a, col_b = st.columns([1, 1, 1, 2], vertical_alignment="bottom")
 windows = col_w.number_input("Held-out windows", 1, 64, 4, key="w_cmp_windows")
 seq = col_t.number_input("Tokens per window", 16, 512, min(c.seq_len(), 128), step=16, key="w_cmp_seq")
+with_affine = col_a.toggle("affine baseline", value=True, key="w_cmp_affine",
+                           help="Add the closed-form affine replacement of each flow's span, fitted on the flow's "
+                                "own training windows: the cheapest learned replacement a flow must beat.")
 which = [flows[i] for i in selected] or flows
-params = (c.model_spec(), c.corpus_spec(), tuple(c.flow_key(f) for f in which), int(windows), int(seq))
+params = (c.model_spec(), c.corpus_spec(), tuple(c.flow_key(f) for f in which), int(windows), int(seq),
+          bool(with_affine))
 if col_b.button(f"Evaluate {len(which)} flow(s)", type="primary", key="cmp_eval"):
     st.session_state["cmp_params"] = params
 if st.session_state.get("cmp_params") == params:
@@ -82,10 +89,11 @@ if st.session_state.get("cmp_params") == params:
     with c.engine_errors():
         for i, (name, stamp) in enumerate(params[2]):
             bar.progress(i / len(params[2]), text=f"Evaluating {name} ({i + 1}/{len(params[2])})...")
-            results += evaluate_flow(params[0], params[1], name, stamp, params[3], params[4])
+            results += evaluate_flow(params[0], params[1], name, stamp, params[3], params[4], params[5])
     bar.empty()
     evaluation = pd.DataFrame(results)
     st.session_state["compare_eval"] = evaluation
     c.show_table(evaluation, "flows_evaluation", key="compare_eval_df")
-    st.caption("Skip rows remove the first k blocks of each flow's span. Paper, Pythia-410M: FM replacing 6 "
+    st.caption("Skip rows remove the first k blocks of each flow's span; the affine row is the span replaced by one "
+               "linear map fitted in closed form on the flow's training windows. Paper, Pythia-410M: FM replacing 6 "
                "layers 0.407 vs skipping 2 layers 0.529; FW replacing 12 layers 0.736 vs skipping 3 layers 0.932.")

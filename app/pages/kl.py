@@ -7,6 +7,7 @@ import streamlit as st
 
 from app import common as c
 from app import figures
+from lft_core.span import Span
 
 c.page_intro(
     "Per-token KL",
@@ -28,7 +29,7 @@ default_flow = next((i for i, f in enumerate(flows) if f.span == span), 0)
 
 with st.form("kl_form"):
     text = st.text_area("Text", value=c.DEFAULT_PARAGRAPH, height=110, key="w_kl_text")
-    col_f, col_k, col_skip, col_sk = st.columns([3, 2, 1, 1], vertical_alignment="bottom")
+    col_f, col_k, col_skip, col_sk, col_aff = st.columns([3, 2, 1, 1, 1], vertical_alignment="bottom")
     flow_choice = col_f.selectbox("Flow", labels, index=default_flow, key="w_kl_flow")
     k = col_k.slider("k (flow integration steps)", 1, 8, 3, key="w_kl_k")
     use_skip = col_skip.toggle("skip-k", value=True, key="w_kl_skip", help="Also compare with removing blocks.")
@@ -36,6 +37,9 @@ with st.form("kl_form"):
     skip_k = col_sk.number_input("blocks skipped", min_value=1, max_value=teacher.n_layers,
                                  value=max(1, int(span.blocks / 4 + 0.5)), key="w_kl_skip_k",
                                  help="Removed from the first block of the span.")
+    use_affine = col_aff.toggle("affine", value=False, key="w_kl_affine",
+                                help="Also compare with the closed-form affine replacement of the span, fitted on "
+                                     "the flow's own training windows (the first time: seconds to a minute).")
     st.form_submit_button("Compute KL", type="primary")
 
 if not text.strip():
@@ -43,8 +47,8 @@ if not text.strip():
     st.stop()
 flow_cfg = by_label.get(flow_choice)
 m, n = flow_cfg.span if flow_cfg else span
-if flow_cfg is None and not use_skip:
-    st.warning("Nothing to compare: choose a flow or switch skip-k on.")
+if flow_cfg is None and not use_skip and not use_affine:
+    st.warning("Nothing to compare: choose a flow or switch skip-k or affine on.")
     st.stop()
 if use_skip and m + int(skip_k) > teacher.n_layers:
     st.error(f"cannot skip {int(skip_k)} blocks from block {m}: the model has {teacher.n_layers} blocks")
@@ -53,7 +57,7 @@ if use_skip and m + int(skip_k) > teacher.n_layers:
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def kl_for_text(spec: str, text: str, flow_key: tuple[str, float] | None, k: int, skip_start: int,
-                skip_k: int | None):
+                skip_k: int | None, affine_key: tuple | None):
     from lft_core.evaluation import token_kl
     from lft_core.teacher import Replace, Skip
 
@@ -62,14 +66,22 @@ def kl_for_text(spec: str, text: str, flow_key: tuple[str, float] | None, k: int
     models = {}
     if flow_key:
         models[f"LFT k={k}"] = Replace(c.load_flow(flow_key[0], spec, flow_key[1])[0], k)
+    if affine_key:
+        models["affine"] = Replace(c.load_affine(spec, *affine_key))
     if skip_k:
         models[f"skip {skip_k} @ {skip_start}"] = Skip(skip_start, skip_k)
     return token_kl(teacher, ids, models)
 
 
 flow_key = c.flow_key(flow_cfg)
-with st.spinner("Running the teacher, the LFT and the skip baseline..."), c.engine_errors():
-    result = kl_for_text(c.model_spec(), text, flow_key, int(k), m, int(skip_k) if use_skip else None)
+affine_key = None
+if use_affine:
+    with c.engine_errors():
+        c.get_affine(Span(m, n), flow_cfg.config if flow_cfg else None)  # fitted here, with its spinner
+    corpus, length, windows, heldout = c.affine_settings(flow_cfg.config if flow_cfg else None)
+    affine_key = (corpus, Span(m, n), length, windows, heldout)
+with st.spinner("Running the teacher and the models compared..."), c.engine_errors():
+    result = kl_for_text(c.model_spec(), text, flow_key, int(k), m, int(skip_k) if use_skip else None, affine_key)
 st.session_state["kl_result"] = result
 compared = [label for label in result.kl if label != "teacher"]
 

@@ -72,6 +72,9 @@ method = col_proj.radio("Projection", ["PCA", "UMAP"], horizontal=True, key="w_t
 centre = col_proj.checkbox("Start every token at 0", value=True, key="w_traj_centre",
                            help="Subtract each token's h_m from all its states before projecting, so the picture "
                                 "shows how the paths move rather than how far apart the tokens are.")
+with_affine = col_proj.checkbox("Affine baseline end point", value=False, key="w_traj_affine",
+                                help="Also draw where the closed-form affine replacement of the span sends each "
+                                     "token (fitted on the first chosen flow's training windows).")
 flow_names = {f"{by_label[label].method.upper()} {by_label[label].name}": by_label[label] for label in chosen}
 path_options = ["teacher", "straight"] + list(flow_names) + (["fine curves"] if flow_names else [])
 shown = col_kinds.pills("Paths to show", path_options, selection_mode="multi", default=path_options,
@@ -83,19 +86,29 @@ fine = show.get("fine curves", False)
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def trajectories(spec: str, flow_keys: tuple[tuple[str, str, float], ...], text: str, positions: tuple[int, ...],
-                 span: Span, k: int, method: str, centre: bool):
+                 span: Span, k: int, method: str, centre: bool, affine_key: tuple | None):
     from lft_core.trajectories import centred, project_table, trajectory_table
 
     teacher = c.get_teacher(spec)
     flows = {label: c.load_flow(name, spec, stamp)[0] for label, name, stamp in flow_keys}
+    endpoints = {"affine": c.load_affine(spec, *affine_key)} if affine_key else None
     ids = teacher.encode(text, max_tokens=64)
-    df = trajectory_table(teacher, ids, span, list(positions), flows, k=k, fine_steps=24)
+    df = trajectory_table(teacher, ids, span, list(positions), flows, k=k, fine_steps=24, endpoints=endpoints)
     return project_table(centred(df) if centre else df, method=method.lower()).drop(columns="state")
 
 
 flow_keys = tuple((label, *c.flow_key(f)) for label, f in flow_names.items())
+affine_key = None
+if with_affine:
+    first = next(iter(flow_names.values()), None)
+    config = first.config if first is not None else None
+    with c.engine_errors():
+        c.get_affine(span, config)  # fitted here, with its spinner; cached for trajectories()
+    corpus, length, fit_windows, heldout = c.affine_settings(config)
+    affine_key = (corpus, span, length, fit_windows, heldout)
 with st.spinner(f"Running the teacher and {len(flow_keys)} flow(s), projecting with {method}..."), c.engine_errors():
-    df = trajectories(c.model_spec(), flow_keys, text, tuple(positions), span, int(k), method, bool(centre))
+    df = trajectories(c.model_spec(), flow_keys, text, tuple(positions), span, int(k), method, bool(centre),
+                      affine_key)
 st.session_state["trajectory_table"] = df
 kinds = [kind for kind in dict.fromkeys(df["kind"])
          if show.get(kind[: -len(" (fine)")] if kind.endswith(" (fine)") else kind, True)
