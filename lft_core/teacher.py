@@ -9,8 +9,9 @@ one table, ``FAMILIES``, dispatched by ``config.model_type``; an unknown family 
   block's output, before the final norm), captured with forward hooks;
 * ``Teacher.logits(ids, Replace(flow, k))`` / ``Teacher.logits(ids, Skip(start, k))``: next-token logits with
   the flow's span replaced (the span is read from the flow) or k blocks removed;
-* ``Teacher.replaced_span`` / ``Teacher.skipped_blocks``: context managers that swap blocks and always restore
-  them in ``finally``;
+* ``Teacher.replaced_span`` / ``Teacher.skipped_blocks``: context managers under which the calling thread's
+  forward passes run a transport instead of some blocks (per thread: one shared Teacher serves many
+  sessions at once, see ``Teacher``);
 * ``Teacher.field_spec()`` / ``Teacher.block_weights(i)``: what a velocity field needs to look like (and be
   initialised from) one block of this teacher.
 
@@ -19,7 +20,8 @@ Loading a teacher from a model spec is ``loading.load_teacher``.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
@@ -193,20 +195,27 @@ Surgery = Union[Replace, Skip]
 
 
 class _StopForward(Exception):
-    """Raised by a hook once every requested hidden state is captured (skips the rest of the network)."""
+    """Raised once every requested hidden state is captured (skips the rest of the network)."""
 
 
-class _BlockOverride(nn.Module):
-    """Stands in for a teacher block: returns ``fn(hidden_states)`` in the block's own output format."""
+@dataclass
+class _Plan:
+    """What this thread's forward passes do differently, by block index (see ``Teacher``'s class docstring).
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], tuple_output: bool):
-        super().__init__()
-        self.fn = fn
-        self.tuple_output = tuple_output
+    overrides: block i -> fn(h) returning the block's output hidden states (the block itself is not run);
+    capture: the layers whose hidden states to record into ``captured`` (None: capture nothing);
+    last: after recording this layer the forward stops.
+    """
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):  # noqa: D102 - mirrors a block
-        out = self.fn(hidden_states)
-        return (out,) if self.tuple_output else out
+    overrides: dict[int, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+    capture: frozenset[int] | None = None
+    last: int = -1
+    captured: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+_PLAN: ContextVar[_Plan | None] = ContextVar("lft_teacher_plan", default=None)
+"""The current thread's (context's) plan. Every Streamlit session, job thread and test thread has its own
+context, so one thread's surgery is never seen by a forward pass of another."""
 
 
 def _block_input(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -225,6 +234,12 @@ class Teacher:
 
     Hidden state indices follow the design: h_0 = embeddings (entering block 0), h_i enters block i,
     h_L = output of block L-1 before the final norm.
+
+    Safe to share between threads (one Teacher serves every session of the app): the model is never changed
+    after loading. Each block's ``forward`` is wrapped once, here, by a dispatcher that reads the calling
+    thread's plan (a ``ContextVar``): span replacement, skipping and hidden-state capture set a plan for the
+    duration of a ``with`` block in the calling thread only, so a forward pass in another thread at the same
+    time runs the plain model, and nothing waits for a lock.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, spec: str, model_id: str, weights_hash: str):
@@ -243,6 +258,47 @@ class Teacher:
         )
         self.vocab_size = int(model.config.vocab_size)
         self._tuple_output = self._probe_tuple_output()
+        for i, block in enumerate(self._blocks):
+            self._install_dispatch(i, block)
+
+    def _install_dispatch(self, i: int, block: nn.Module) -> None:
+        """Route block i's forward through the calling thread's plan (the module tree is left as it is)."""
+        original = block.forward
+        tuple_output = self._tuple_output
+        n_layers = self.n_layers
+
+        def forward(*args, **kwargs):
+            plan = _PLAN.get()
+            if plan is None:
+                return original(*args, **kwargs)
+            if plan.capture is not None and i in plan.capture:
+                plan.captured[i] = _block_input(args, kwargs).float()
+                if i == plan.last:
+                    raise _StopForward
+            fn = plan.overrides.get(i)
+            if fn is not None:
+                out = fn(_block_input(args, kwargs))
+                return (out,) if tuple_output else out
+            out = original(*args, **kwargs)
+            if i == n_layers - 1 and plan.capture is not None and n_layers in plan.capture:
+                plan.captured[n_layers] = _block_output(out).float()
+                raise _StopForward
+            return out
+
+        block.forward = forward
+
+    @contextmanager
+    def _planned(self, **changes) -> Iterator[_Plan]:
+        """Within the block, this thread's forward passes follow a plan: the current one (if any) with
+        ``changes`` (``overrides`` are added to the current ones)."""
+        current = _PLAN.get()
+        overrides = {**(current.overrides if current else {}), **changes.pop("overrides", {})}
+        plan = _Plan(overrides=overrides, **changes)
+        token = _PLAN.set(plan)
+        try:
+            yield plan
+        finally:
+            _PLAN.reset(token)
 
     # -- basic facts ------------------------------------------------------------------------------------
     @property
@@ -311,57 +367,26 @@ class Teacher:
             return {}
         if wanted[0] < 0 or wanted[-1] > self.n_layers:
             raise LFTError(f"layers must lie in 0..{self.n_layers}, got {wanted}")
-        blocks = self._blocks
-        last = wanted[-1]
-        out: dict[int, torch.Tensor] = {}
-        handles = []
-
-        def pre_hook(i):
-            def hook(_m, args, kwargs):
-                out[i] = _block_input(args, kwargs).float()
-                if i == last:
-                    raise _StopForward
-
-            return hook
-
-        def post_hook(_m, _args, output):
-            out[self.n_layers] = _block_output(output).float()
-            raise _StopForward
-
-        try:
-            for i in wanted:
-                if i < self.n_layers:
-                    handles.append(blocks[i].register_forward_pre_hook(pre_hook(i), with_kwargs=True))
-                else:
-                    handles.append(blocks[-1].register_forward_hook(post_hook))
+        with self._planned(capture=frozenset(wanted), last=wanted[-1]) as plan:
             try:
                 self.model(ids.to(self.device), use_cache=False)
             except _StopForward:
                 pass
-        finally:
-            for h in handles:
-                h.remove()
-        missing = [i for i in wanted if i not in out]
-        assert not missing, f"hooks did not capture layers {missing}"
-        return out
+        missing = [i for i in wanted if i not in plan.captured]
+        assert not missing, f"the forward pass did not reach layers {missing}"
+        return {i: plan.captured[i] for i in wanted}
 
     # -- surgery ----------------------------------------------------------------------------------------
     @contextmanager
     def replaced_span(self, span: Span | tuple[int, int],
                       transport: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-        """Within the block, blocks m..n-1 are not run: block m becomes ``transport(h_m) -> h_n`` (shape
-        (batch, seq, d)), blocks m+1..n-1 become identities. The originals are restored in ``finally``."""
+        """Within the block, this thread's forward passes do not run blocks m..n-1: block m gives
+        ``transport(h_m) -> h_n`` (shape (batch, seq, d)), blocks m+1..n-1 pass their input on. Other threads
+        are not affected, and the model itself is not changed."""
         m, n = self.check_span(*span)
-        blocks = self._blocks
-        saved = [blocks[i] for i in range(m, n)]
-        try:
-            blocks[m] = _BlockOverride(transport, self._tuple_output)
-            for i in range(m + 1, n):
-                blocks[i] = _BlockOverride(lambda h: h, self._tuple_output)
+        overrides = {m: transport, **{i: (lambda h: h) for i in range(m + 1, n)}}
+        with self._planned(overrides=overrides):
             yield
-        finally:
-            for i, block in zip(range(m, n), saved):
-                blocks[i] = block
 
     @contextmanager
     def skipped_blocks(self, start: int, k: int) -> Iterator[None]:

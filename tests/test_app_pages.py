@@ -391,3 +391,51 @@ def test_figures_module_is_plotly_only():
     assert "&lt;b&gt;" in html and html.count('class="lft-token"') == 2
     fig = figures.recoupling_heatmap(np.triu(np.full((5, 5), 0.5), 1) + np.tril(np.full((5, 5), np.nan)), (1, 3))
     assert fig.data[0].type == "heatmap" and len(fig.data[1].x) == 10
+
+
+# -- two sessions at once -------------------------------------------------------------------------------------
+
+
+def test_two_sessions_at_once_get_the_numbers_each_gets_alone(tiny_flow):
+    """Two AppTest sessions share the cached Teacher (st.cache_resource) and run at the same time: the per-token
+    KL page (teacher, LFT and skip-k surgery) and the trajectories page (hidden states) each show exactly what
+    they show when run alone."""
+    import threading
+
+    import streamlit as st
+
+    def kl_run():
+        at = open_page("kl", {"span": TINY_SPAN})
+        assert_clean(at)
+        return {label: values.copy() for label, values in at.session_state["kl_result"].kl.items()}
+
+    def trajectories_run():
+        at = open_page("trajectories", {"span": TINY_SPAN})
+        assert_clean(at)
+        df = at.session_state["trajectory_table"]
+        return df[["kind", "position", "step", "x", "y"]].to_numpy()
+
+    alone = {"kl": kl_run(), "traj": trajectories_run()}
+    together: dict[str, list] = {"kl": [], "traj": []}
+    failures: list[BaseException] = []
+
+    def worker(name, fn):
+        try:
+            for _ in range(2):
+                st.cache_data.clear()  # recompute (the Teacher itself stays shared in st.cache_resource)
+                together[name].append(fn())
+        except BaseException as e:  # noqa: BLE001 - reported below
+            failures.append(e)
+
+    threads = [threading.Thread(target=worker, args=("kl", kl_run)),
+               threading.Thread(target=worker, args=("traj", trajectories_run))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=2 * TIMEOUT)
+    assert not failures, failures
+    for result in together["kl"]:
+        assert result.keys() == alone["kl"].keys()
+        assert all(np.array_equal(result[k], alone["kl"][k]) for k in result)
+    for result in together["traj"]:
+        assert np.array_equal(result, alone["traj"])
