@@ -36,11 +36,11 @@ import numpy as np
 import torch
 
 from .atomic import save_npy, write_json
-from .corpus import Corpus, make_windows
+from .corpus import SPLIT_RULE, Corpus, make_windows
 from .errors import LFTError
 from .paths import cache_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the train / held-out split is by token blocks (corpus.SPLIT_RULE), not by window
 DISK_MARGIN_BYTES = 64 * 2**20
 
 
@@ -252,6 +252,7 @@ def ensure_activations(
             "corpus": corpus.id,
             "corpus_hash": corpus.content_hash,
             "split": split,
+            "split_rule": SPLIT_RULE,
             "seq_len": seq_len,
             "windows": n_windows,
             "d_model": teacher.d_model,

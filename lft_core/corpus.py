@@ -9,10 +9,15 @@ Corpus specs:
 * ``hf:NAME[:CONFIG]`` a Hugging Face dataset's ``train`` split ``text`` column, when online and the optional
   ``datasets`` package is installed.
 
-Windows: the texts are tokenized (no special tokens), joined with the tokenizer's EOS token, and cut into
-consecutive non-overlapping windows of ``seq_len`` tokens. Window j is held out when j % 10 == 9 (10%,
-spread over the whole corpus); training never sees those. Texts longer than 256K characters are tokenized
-in pieces cut after a newline, and only as much of the corpus as the requested windows need is tokenized.
+Split, then windows: the texts are tokenized (no special tokens) and joined with the tokenizer's EOS token
+into one stream. The *stream* is split, once, independently of any window length: it is cut into blocks of
+``SPLIT_BLOCK`` = 512 tokens and block b is held out when b % 10 == 9 (10%, spread over the whole corpus).
+Each split's tokens, in order, are then cut into consecutive non-overlapping windows of ``seq_len`` tokens.
+So held-out windows of any length contain held-out tokens only, and training windows of any length never
+touch them (``SPLIT_RULE`` says so in every flow and result). A window may join the end of one block of its
+split to the start of the next, as texts are joined. A corpus needs 10 blocks (5120 tokens) to have held-out
+text at all. Texts longer than 256K characters are tokenized in
+pieces cut after a newline, and only as much of the corpus as the requested windows need is tokenized.
 """
 from __future__ import annotations
 
@@ -27,7 +32,10 @@ import numpy as np
 from .errors import LFTError
 
 BUILTIN = "builtin"
-HELDOUT_EVERY = 10  # window j is held out when j % HELDOUT_EVERY == HELDOUT_EVERY - 1
+HELDOUT_EVERY = 10  # token block b is held out when b % HELDOUT_EVERY == HELDOUT_EVERY - 1
+SPLIT_BLOCK = 512  # tokens per block of the train / held-out split (independent of the window length)
+SPLIT_RULE = (f"token stream cut into blocks of {SPLIT_BLOCK}; block b held out when b % {HELDOUT_EVERY} == "
+              f"{HELDOUT_EVERY - 1}; windows cut inside each split")
 MAX_FILE_BYTES = 200 * 1024 * 1024
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".jsonl"}
 CHUNK_CHARS = 256 * 1024  # texts are tokenized in pieces of about this many characters (see tokenize_corpus)
@@ -229,17 +237,26 @@ def tokenize_corpus(corpus: Corpus, tokenizer, max_tokens: int | None = None) ->
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 
-def available_windows(n_tokens: int, seq_len: int, split: str = "train") -> int:
-    """How many windows of ``seq_len`` the split offers for a stream of ``n_tokens`` tokens."""
-    total = n_tokens // seq_len
-    held = total // HELDOUT_EVERY
-    return held if split == "heldout" else total - held
+def split_stream(stream: np.ndarray, split: str) -> np.ndarray:
+    """The tokens of ``stream`` (shape (N,)) that belong to ``split``, in order: block b = position // SPLIT_BLOCK
+    is held out when b % HELDOUT_EVERY == HELDOUT_EVERY - 1, train otherwise."""
+    if split not in ("train", "heldout"):
+        raise CorpusError(f"split must be 'train' or 'heldout', got {split!r}")
+    held = (np.arange(len(stream)) // SPLIT_BLOCK) % HELDOUT_EVERY == HELDOUT_EVERY - 1
+    return stream[held] if split == "heldout" else stream[~held]
+
+
+def _stream_tokens_for(split_tokens: int, split: str) -> int:
+    """How many stream tokens surely hold ``split_tokens`` tokens of ``split`` (whole cycles of 10 blocks)."""
+    per_cycle = SPLIT_BLOCK * (1 if split == "heldout" else HELDOUT_EVERY - 1)
+    cycles = -(-split_tokens // per_cycle)
+    return cycles * SPLIT_BLOCK * HELDOUT_EVERY
 
 
 def make_windows(
     corpus: Corpus, tokenizer, seq_len: int, n_windows: int | None = None, split: str = "train"
 ) -> np.ndarray:
-    """Token windows of one split, shape (n_windows, seq_len), int32, deterministic.
+    """Token windows of one split, shape (n_windows, seq_len), int32, deterministic (see the module docstring).
 
     ``n_windows=None`` takes every window of the split. Raises CorpusError when the corpus is too short.
     """
@@ -249,22 +266,16 @@ def make_windows(
         raise CorpusError(f"seq_len must be at least 2, got {seq_len}")
     if n_windows is not None and n_windows < 1:
         raise CorpusError(f"the number of windows must be at least 1, got {n_windows}")
-    if n_windows is None:
-        needed = None
-    elif split == "train":  # the n-th train window is window n-1 + (n-1) // 9 of the stream
-        needed = (n_windows + (n_windows - 1) // (HELDOUT_EVERY - 1)) * seq_len
-    else:  # the n-th held-out window is window 10n - 1
-        needed = HELDOUT_EVERY * n_windows * seq_len
+    needed = None if n_windows is None else _stream_tokens_for(n_windows * seq_len, split)
     stream = tokenize_corpus(corpus, tokenizer, max_tokens=needed)
-    total = len(stream) // seq_len
-    if total == 0:
+    tokens = split_stream(stream, split)
+    total = len(tokens) // seq_len
+    if len(stream) < seq_len:
         raise CorpusError(f"corpus {corpus.id!r} has {len(stream)} tokens, fewer than one window of {seq_len}")
-    windows = stream[: total * seq_len].reshape(total, seq_len)
-    heldout = (np.arange(total) % HELDOUT_EVERY) == HELDOUT_EVERY - 1
-    chosen = windows[heldout] if split == "heldout" else windows[~heldout]
-    if len(chosen) == 0 or (n_windows is not None and n_windows > len(chosen)):
+    if total == 0 or (n_windows is not None and n_windows > total):
         raise CorpusError(
-            f"corpus {corpus.id!r} ({len(stream)} tokens) has {len(chosen)} {split} windows of {seq_len} "
+            f"corpus {corpus.id!r} ({len(stream)} tokens) has {total} {split} windows of {seq_len} "
             f"tokens, {n_windows} were asked for: use fewer windows, a shorter seq_len or a larger corpus"
         )
-    return np.ascontiguousarray(chosen[:n_windows] if n_windows is not None else chosen)
+    windows = tokens[: total * seq_len].reshape(total, seq_len)
+    return np.ascontiguousarray(windows[:n_windows] if n_windows is not None else windows)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .corpus import load_corpus, make_windows
+from .corpus import SPLIT_RULE, load_corpus, make_windows
 from .errors import LFTError
 from .flow import MAX_K, Replacement, check_replaces
 from .metrics import kl_per_token, nmse, perplexity
@@ -46,7 +46,7 @@ class EvalResult:
     def to_json(self) -> dict:
         return {"span": list(self.span), "tokens": self.tokens, "teacher_ppl": self.teacher_ppl,
                 "rows": [{k: v for k, v in asdict(r).items() if v is not None} for r in self.rows],
-                "seconds": round(self.seconds, 3)}
+                "seconds": round(self.seconds, 3), "split_rule": SPLIT_RULE}
 
     def table(self) -> str:
         lines = [f"span {self.span}  tokens {self.tokens}  teacher ppl {self.teacher_ppl:.3f}",

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .activations import ensure_activations
-from .corpus import load_corpus
+from .corpus import SPLIT_RULE, load_corpus
 from .errors import LFTError
 from .field import VelocityField
 from .flow import MAX_K, LatentFlow
@@ -285,6 +285,7 @@ def _train_locked(cfg: TrainConfig, teacher: Teacher, name: str, progress, shoul
         "n_layers": teacher.n_layers,
         "data_key": data.train_key,
         "heldout_key": data.heldout_key,
+        "split_rule": SPLIT_RULE,
         "teacher_span_params": teacher.span_params(m, n),
         "params": sum(p.numel() for p in flow.field.parameters()),
     }

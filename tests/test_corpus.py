@@ -60,3 +60,49 @@ def test_missing_and_short(tmp_path, smol):
     (tmp_path / "empty.jsonl").write_text('{"title": 1}\n')
     with pytest.raises(CorpusError, match="no line"):
         load_corpus(str(tmp_path / "empty.jsonl"))
+
+
+class _PositionTokenizer:
+    """A stand-in tokenizer whose token ids are the characters' positions in the corpus (each character of the
+    corpus is a distinct code point), so a window tells exactly which part of the text it holds."""
+
+    BASE = 0x4E00
+    eos_token_id = None
+
+    def __call__(self, pieces, add_special_tokens=False):
+        return {"input_ids": [[ord(ch) - self.BASE for ch in piece] for piece in pieces]}
+
+
+def test_heldout_text_never_reaches_training_at_any_window_length():
+    from lft_core.corpus import HELDOUT_EVERY, SPLIT_BLOCK, Corpus
+
+    n = 30 * SPLIT_BLOCK + 77
+    text = "".join(chr(_PositionTokenizer.BASE + i) for i in range(n))
+    corpus = Corpus("positions", (text,), "h")
+    tok = _PositionTokenizer()
+    held_block = lambda p: (p // SPLIT_BLOCK) % HELDOUT_EVERY == HELDOUT_EVERY - 1  # noqa: E731
+    heldout_seen, train_seen = set(), set()
+    for seq_len in (16, 50, 64, 128, 300, 512, 700):
+        train = make_windows(corpus, tok, seq_len, split="train")
+        held = make_windows(corpus, tok, seq_len, split="heldout")
+        assert not any(held_block(p) for p in train.ravel()), seq_len
+        assert all(held_block(p) for p in held.ravel()), seq_len
+        train_seen |= set(train.ravel().tolist())
+        heldout_seen |= set(held.ravel().tolist())
+        # a request for fewer windows is a prefix of the full split (the stream is tokenized only as needed)
+        assert np.array_equal(make_windows(corpus, tok, seq_len, 2, split="heldout"), held[:2])
+    assert not train_seen & heldout_seen
+    assert len(heldout_seen) >= 0.9 * 3 * SPLIT_BLOCK  # the 3 held-out blocks are used
+
+
+def test_split_rule_is_recorded(tiny_neox, tiny_neox_dir):
+    from lft_core.corpus import SPLIT_RULE
+    from lft_core.evaluation import eval_windows, evaluate
+    from lft_core.store import read_flow_config
+    from lft_core.training import TrainConfig, train_flow
+
+    train_flow(TrainConfig(model=str(tiny_neox_dir), span=(1, 3), steps=1, batch=2, seq_len=16, windows=4,
+                           heldout_windows=1, name="t-split"), teacher=tiny_neox, verbose=False)
+    assert read_flow_config("t-split")["split_rule"] == SPLIT_RULE
+    ids = eval_windows(tiny_neox, "builtin", None, 1, 16)
+    assert evaluate(tiny_neox, None, (1, 3), ids, ks=[], skips=[1], best_skip=False).to_json()["split_rule"] == SPLIT_RULE

@@ -10,6 +10,7 @@ import streamlit as st
 from app import common as c
 from lft_core.activations import delete_entry, list_entries
 from lft_core.paths import cache_dir
+from lft_core.corpus import SPLIT_BLOCK
 from lft_core.loading import DEFAULT_MODEL
 
 c.page_intro(
@@ -87,7 +88,8 @@ corpus = c.corpus_or_error()
 if corpus is not None:
     extra = f", {corpus.skipped_lines} bad lines skipped" if corpus.skipped_lines else ""
     st.caption(f"Corpus **{Path(corpus.id).name}**: {len(corpus.texts)} texts, {corpus.n_chars:,} characters"
-               f"{extra} (content hash `{corpus.content_hash}`). Every 10th window is held out for evaluation.")
+               f"{extra} (content hash `{corpus.content_hash}`). Every 10th block of {SPLIT_BLOCK} tokens is held "
+               "out for evaluation, whatever the window length.")
 
 c.persistent_widget("w_seq_len", c.SEQ_LEN)
 c.persistent_widget("w_windows", c.WINDOWS)
