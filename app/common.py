@@ -12,7 +12,8 @@ Session-state keys, all of them, by kind:
   running jobs ``_cache_running``, ``_train_running``; the span link's ``_span_qp``, ``_span_error`` and the
   heatmaps' last clicks ``_last_click_r``, ``_last_click_affine``;
 * "show this result" gates, holding the inputs of the last request: ``skip_shown``, ``cmp_params``,
-  ``toy_params``; ``flow_deleted`` carries a deletion's name across the rerun that follows it;
+  ``toy_params``; ``flow_deleted`` / ``flow_delete_problem`` carry a deletion's outcome from the Delete button's
+  callback to the page;
 * results each page publishes for its tests (AppTest reads them; pages never read another page's):
   ``recoupling_matrix``, ``affine_matrix``, ``skip_table``, ``flows_table``, ``trajectory_table``, ``crossings_result``,
   ``kl_result``, ``compare_table``, ``compare_eval``, ``toy_runs``.

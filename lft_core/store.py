@@ -148,6 +148,26 @@ def save_training_state(directory: Path, opt: torch.optim.Optimizer, step: int, 
     write_json(directory / STATE_JSON, scalars)
 
 
+def save_checkpoint(directory: Path, flow: LatentFlow, config: dict[str, Any], opt: torch.optim.Optimizer, step: int,
+                    gen: torch.Generator) -> None:
+    """Weights, config and training state of a run. A new flow's folder appears whole (built in a staging
+    folder) or not at all; an existing one has each file replaced atomically. A write that fails (a full
+    disk) ends in one LFTError line and leaves the previous checkpoint as it was."""
+    def write(folder: Path) -> None:
+        save_flow(flow, folder, config)
+        save_training_state(folder, opt, step, gen)
+
+    try:
+        if directory.is_dir():
+            write(directory)
+        else:
+            with atomic_folder(directory) as staging:
+                write(staging)
+    except OSError as e:
+        kept = "the last checkpoint is intact" if directory.is_dir() else "nothing was saved"
+        raise LFTError(f"could not save a checkpoint of flow {directory.name!r} ({e.strerror or e}); {kept}") from None
+
+
 def has_training_state(directory: Path) -> bool:
     """True when ``directory`` holds what ``--resume`` needs."""
     return (directory / STATE_JSON).is_file()

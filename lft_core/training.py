@@ -29,8 +29,8 @@ from .field import VelocityField
 from .flow import MAX_K, LatentFlow
 from .losses import LOSSES, check_method, compute_loss
 from .span import Span
-from .store import (NAME_RE, flow_lock, flows_dir, has_training_state, load_flow, load_training_state, save_flow,
-                    save_training_state)
+from .store import (NAME_RE, flow_lock, flows_dir, has_training_state, load_flow, load_training_state,
+                    read_flow_config, save_checkpoint)
 
 if TYPE_CHECKING:
     from .teacher import Teacher
@@ -159,13 +159,24 @@ class PairData:
 
 
 def load_pairs(teacher: Teacher, cfg: TrainConfig, progress: bool = True) -> PairData:
-    """Cache (if needed) and read h_m, h_n for the train and held-out windows of the config's corpus."""
+    """Cache (if needed) and read h_m, h_n for the train and held-out windows of the config's corpus.
+
+    An entry deleted between caching and reading (another session's Delete on the Setup page) is computed
+    again, once; a second failure is one LFTError line."""
     m, n = cfg.span
     corpus = load_corpus(cfg.corpus)
-    train = ensure_activations(teacher, corpus, cfg.seq_len, cfg.windows, [m, n], "train", progress=progress)
-    held = ensure_activations(teacher, corpus, cfg.seq_len, cfg.heldout_windows, [m, n], "heldout", progress=progress)
     f = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))  # noqa: E731
-    return PairData(f(train.layer(m)), f(train.layer(n)), f(held.layer(m)), f(held.layer(n)), train.key, held.key)
+    for attempt in range(2):
+        train = ensure_activations(teacher, corpus, cfg.seq_len, cfg.windows, [m, n], "train", progress=progress)
+        held = ensure_activations(teacher, corpus, cfg.seq_len, cfg.heldout_windows, [m, n], "heldout",
+                                  progress=progress)
+        try:
+            return PairData(f(train.layer(m)), f(train.layer(n)), f(held.layer(m)), f(held.layer(n)), train.key,
+                            held.key)
+        except (OSError, ValueError, LFTError) as e:
+            if attempt:
+                raise LFTError(f"the cached hidden states of the training data could not be read ({e})") from None
+    raise AssertionError("unreachable")
 
 
 def normalisation_stats(x0: torch.Tensor, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,22 +258,47 @@ def train_flow(
         return _train_locked(cfg, teacher, name, progress, should_stop, resume, device, verbose)
 
 
+RESUME_MUST_MATCH = ("method", "k", "alpha", "lr", "batch", "seq_len", "windows", "corpus", "loss_weighting")
+"""Settings a resumed run must share with its checkpoint (the span and the model are checked too)."""
+
+
+def _check_resume(name: str, cfg: TrainConfig, teacher: Teacher, saved: dict) -> None:
+    """LFTError naming the first setting in which ``cfg`` differs from the checkpoint it would continue."""
+    if saved.get("model") != teacher.model_id or tuple(saved.get("span", ())) != cfg.span:
+        raise LFTError(f"cannot resume {name}: it was trained for another model or span "
+                       f"({saved.get('model')}, span {saved.get('span')})")
+    for key in RESUME_MUST_MATCH:
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise LFTError(f"cannot resume {name}: it was trained with {key} = {saved[key]!r}, not "
+                           f"{getattr(cfg, key)!r}; resume with the same settings or train a new flow")
+    done = saved.get("steps_done")
+    if isinstance(done, int) and cfg.steps < done:
+        raise LFTError(f"cannot resume {name} for {cfg.steps} steps: {done} are done already (ask for more)")
+
+
 def _train_locked(cfg: TrainConfig, teacher: Teacher, name: str, progress, should_stop, resume: bool, device: str | None,
                   verbose: bool) -> TrainResult:
     from tqdm import tqdm
 
     out_dir = flows_dir() / name
+    if out_dir.exists() and not resume:
+        raise LFTError(f"a flow named {name!r} exists already: continue it with --resume, or delete it first "
+                       f"with `python -m lft_core flows --delete {name}`")
+    if resume and out_dir.exists() and not has_training_state(out_dir):
+        raise LFTError(f"flow {name!r} has no training state to resume from (damaged, or saved by another tool)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
 
+    saved: dict = {}
+    if resume and out_dir.exists():
+        saved = read_flow_config(name)
+        _check_resume(name, cfg, teacher, saved)
     data = load_pairs(teacher, cfg, progress=verbose)
     m, n = cfg.span
     start_step, history = 0, []
-    if resume and has_training_state(out_dir):
+    if saved:
         flow, saved = load_flow(out_dir)
-        if saved.get("model") != teacher.model_id or tuple(saved.get("span", ())) != cfg.span:
-            raise LFTError(f"cannot resume {name}: it was trained for another model or span")
         history = saved.get("history", [])
     else:
         field_spec = teacher.field_spec()
@@ -273,7 +309,7 @@ def _train_locked(cfg: TrainConfig, teacher: Teacher, name: str, progress, shoul
             flow.set_normalisation(*normalisation_stats(data.x0, data.x1))
     flow.to(device)
     opt = torch.optim.AdamW(flow.field.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if resume and has_training_state(out_dir):
+    if saved:
         start_step = load_training_state(out_dir, opt, gen)
 
     config = {
@@ -291,9 +327,8 @@ def _train_locked(cfg: TrainConfig, teacher: Teacher, name: str, progress, shoul
     }
 
     def checkpoint(step: int, status: str) -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_flow(flow, out_dir, {**config, "steps_done": step, "status": status, "history": history})
-        save_training_state(out_dir, opt, step, gen)
+        save_checkpoint(out_dir, flow, {**config, "steps_done": step, "status": status, "history": history}, opt,
+                        step, gen)
 
     use_amp = device.startswith("cuda")
     tokens_per_step = cfg.batch * cfg.seq_len

@@ -19,7 +19,7 @@ from lft_core.evaluation import EvalResult, eval_windows, lft_rows, reference_lo
 from lft_core.loading import load_teacher  # noqa: E402
 from lft_core.metrics import perplexity  # noqa: E402
 from lft_core.span import Span  # noqa: E402
-from lft_core.store import open_flow  # noqa: E402
+from lft_core.store import flows_dir, open_flow  # noqa: E402
 from lft_core.training import TrainConfig, train_flow  # noqa: E402
 
 
@@ -50,8 +50,9 @@ def main() -> None:
                 flow, saved = open_flow(name, teacher)
                 assert saved.get("status") == "complete" and saved.get("steps_done") == a.steps
                 tr = {"name": name, "reused": True, "heldout_nmse": saved["history"][-1].get("heldout_nmse")}
-            except Exception:
-                tr = train_flow(cfg, teacher=teacher, verbose=False).to_json()
+            except Exception:  # an unfinished run of the same name is continued, never overwritten
+                resume = (flows_dir() / name).is_dir()
+                tr = train_flow(cfg, teacher=teacher, verbose=False, resume=resume).to_json()
                 flow, _ = open_flow(name, teacher)
             if not best:
                 best["rows"] = [r for r in skip_rows(teacher, span, ids, ref, (1, 2, 3), best_skip=True)

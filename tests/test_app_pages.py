@@ -237,6 +237,31 @@ def test_train_page_deletes_a_flow_after_confirmation(tiny_flow):
     assert "tiny-fw" in list(at.session_state["flows_table"]["name"])
 
 
+def test_train_page_deletes_exactly_the_flow_the_user_saw_selected(tiny_flow):
+    """Pick a flow that is not the first, press Delete without confirming, then confirm without touching the
+    selection: the flow that stayed selected is deleted, no other."""
+    import shutil
+
+    from lft_core.store import flows_dir
+
+    for name in ("apptest-a-keep", "apptest-b-victim"):
+        shutil.copytree(flows_dir() / tiny_flow["name"], flows_dir() / name)
+    at = open_page("train", {"span": TINY_SPAN})
+    options = at.selectbox(key="w_delete_flow").options
+    assert options.index("apptest-b-victim") > 0
+    at.selectbox(key="w_delete_flow").set_value("apptest-b-victim")
+    at = click(at, "Delete flow")
+    assert any("Tick the box" in w.value for w in at.warning)
+    assert at.selectbox(key="w_delete_flow").value == "apptest-b-victim"  # the selection stays as the user left it
+    at.checkbox(key="w_delete_sure").check()
+    at = click(at, "Delete flow")
+    assert_clean(at)
+    assert not (flows_dir() / "apptest-b-victim").exists()
+    assert (flows_dir() / "apptest-a-keep").is_dir() and (flows_dir() / tiny_flow["name"]).is_dir()
+    assert at.checkbox(key="w_delete_sure").value is False  # the confirmation does not carry over
+    shutil.rmtree(flows_dir() / "apptest-a-keep")
+
+
 # -- trajectories -------------------------------------------------------------------------------------------
 
 

@@ -146,6 +146,22 @@ def jobs_panel() -> None:
 st.subheader("Running")
 jobs_panel()
 
+def _delete_selected_flow() -> None:
+    """The Delete button's callback: acts on exactly the flow the user saw selected, and only once confirmed."""
+    victim = st.session_state.get("w_delete_flow")
+    if not st.session_state.get("w_delete_sure"):
+        st.session_state["flow_delete_problem"] = "Tick the box to confirm the deletion."
+        return
+    try:
+        delete_flow(victim)
+    except LFTError as e:
+        st.session_state["flow_delete_problem"] = str(e)
+        return
+    st.session_state["flow_deleted"] = victim
+    st.session_state["w_delete_sure"] = False
+    st.session_state.pop("w_delete_flow", None)
+
+
 st.subheader("Saved flows")
 if deleted := st.session_state.pop("flow_deleted", None):
     st.success(f"Deleted flow **{deleted}**.")
@@ -160,21 +176,12 @@ if flows:
     st.session_state["flows_table"] = table
     c.show_table(table, "flows", key="flows_table_df")
     with st.expander("Delete a flow"):
-        with st.form("delete_flow_form", clear_on_submit=True, border=False):
-            victim = st.selectbox("Flow", [f.name for f in flows], key="w_delete_flow")
-            sure = st.checkbox("Delete its weights and training history; this cannot be undone",
-                               key="w_delete_sure")
-            if st.form_submit_button("Delete flow", icon=":material/delete:"):
-                if not sure:
-                    st.warning("Tick the box to confirm the deletion.")
-                else:
-                    try:
-                        delete_flow(victim)
-                    except LFTError as e:
-                        st.error(str(e))
-                    else:
-                        st.session_state["flow_deleted"] = victim
-                        st.rerun()
+        with st.form("delete_flow_form", border=False):
+            st.selectbox("Flow", [f.name for f in flows], key="w_delete_flow")
+            st.checkbox("Delete its weights and training history; this cannot be undone", key="w_delete_sure")
+            st.form_submit_button("Delete flow", icon=":material/delete:", on_click=_delete_selected_flow)
+        if problem := st.session_state.pop("flow_delete_problem", None):
+            st.warning(problem)
 else:
     st.info("No flow has been trained for this model yet: set the span and press **Start training**.")
 
