@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .atomic import save_npy, write_json
+from .atomic import DamagedRecord, read_record, save_npy, write_json
 from .corpus import SPLIT_RULE, Corpus, make_windows
 from .errors import LFTError
 from .paths import cache_dir
@@ -85,12 +85,21 @@ def _layer_file(entry: Path, i: int) -> Path:
     return entry / f"layer_{i:02d}.npy"
 
 
+META_FIELDS = {"format_version": int, "model": str, "windows": int, "seq_len": int, "d_model": int,
+               "n_layers": int, "layers": list, "split": str}
+
+
 def _read_meta(entry: Path) -> dict | None:
+    """The entry's meta.json if it is whole, of this format, and says something possible (positive sizes,
+    layers inside 0..n_layers); None otherwise (the entry is then treated as damaged and rebuilt)."""
     try:
-        meta = json.loads((entry / "meta.json").read_text())
-        return meta if isinstance(meta, dict) and meta.get("format_version") == FORMAT_VERSION else None
-    except (OSError, json.JSONDecodeError):
+        meta = read_record(entry / "meta.json", META_FIELDS)
+    except DamagedRecord:
         return None
+    sizes_ok = all(meta[k] >= 1 for k in ("windows", "seq_len", "d_model", "n_layers"))
+    layers = meta["layers"]
+    layers_ok = all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= meta["n_layers"] for i in layers)
+    return meta if meta["format_version"] == FORMAT_VERSION and sizes_ok and layers_ok else None
 
 
 def _valid_array(path: Path, shape: tuple[int, ...], dtype: str) -> bool:
@@ -213,6 +222,8 @@ def ensure_activations(
         raise CacheError(f"cache entry {key} is being written by another process; try again shortly") from None
     try:
         meta = _read_meta(entry)
+        if meta is not None and (meta["windows"], meta["seq_len"], meta["d_model"]) != shape:
+            meta = None  # a meta.json that describes other arrays (edited, or from another version)
         if meta is None and entry.exists():
             shutil.rmtree(entry)  # damaged: nothing in it can be trusted
         created = not entry.exists()

@@ -1,4 +1,5 @@
-"""Atomic writes: every file and folder the engine saves appears whole or not at all.
+"""Atomic writes and checked reads: every file the engine saves appears whole or not at all, and reads back
+checked.
 
 One guarantee for every writer: the content goes to a temporary name in the target's own folder, is flushed
 and fsync'ed, then renamed over the target with ``os.replace`` (atomic on POSIX within one file system). A
@@ -7,7 +8,8 @@ file under the real name; the temporary is removed when the write fails.
 
 * ``atomic_write(path, fill)``: ``fill(tmp_path)`` writes the content (any library that writes to a path);
 * ``write_bytes`` / ``write_text`` / ``write_json`` / ``save_npy``: the common cases;
-* ``atomic_folder(target)``: a folder built in a staging sibling, fsync'ed and renamed into place.
+* ``atomic_folder(target)``: a folder built in a staging sibling, fsync'ed and renamed into place;
+* ``read_record(path, fields)``: the way back: a JSON object with typed fields, or one DamagedRecord line.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+
+from .errors import LFTError
 
 
 def _fsync_file(path: str | Path) -> None:
@@ -107,3 +111,28 @@ def atomic_folder(target: str | Path, replace: bool = False) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+class DamagedRecord(LFTError):
+    """A record file (JSON) is missing, unreadable, not an object, or has a field of the wrong type."""
+
+
+def read_record(path: str | Path, fields: dict[str, type | tuple[type, ...]] | None = None) -> dict:
+    """The JSON object in ``path``, with each of ``fields`` present and of its type (bool is not an int here);
+    DamagedRecord naming the first problem otherwise. Every record the engine reads back goes through here, so
+    a truncated, hand-edited or foreign file is one clear line (or a rebuild), never a traceback."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DamagedRecord(f"{path.name} is missing") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise DamagedRecord(f"{path.name} cannot be read ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise DamagedRecord(f"{path.name} holds a JSON {type(data).__name__}, not an object")
+    for name, kind in (fields or {}).items():
+        value = data.get(name)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if name not in data or (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            raise DamagedRecord(f"{path.name}: field {name!r} is missing or not a {'/'.join(k.__name__ for k in kinds)}")
+    return data

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,14 +19,49 @@ import numpy as np
 from .atomic import write_json
 from .errors import LFTError
 from .span import Span
-from .training import TrainConfig
+from .training import MAX_SEED, TrainConfig
 
 
 def _write_json(path: str | None, data: dict) -> None:
     if path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        write_json(p, data, indent=2)
+        write_json(Path(path), data, indent=2)
+
+
+def check_output_path(path: str | None, flag: str = "--json") -> None:
+    """LFTError at once (before any work) unless ``path`` can be written: not a folder, its folder exists and
+    takes a new file (tried, then removed)."""
+    if not path:
+        return
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise LFTError(f"{flag} {path} is a folder: give a file name")
+    if not p.parent.is_dir():
+        raise LFTError(f"{flag} {path}: the folder {p.parent} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=p.parent, prefix=f".{p.name}.", suffix=".check"):
+            pass
+    except OSError as e:
+        raise LFTError(f"{flag} {path} cannot be written ({e.strerror or e})") from None
+
+
+MAX_PAIRS = 4096  # a 4096² float64 cost matrix is 128 MiB, and the exact assignment is cubic in it
+
+
+def _pairs(text: str) -> int:
+    v = _positive(text)
+    if v > MAX_PAIRS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_PAIRS} pairs (memory and time grow with pairs²), got {v}")
+    return v
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= v <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"seed must be between 0 and 2**63 - 1, got {v}")
+    return v
 
 
 def _span(text: str) -> Span:
@@ -366,12 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recoupling", help="recoupling ratio of every span (optimal transport vs true pairing)")
     common(r)
-    r.add_argument("--pairs", type=_positive, default=512, help="token pairs sampled per span")
+    r.add_argument("--pairs", type=_pairs, default=512,
+                   help=f"token pairs sampled per span (at most {MAX_PAIRS}: the cost matrix is pairs² float64)")
     r.add_argument("--spans", default="all", help="all or M:N,M:N")
     r.add_argument("--seq-len", type=_positive, default=128)
     r.add_argument("--windows", type=_positive, default=16)
     r.add_argument("--include-first", action="store_true", help="keep position 0 (attention sinks)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=_seed, default=0)
 
     y = sub.add_parser("toy", help="2-D teaching lab: SFM vs Flow Walking on paired point clouds")
     y.add_argument("--dataset", default="mirror", help="mirror, rotation, swap or identity")
@@ -379,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--steps", type=_positive, default=1500)
     y.add_argument("--k", type=_positive, default=3)
     y.add_argument("--points", type=_positive, default=256)
-    y.add_argument("--seed", type=int, default=0)
+    y.add_argument("--seed", type=_seed, default=0)
     y.add_argument("--json", metavar="PATH")
 
     f = sub.add_parser("flows", help="list the saved flows, or delete one")
@@ -401,13 +438,18 @@ def main(argv: list[str] | None = None) -> int:
         args.corpus_given = args.corpus is not None
     start = time.perf_counter()
     try:
+        check_output_path(getattr(args, "json", None))  # before any work: an hour of evaluation is never lost
         result = COMMANDS[args.command](args)
+        result.setdefault("wall_seconds", round(time.perf_counter() - start, 3))
+        _write_json(getattr(args, "json", None), result)
     except LFTError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine said no (a full disk, a read-only folder, a vanished file): one line
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    result.setdefault("wall_seconds", round(time.perf_counter() - start, 3))
-    _write_json(getattr(args, "json", None), result)
     return 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,7 +77,10 @@ def _builtin_texts() -> list[str]:
 
 def _read_text_file(path: Path) -> str:
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a device, FIFO or socket would read forever or block
+            raise CorpusError(f"{path} is not a regular file (a device, pipe or socket): give a text file")
+        size = info.st_size
         if size > MAX_FILE_BYTES:
             raise CorpusError(f"{path} is {size / 2**20:.0f} MiB; the limit is {MAX_FILE_BYTES // 2**20} MiB")
         raw = path.read_bytes()
@@ -111,8 +115,10 @@ def _read_jsonl(path: Path) -> tuple[list[str], int]:
             continue
         try:
             obj = json.loads(line)
-            text = obj["text"] if isinstance(obj, dict) else None
-        except (json.JSONDecodeError, KeyError):
+            text = obj.get("text") if isinstance(obj, dict) else None
+            if isinstance(text, str):
+                text.encode("utf-8")  # a lone surrogate ("\ud800") decodes in JSON but is not text
+        except (ValueError, RecursionError, UnicodeEncodeError):  # bad JSON, absurd nesting, lone surrogates
             text = None
         if isinstance(text, str) and text.strip():
             texts.append(text.strip())

@@ -7,7 +7,7 @@ For every token of the evaluation text: KL(P_teacher || P_model) of next-token d
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
@@ -16,7 +16,7 @@ import torch
 from .corpus import SPLIT_RULE, load_corpus, make_windows
 from .errors import LFTError
 from .flow import MAX_K, Replacement, check_replaces
-from .metrics import kl_per_token, nmse, perplexity
+from .metrics import kl_per_token, nll_per_token, nmse, perplexity
 from .span import Span
 from .teacher import Replace, Skip, Surgery
 
@@ -74,8 +74,29 @@ def _batched_logits(teacher: Teacher, ids: torch.Tensor, batch: int, surgery: Su
     return torch.cat([teacher.logits(ids[s : s + batch], surgery) for s in range(0, len(ids), batch)])
 
 
-def _kl_ppl(ref_logits: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, float]:
-    return float(kl_per_token(ref_logits, logits).mean()), perplexity(logits, ids)
+def stream_metrics(teacher: Teacher, ids: torch.Tensor, models: Sequence[Surgery | None], batch: int = 8,
+                   progress: Callable[[str], None] | None = None) -> list[tuple[float, float]]:
+    """(mean KL(teacher ‖ model), perplexity) of each model (a surgery; None: the teacher itself) on ``ids``
+    (windows, seq_len), streamed: one batch's teacher logits and one model's logits are alive at a time, so
+    memory does not grow with the number of windows (a vocabulary of 49k makes that 25 MB per 128-token
+    window). Means are over every token (KL) and every next-token prediction (NLL)."""
+    kl_sum = [0.0] * len(models)
+    nll_sum = [0.0] * len(models)
+    tokens = predictions = 0
+    say = progress or (lambda s: None)
+    for start in range(0, len(ids), batch):
+        say(f"windows {start + 1}-{min(start + batch, len(ids))} of {len(ids)}")
+        part = ids[start : start + batch]
+        ref = teacher.logits(part)
+        for j, surgery in enumerate(models):
+            logits = ref if surgery is None else teacher.logits(part, surgery)
+            kl_sum[j] += float(kl_per_token(ref, logits).double().sum())
+            nll_sum[j] += float(nll_per_token(logits, part).double().sum())
+            del logits
+        tokens += part.numel()
+        predictions += part.shape[0] * (part.shape[1] - 1)
+        del ref
+    return [(kl / tokens, float(np.exp(nll / predictions))) for kl, nll in zip(kl_sum, nll_sum)]
 
 
 def best_skip_start(teacher: Teacher, ids: torch.Tensor, ref_logits: torch.Tensor, k: int,
@@ -91,54 +112,74 @@ def best_skip_start(teacher: Teacher, ids: torch.Tensor, ref_logits: torch.Tenso
 
 
 def reference_logits(teacher: Teacher, ids: torch.Tensor, batch: int = 8) -> torch.Tensor:
-    """The teacher's logits for ``ids`` (windows, seq_len) -> (windows, seq_len, vocab), float32."""
+    """The teacher's logits for ``ids`` (windows, seq_len) -> (windows, seq_len, vocab), float32 (for a few
+    windows: the best-skip search probes on two)."""
     return _batched_logits(teacher, ids, batch)
 
 
-def lft_rows(teacher: Teacher, flow: Replacement, ids: torch.Tensor, ref: torch.Tensor, ks: Sequence[int] = (1, 2, 3),
+def end_point_nmse(teacher: Teacher, flow: Replacement, ids: torch.Tensor, ks: Sequence[int],
+                   batch: int = 8) -> dict[int, float]:
+    """NMSE of the flow's end point against h_n, for each k, over every token of ``ids`` (streamed by batch)."""
+    m, n = flow.span
+    sums = dict.fromkeys(ks, 0.0)
+    count = 0
+    for start in range(0, len(ids), batch):
+        hs = teacher.hidden_states(ids[start : start + batch], [m, n])
+        tokens = hs[m].shape[0] * hs[m].shape[1]
+        with torch.no_grad():
+            for k in ks:
+                sums[k] += nmse(flow(hs[m], k=k).float(), hs[n]) * tokens
+        count += tokens
+    return {k: v / count for k, v in sums.items()}
+
+
+def _lft_models(flow: Replacement, ks: Sequence[int], model: str) -> list[tuple[EvalRow, Surgery]]:
+    return [(EvalRow(model, k, 0.0, 0.0), Replace(flow, k)) for k in ks]
+
+
+def _skip_models(teacher: Teacher, span: Span, ids: torch.Tensor, skips: Sequence[int], best_skip: bool, batch: int,
+                 search_windows: int, progress: Callable[[str], None] | None) -> list[tuple[EvalRow, Surgery]]:
+    m, n = span
+    say = progress or (lambda s: None)
+    planned = []
+    probe = ids[: max(1, min(len(ids), search_windows))]
+    probe_ref = reference_logits(teacher, probe, batch) if best_skip and skips else None
+    for k in skips:
+        if k <= n - m:
+            planned.append((EvalRow("skip", k, 0.0, 0.0, where="span", start=m), Skip(m, k)))
+        if best_skip:
+            say(f"searching the best position to skip {k} block(s)")
+            start, _ = best_skip_start(teacher, probe, probe_ref, k, batch)
+            planned.append((EvalRow("skip", k, 0.0, 0.0, where="best", start=start), Skip(start, k)))
+    return planned
+
+
+def _measured(teacher: Teacher, ids: torch.Tensor, planned: list[tuple[EvalRow, Surgery]], batch: int,
+              progress: Callable[[str], None] | None) -> list[EvalRow]:
+    """The planned rows with their KL and PPL filled in, from one streamed pass over ``ids``."""
+    metrics = stream_metrics(teacher, ids, [surgery for _, surgery in planned], batch, progress)
+    return [replace(row, kl=kl, ppl=ppl) for (row, _), (kl, ppl) in zip(planned, metrics)]
+
+
+def lft_rows(teacher: Teacher, flow: Replacement, ids: torch.Tensor, ks: Sequence[int] = (1, 2, 3),
              batch: int = 8, progress: Callable[[str], None] | None = None, model: str = "lft") -> list[EvalRow]:
     """KL / PPL / NMSE of the teacher with ``flow.span`` replaced by ``flow`` (an LFT, or any ``Replacement``:
     ``model`` labels the rows, e.g. "affine") for each k."""
-    m, n = teacher.check_span(*flow.span)
+    teacher.check_span(*flow.span)
     _check_ks(ks)
-    say = progress or (lambda s: None)
-    hs: dict[int, list[torch.Tensor]] = {}
-    for s in range(0, len(ids), batch):
-        for key, v in teacher.hidden_states(ids[s : s + batch], [m, n]).items():
-            hs.setdefault(key, []).append(v)
-    x0, x1 = torch.cat(hs[m]), torch.cat(hs[n])
-    rows = []
-    for k in ks:
-        say(f"{model.upper()} k={k}")
-        with torch.no_grad():
-            x_hat = torch.cat([flow(x0[s : s + batch], k=k).float() for s in range(0, len(x0), batch)])
-        logits = _batched_logits(teacher, ids, batch, Replace(flow, k))
-        kl, ppl = _kl_ppl(ref, logits, ids)
-        rows.append(EvalRow(model, k, kl, ppl, nmse=float(nmse(x_hat, x1))))
-    return rows
+    rows = _measured(teacher, ids, _lft_models(flow, ks, model), batch, progress)
+    errors = end_point_nmse(teacher, flow, ids, ks, batch)
+    return [replace(row, nmse=errors[row.k]) for row in rows]
 
 
-def skip_rows(teacher: Teacher, span: Span | tuple[int, int], ids: torch.Tensor, ref: torch.Tensor, skips: Sequence[int] = (1, 2, 3),
+def skip_rows(teacher: Teacher, span: Span | tuple[int, int], ids: torch.Tensor, skips: Sequence[int] = (1, 2, 3),
               best_skip: bool = True, batch: int = 8, search_windows: int = 2,
               progress: Callable[[str], None] | None = None) -> list[EvalRow]:
     """KL / PPL of skip-k: the first k blocks of the span ("span") and, with ``best_skip``, the k blocks whose
     removal hurts least anywhere in the model ("best", searched on the first ``search_windows`` windows)."""
-    m, n = span
     _check_skips(teacher, skips)
-    say = progress or (lambda s: None)
-    rows = []
-    probe = max(1, min(len(ids), search_windows))
-    for k in skips:
-        if k <= n - m:
-            say(f"skip k={k} in span")
-            kl, ppl = _kl_ppl(ref, _batched_logits(teacher, ids, batch, Skip(m, k)), ids)
-            rows.append(EvalRow("skip", k, kl, ppl, where="span", start=m))
-        if best_skip:
-            say(f"skip k={k} best position")
-            start, _ = best_skip_start(teacher, ids[:probe], ref[:probe], k, batch)
-            kl, ppl = _kl_ppl(ref, _batched_logits(teacher, ids, batch, Skip(start, k)), ids)
-            rows.append(EvalRow("skip", k, kl, ppl, where="best", start=start))
-    return rows
+    planned = _skip_models(teacher, Span.of(span), ids, skips, best_skip, batch, search_windows, progress)
+    return _measured(teacher, ids, planned, batch, progress)
 
 
 def evaluate(
@@ -155,10 +196,11 @@ def evaluate(
 ) -> EvalResult:
     """Rows of KL / NMSE / PPL for the LFT at each k, the closed-form affine replacement (``affine``, a
     ``baselines.AffineReplacement`` of the same span, one row with k = 1) and skip-k (in the span, and at the
-    best position).
+    best position), from one streamed pass over the windows (memory does not grow with their number).
 
     ``ids`` shape (windows, seq_len), held-out text. ``flow`` is a LatentFlow (or None for baseline rows only);
-    ``span`` defaults to the flow's (or the affine map's) and must agree with them when given.
+    ``span`` defaults to the flow's (or the affine map's) and must agree with them when given. Non-finite
+    results are an LFTError, never a row of NaN.
     """
     start_time = time.perf_counter()
     if span is None:
@@ -171,16 +213,26 @@ def evaluate(
             check_replaces(replacement, span, label)
     if ids.ndim != 2 or ids.shape[1] < 2:
         raise LFTError("evaluation needs token windows of at least 2 tokens")
-    _check_ks(ks)  # before any forward pass (lft_rows and skip_rows check again for direct callers)
+    _check_ks(ks)  # before any forward pass
     _check_skips(teacher, skips)
-    ref = reference_logits(teacher, ids, batch)
-    result = EvalResult(span=span, tokens=int(ids.numel()), teacher_ppl=perplexity(ref, ids))
+    planned: list[tuple[EvalRow, Surgery | None]] = [(EvalRow("teacher", 0, 0.0, 0.0), None)]
     if flow is not None:
-        result.rows += lft_rows(teacher, flow, ids, ref, ks, batch, progress)
+        planned += _lft_models(flow, ks, "lft")
     if affine is not None:
-        result.rows += lft_rows(teacher, affine, ids, ref, (1,), batch, progress, model="affine")
-    result.rows += skip_rows(teacher, span, ids, ref, skips, best_skip, batch, progress=progress)
-    result.seconds = time.perf_counter() - start_time
+        planned += _lft_models(affine, (1,), "affine")
+    planned += _skip_models(teacher, span, ids, skips, best_skip, batch, 2, progress)
+    teacher_row, *rows = _measured(teacher, ids, planned, batch, progress)
+    for replacement, model, steps in ((flow, "lft", ks), (affine, "affine", (1,))):
+        if replacement is not None:
+            errors = end_point_nmse(teacher, replacement, ids, steps, batch)
+            rows = [replace(r, nmse=errors[r.k]) if r.model == model else r for r in rows]
+    result = EvalResult(span=span, tokens=int(ids.numel()), teacher_ppl=teacher_row.ppl, rows=rows,
+                        seconds=time.perf_counter() - start_time)
+    broken = [f"{r.model} k={r.k}" for r in result.rows
+              if not all(np.isfinite(v) for v in (r.kl, r.ppl) + ((r.nmse,) if r.nmse is not None else ()))]
+    if broken or not np.isfinite(result.teacher_ppl):
+        raise LFTError(f"the evaluation gave non-finite KL / PPL / NMSE for {', '.join(broken) or 'the teacher'}: "
+                       "the model or the flow produces inf or NaN on this text")
     return result
 
 

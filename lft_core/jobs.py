@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .atomic import write_json, write_text
+from .atomic import DamagedRecord, read_record, write_json, write_text
 from .errors import LFTError
 from .paths import REPO_ROOT, cache_dir
 
@@ -41,7 +41,7 @@ class Job:
     label: str
     args: list[str]
     created: str
-    status: str  # "running" | "complete" | "failed" | "stopped" | "stopping"
+    status: str  # "running" | "complete" | "failed" | "stopped" | "stopping" | "damaged"
     events: list[dict] = field(default_factory=list)
     result: dict | None = None
     exit_code: int | None = None
@@ -106,26 +106,38 @@ def _alive(pid: int | None) -> bool:
         return True
 
 
+JOB_FIELDS = {"kind": str, "args": list, "created": str}
+EVENT_FIELDS = {"step": int, "steps": int, "loss": (int, float)}  # one training progress event
+RESULT_FIELDS = {"train": {"name": str, "final_loss": (int, float), "heldout_nmse": (int, float),
+                           "seconds": (int, float), "device": str}}
+
+
 def read_job(job_id: str) -> Job:
+    """A job as its files say; a damaged record (job.json unreadable, not an object, wrong field types) is
+    returned with status "damaged" and the reason as its label, so listings go on; LFTError if there is none."""
     d = jobs_dir() / job_id
+    if not d.is_dir():
+        raise LFTError(f"job {job_id} not found")
     try:
-        meta = json.loads((d / "job.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        raise LFTError(f"job {job_id} not found or damaged") from None
+        meta = read_record(d / "job.json", JOB_FIELDS)
+    except DamagedRecord as e:
+        return Job(job_id, d, "?", f"damaged job record: {e}", [], "", "damaged")
     events = []
     try:
-        for line in (d / "progress.jsonl").read_text().splitlines():
+        for line in (d / "progress.jsonl").read_text(errors="replace").splitlines():
             try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a line being written right now
+                event = json.loads(line)
+            except (ValueError, RecursionError):
+                continue  # a line being written right now, or damaged
+            if isinstance(event, dict) and all(
+                    isinstance(event.get(k), t) and not isinstance(event.get(k), bool) for k, t in EVENT_FIELDS.items()):
+                events.append(event)
     except OSError:
         pass
-    result = None
     try:
-        result = json.loads((d / "result.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        pass
+        result = read_record(d / "result.json", RESULT_FIELDS.get(meta["kind"]))
+    except DamagedRecord:
+        result = None
     exit_code = None
     try:
         exit_code = int((d / "exit_code").read_text().strip())
@@ -135,12 +147,12 @@ def read_job(job_id: str) -> Job:
         status = "complete" if exit_code == 0 else "failed"
         if exit_code == 0 and result and result.get("stopped"):
             status = "stopped"
-    elif _alive(meta.get("pid")):
+    elif isinstance(meta.get("pid"), int) and _alive(meta["pid"]):
         status = "stopping" if (d / "STOP").exists() else "running"
     else:
         status = "failed"
-    return Job(job_id, d, meta["kind"], meta.get("label", ""), meta["args"], meta["created"], status, events,
-               result, exit_code)
+    return Job(job_id, d, meta["kind"], str(meta.get("label", "")), [str(a) for a in meta["args"]], meta["created"],
+               status, events, result, exit_code)
 
 
 def list_jobs(kind: str | None = None) -> list[Job]:
@@ -163,7 +175,11 @@ def stop_job(job_id: str, kill_after: float | None = None) -> None:
     (d / "STOP").touch()
     if kill_after is not None:
         deadline = time.time() + kill_after
-        pid = json.loads((d / "job.json").read_text()).get("pid")
+        try:
+            pid = read_record(d / "job.json").get("pid")
+        except DamagedRecord:
+            return
+        pid = pid if isinstance(pid, int) else None
         while time.time() < deadline and _alive(pid):
             time.sleep(0.2)
         if _alive(pid):
@@ -189,7 +205,7 @@ def _die_with_parent(parent: int) -> None:
 
 def _run(job_dir: Path) -> int:
     """The runner: run the job's CLI command as a child and record its exit code."""
-    meta = json.loads((job_dir / "job.json").read_text())
+    meta = read_record(job_dir / "job.json", JOB_FIELDS)
     code = subprocess.call([sys.executable, "-m", "lft_core", *meta["args"]], cwd=str(REPO_ROOT),
                            preexec_fn=(lambda parent=os.getpid(): _die_with_parent(parent))
                            if sys.platform.startswith("linux") else None)

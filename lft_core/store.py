@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from torch import Tensor
 
-from .atomic import atomic_folder, atomic_write, write_json, write_text
+from .atomic import DamagedRecord, atomic_folder, atomic_write, read_record, write_json, write_text
 from .errors import LFTError
 from .field import FieldSpec
 from .flow import LatentFlow
@@ -107,7 +107,7 @@ def load_flow(directory: str | Path, map_location: str | torch.device = "cpu") -
         if not path.is_file():
             raise FlowCheckpointError(f"flow checkpoint file not found: {path}")
     try:
-        config = json.loads(config_path.read_text())
+        config = read_record(config_path, {"field_spec": dict})
         spec = FieldSpec.from_dict(config["field_spec"])
         n_layers = config.get("n_layers")
         n_layers = n_layers if isinstance(n_layers, int) else None
@@ -129,6 +129,11 @@ def load_flow(directory: str | Path, map_location: str | torch.device = "cpu") -
         raise FlowCheckpointError(
             f"flow weights {model_path} do not match its config (from another model?): {detail[:160]}"
         ) from None
+    bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise FlowCheckpointError(f"flow weights {model_path} hold non-finite values (in {', '.join(bad[:3])})")
+    if not bool((flow.sigma > 0).all()):
+        raise FlowCheckpointError(f"flow {directory.name}: its normalisation has sigma <= 0, which is impossible")
     return flow.to(map_location).eval(), config
 
 
@@ -299,8 +304,8 @@ class SavedFlow:
 
 def _record(directory: Path) -> SavedFlow:
     try:
-        config = json.loads((directory / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        config = read_record(directory / CONFIG_FILE)
+    except DamagedRecord as e:
         return SavedFlow(directory.name, directory, error=f"unreadable config ({e})")
     record = SavedFlow.from_config(directory.name, directory, config)
     if record.status == "running" and not being_trained(directory.name):
@@ -333,10 +338,9 @@ def read_flow_config(name: str) -> dict:
     """A flow's config.json (by name or folder) without loading its weights."""
     path = flow_path(name)
     try:
-        config = json.loads((path / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_record(path / CONFIG_FILE)
+    except DamagedRecord:
         raise LFTError(f"flow {name!r} has a missing or damaged config.json") from None
-    return config
 
 
 def saved_flow(name: str) -> SavedFlow:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from .teacher import Teacher
 
 METHODS = tuple(LOSSES)  # "sfm", "fw", "hybrid"
+MAX_SEED = 2**63 - 1  # the largest seed every RNG the engine seeds (torch, numpy) takes
 LOSS_WEIGHTINGS = ("nmse", "uniform")
 
 
@@ -101,6 +102,8 @@ class TrainConfig:
                 raise LFTError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch > self.windows:
             raise LFTError(f"batch ({self.batch}) cannot exceed the number of windows ({self.windows})")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise LFTError(f"seed must be an integer between 0 and 2**63 - 1, got {self.seed!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise LFTError(f"learning rate must be positive, got {self.lr}")
         if self.sink_weight is not None and not (0 <= self.sink_weight < 1e6):

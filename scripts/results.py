@@ -15,9 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lft_core.atomic import write_json  # noqa: E402
-from lft_core.evaluation import EvalResult, eval_windows, lft_rows, reference_logits, skip_rows  # noqa: E402
+from lft_core.evaluation import EvalResult, eval_windows, lft_rows, skip_rows, stream_metrics  # noqa: E402
 from lft_core.loading import load_teacher  # noqa: E402
-from lft_core.metrics import perplexity  # noqa: E402
 from lft_core.span import Span  # noqa: E402
 from lft_core.store import flows_dir, open_flow  # noqa: E402
 from lft_core.training import TrainConfig, train_flow  # noqa: E402
@@ -34,14 +33,13 @@ def main() -> None:
     a = p.parse_args()
     teacher = load_teacher("smollm2-135m")
     ids = eval_windows(teacher, "builtin", None, a.eval_windows, 128)
-    ref = reference_logits(teacher, ids)
-    teacher_ppl = perplexity(ref, ids)
+    teacher_ppl = stream_metrics(teacher, ids, [None])[0][1]
     best = {}  # skip-k at the best position does not depend on the span: search once
     out = {"command": " ".join(sys.argv), "steps": a.steps, "batch": a.batch, "eval_tokens": int(ids.numel()),
            "runs": []}
     for span_text in a.spans.split(","):
         span = Span.parse(span_text).check(teacher.n_layers)
-        span_skips = skip_rows(teacher, span, ids, ref, (1, 2, 3), best_skip=False)
+        span_skips = skip_rows(teacher, span, ids, (1, 2, 3), best_skip=False)
         for method in a.methods.split(","):
             name = f"results-{span[0]}-{span[1]}-{method}-s{a.steps}"
             cfg = TrainConfig(span=span, method=method, steps=a.steps, batch=a.batch, name=name)
@@ -55,10 +53,10 @@ def main() -> None:
                 tr = train_flow(cfg, teacher=teacher, verbose=False, resume=resume).to_json()
                 flow, _ = open_flow(name, teacher)
             if not best:
-                best["rows"] = [r for r in skip_rows(teacher, span, ids, ref, (1, 2, 3), best_skip=True)
+                best["rows"] = [r for r in skip_rows(teacher, span, ids, (1, 2, 3), best_skip=True)
                                 if r.where == "best"]
             ev = EvalResult(span=span, tokens=int(ids.numel()), teacher_ppl=teacher_ppl,
-                            rows=lft_rows(teacher, flow, ids, ref) + span_skips + best["rows"])
+                            rows=lft_rows(teacher, flow, ids) + span_skips + best["rows"])
             print(ev.table(), flush=True)
             out["runs"].append({"span": list(span), "method": method, "train": tr,
                                 "eval": ev.to_json(), "seconds": round(time.perf_counter() - t, 1)})

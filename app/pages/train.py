@@ -82,7 +82,7 @@ def draw_job(job) -> None:
     with st.container(border=True):
         icon = {"running": ":material/hourglass_top:", "stopping": ":material/stop_circle:",
                 "complete": ":green[:material/check_circle:]", "stopped": ":material/stop_circle:",
-                "failed": ":red[:material/error:]"}[job.status]
+                "failed": ":red[:material/error:]", "damaged": ":red[:material/error:]"}[job.status]
         head, button = st.columns([5, 1], vertical_alignment="center")
         head.markdown(f"{icon} **{job.label}** · {job.status} · started {job.created.replace('T', ' ')[:19]} UTC")
         if job.status == "running" and button.button("Stop", key=f"stop-{job.id}", icon=":material/stop:"):
