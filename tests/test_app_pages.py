@@ -464,3 +464,28 @@ def test_two_sessions_at_once_get_the_numbers_each_gets_alone(tiny_flow):
         assert all(np.array_equal(result[k], alone["kl"][k]) for k in result)
     for result in together["traj"]:
         assert np.array_equal(result, alone["traj"])
+
+
+def test_pages_go_on_past_damaged_records(tiny_flow):
+    """A flow config that is a JSON list and a job record that is a list: every page still loads, the flow is
+    listed as unreadable on the Train page."""
+    import shutil
+
+    from lft_core.jobs import jobs_dir
+    from lft_core.store import flows_dir
+
+    shutil.copytree(flows_dir() / tiny_flow["name"], flows_dir() / "apptest-damaged")
+    (flows_dir() / "apptest-damaged" / "config.json").write_text("[1, 2, 3]")
+    job = jobs_dir() / "99999999-apptest-damaged"
+    job.mkdir()
+    (job / "job.json").write_text('["not", "a", "job"]')
+    try:
+        for page in ("setup", "train", "compare", "kl", "trajectories", "crossings"):
+            at = open_page(page, {"span": TINY_SPAN})
+            assert_clean(at)
+            if page == "train":
+                assert any("cannot be read" in e.label for e in at.expander)
+                assert "tiny-fw" in list(at.session_state["flows_table"]["name"])
+    finally:
+        shutil.rmtree(flows_dir() / "apptest-damaged")
+        shutil.rmtree(job)

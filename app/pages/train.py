@@ -166,6 +166,12 @@ st.subheader("Saved flows")
 if deleted := st.session_state.pop("flow_deleted", None):
     st.success(f"Deleted flow **{deleted}**.")
 flows = c.flows_for(teacher)
+unreadable = [f for f in list_flows() if f.error]
+if unreadable:
+    with st.expander(f":orange[:material/warning:] {len(unreadable)} saved flow(s) cannot be read"):
+        st.caption("Damaged or edited by hand; they are left on disk untouched. Delete them with "
+                   "`python -m lft_core flows --delete NAME`.")
+        st.dataframe(pd.DataFrame([{"name": f.name, "problem": f.error} for f in unreadable]), hide_index=True)
 if flows:
     table = pd.DataFrame([{
         "name": f.name, "span": str(f.span), "blocks": f.span.blocks, "method": f.method, "k": f.k,
