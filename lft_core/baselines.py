@@ -44,6 +44,8 @@ RIDGE_GRID: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 
 (λ → ∞ leaves x0 + mean(x1 − x0); measured on SmolLM2 with 16 × 128 windows, most spans choose 0.1 to 10)."""
 
 _BATCH_WINDOWS = 16
+MASSIVE = 10.0
+"""A token whose hidden-state norm exceeds this many times the layer's median is a massive activation."""
 
 
 class AffineReplacement(nn.Module):
@@ -191,7 +193,8 @@ class AffineGrid:
 
     matrix: shape (L+1, L+1); matrix[m, n] = held-out NMSE of span [m, n) (NaN where m >= n or not computed).
     ridge:  shape (L+1, L+1); the λ (relative to the mean eigenvalue) chosen for each span.
-    tokens / heldout_tokens: tokens fitted on / scored on (position 0 of each window dropped).
+    tokens / heldout_tokens: tokens fitted on / scored on (position 0 of each window and massive activations
+    dropped); massive_dropped: how many massive-activation tokens were dropped (training and held-out).
     """
 
     matrix: np.ndarray
@@ -199,6 +202,7 @@ class AffineGrid:
     n_layers: int
     tokens: int
     heldout_tokens: int
+    massive_dropped: int
     seconds: float
 
 
@@ -206,7 +210,11 @@ def affine_grid(layer: Callable[[int], np.ndarray], heldout_layer: Callable[[int
                 spans: Sequence[Span] | None = None, ridge_grid: Sequence[float] = RIDGE_GRID,
                 progress: Callable[[int, int], None] | None = None) -> AffineGrid:
     """Affine-replacement held-out NMSE for every span (or the given ones), plain least squares (w_t = 1) with
-    position 0 of every window dropped.
+    position 0 of every window dropped, and every other token that is a *massive activation* (its norm above
+    ``MASSIVE`` times the layer's median norm at any layer 0..L, so that a span's value does not depend on
+    which other spans are asked): SmolLM2 grows a few such tokens
+    (norm ~2·10⁴ against a median of ~130) from block 11 on, and in plain least squares those few tokens
+    decide the fit of every span that ends after them. They are dropped from fitting and scoring alike.
 
     layer(i) / heldout_layer(i): h_i of the training / held-out windows, shape (windows, seq_len, d) (float16
     memmaps). Per start layer m the Gram matrix of the centred, standardised x0 and its eigendecomposition
@@ -220,9 +228,21 @@ def affine_grid(layer: Callable[[int], np.ndarray], heldout_layer: Callable[[int
     for m, n in todo:
         by_start.setdefault(m, []).append(n)
 
-    def rows(get: Callable[[int], np.ndarray], i: int) -> np.ndarray:
+    def massive(get: Callable[[int], np.ndarray]) -> np.ndarray:
+        """Tokens (position 0 dropped) whose norm exceeds MASSIVE × the median at some layer."""
+        out = None
+        for i in range(n_layers + 1):
+            h = get(i)
+            norms = np.linalg.norm(np.asarray(h[:, 1:], dtype=np.float32).reshape(-1, h.shape[-1]), axis=1)
+            big = ~(norms <= MASSIVE * np.median(norms))  # a non-finite norm counts as massive here
+            out = big if out is None else out | big
+        return out
+
+    keep_train, keep_held = ~massive(layer), ~massive(heldout_layer)
+
+    def rows(get: Callable[[int], np.ndarray], i: int, keep: np.ndarray) -> np.ndarray:
         h = get(i)
-        x = np.asarray(h[:, 1:], dtype=np.float64).reshape(-1, h.shape[-1])
+        x = np.asarray(h[:, 1:], dtype=np.float64).reshape(-1, h.shape[-1])[keep]
         if not np.isfinite(x).all():
             raise LFTError(f"layer {i} has non-finite hidden states (float16 overflow?)")
         return x
@@ -235,12 +255,12 @@ def affine_grid(layer: Callable[[int], np.ndarray], heldout_layer: Callable[[int
 
     def train_rows(i: int) -> np.ndarray:
         if i not in train_cache:
-            train_cache[i] = rows(layer, i)
+            train_cache[i] = rows(layer, i, keep_train)
         return train_cache[i]
 
     def held_rows(i: int) -> np.ndarray:
         if i not in held_cache:
-            held_cache[i] = rows(heldout_layer, i)
+            held_cache[i] = rows(heldout_layer, i, keep_held)
         return held_cache[i]
 
     for m in sorted(by_start):
@@ -273,7 +293,7 @@ def affine_grid(layer: Callable[[int], np.ndarray], heldout_layer: Callable[[int
             for i in [i for i in cache if i <= m]:
                 del cache[i]
     return AffineGrid(matrix=matrix, ridge=ridge, n_layers=n_layers, tokens=tokens, heldout_tokens=held_tokens,
-                      seconds=time.perf_counter() - start)
+                      massive_dropped=int((~keep_train).sum() + (~keep_held).sum()), seconds=time.perf_counter() - start)
 
 
 def affine_grid_for_model(teacher: Teacher, corpus_spec: str = "builtin", seq_len: int = 128, windows: int = 16,

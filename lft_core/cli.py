@@ -243,12 +243,14 @@ def _affine_grid(a: argparse.Namespace, teacher) -> dict:
         bar.close()
     values = grid.matrix[np.isfinite(grid.matrix)]
     print(f"affine held-out NMSE over {values.size} spans of {teacher.model_id} ({grid.tokens} tokens fitted, "
-          f"{grid.heldout_tokens} scored, position 0 excluded): min {values.min():.3f}, median "
+          f"{grid.heldout_tokens} scored, position 0 and {grid.massive_dropped} massive activations excluded): "
+          f"min {values.min():.3f}, median "
           f"{np.median(values):.3f}, max {values.max():.3f} in {grid.seconds:.1f} s")
     from .span import grid_json
 
     return {"model": teacher.model_id, "layers": teacher.n_layers, "metric": "nmse", "matrix": grid_json(grid.matrix),
             "ridge": grid_json(grid.ridge), "tokens": grid.tokens, "heldout_tokens": grid.heldout_tokens,
+            "massive_dropped": grid.massive_dropped,
             "seconds": round(grid.seconds, 3)}
 
 

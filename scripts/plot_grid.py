@@ -24,7 +24,8 @@ def main(src: str, dst: str) -> None:
         vmax = float(np.nanquantile(m, 0.98))
         im = ax.imshow(m, origin="lower", cmap="cividis", vmin=0, vmax=vmax)
         ax.set_title(f"Affine replacement of span [m, n): held-out NMSE, {data.get('model', '')}\n"
-                     f"{data['tokens']} tokens fitted, {data['heldout_tokens']} scored, position 0 excluded")
+                     f"{data['tokens']} tokens fitted, {data['heldout_tokens']} scored; position 0 and "
+                     f"{data.get('massive_dropped', 0)} massive activations excluded")
         label = "NMSE = ‖x̂ − h_n‖² / ‖h_n‖² (0: the span is affine)"
     else:
         im = ax.imshow(m, origin="lower", cmap="magma_r", vmin=0, vmax=1)

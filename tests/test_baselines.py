@@ -242,3 +242,17 @@ def test_cli_baselines_bad_input(argv, match, capsys):
         rc = e.code
     err = capsys.readouterr().err
     assert rc == 2 and match in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+def test_affine_grid_drops_massive_activations():
+    """An exactly affine stack where one token of every other window becomes a massive activation from layer 2
+    on (as SmolLM2's do from block 11): dropped, the grid still sees an affine model; kept, they would decide it."""
+    L, d = 4, 8
+    hs = [h.astype(np.float64) for h in _stack(np.random.default_rng(6), L, 36, 9, d, nonlinear=False)]
+    for i in range(2, L + 1):
+        hs[i][::2, 3] = 3e3 * np.sign(hs[i][::2, 3] + 1e-9)  # not affine in h_0, and huge
+    hs = [h.astype(np.float16) for h in hs]
+    train, held = [h[:30] for h in hs], [h[30:] for h in hs]
+    grid = affine_grid(lambda i: train[i], lambda i: held[i], L)
+    assert grid.massive_dropped == 15 + 3 and grid.tokens == 30 * 8 - 15
+    assert grid.matrix[0, L] < 1e-3, grid.matrix

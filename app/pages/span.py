@@ -94,8 +94,8 @@ else:
     pairs = col_pairs.selectbox("Token pairs per span", options, key="w_pairs",
                                 help="More pairs: a steadier estimate, slower (512 pairs ~ 10-20 s on 2 cores).")
     col_note.caption(f"From `{cache.key}`. Position 0 of every window is excluded from both maps: attention-sink "
-                     "tokens have huge norms and would dominate the distances. The same tokens are used for every "
-                     "span.")
+                     "tokens have huge norms and would dominate the distances (the affine map also leaves out the "
+                     "few other massive-activation tokens). The same tokens are used for every span.")
     with st.spinner(f"Solving {L * (L + 1) // 2} optimal assignments of {pairs} tokens..."):
         with c.engine_errors():
             matrix, seconds = recoupling_matrix(cache.key, int(pairs))
