@@ -182,8 +182,12 @@ def load_training_state(directory: Path, opt: torch.optim.Optimizer, gen: torch.
     """Restore the optimizer and the RNG saved by ``save_training_state``; returns the step to continue from."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(directory / STATE_TENSORS))
-    scalars = json.loads((directory / STATE_JSON).read_text())
+    try:
+        scalars = read_record(directory / STATE_JSON, {"step": int, "param_state": dict})
+        tensors = load_file(str(directory / STATE_TENSORS))
+    except Exception as e:  # DamagedRecord, or safetensors' own errors for a truncated file
+        raise FlowCheckpointError(f"the training state of flow {directory.name!r} is damaged ({e}); it cannot "
+                                  f"be resumed, but its weights can still be evaluated") from None
     state: dict = {}
     for name, value in tensors.items():
         if name == "rng":

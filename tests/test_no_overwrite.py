@@ -105,3 +105,18 @@ def test_a_cache_entry_deleted_while_training_reads_it_is_computed_again(tiny_ne
     cfg = _tiny(tiny_neox_dir, "t-gone", seq_len=24)
     data = load_pairs(tiny_neox, cfg, progress=False)
     assert deleted and data.x0.shape == (4, 24, tiny_neox.d_model)
+
+
+@pytest.mark.parametrize("damage", ["json", "tensors"])
+def test_a_damaged_training_state_is_one_line_on_resume(tiny_neox, tiny_neox_dir, damage, capsys):
+    name = f"t-state-{damage}"
+    train_flow(_tiny(tiny_neox_dir, name), teacher=tiny_neox, verbose=False)
+    target = flows_dir() / name / ("training_state.json" if damage == "json" else "training_state.safetensors")
+    target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])
+    before = _digests(flows_dir() / name)
+    rc = main(["train", "--model", str(tiny_neox_dir), "--span", "1:3", "--steps", "4", "--batch", "2", "--seq-len",
+               "16", "--windows", "4", "--heldout-windows", "1", "--eval-every", "2", "--checkpoint-every", "1",
+               "--name", name, "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: the training state of flow") and "Traceback" not in "\n".join(err)
+    assert _digests(flows_dir() / name) == before
