@@ -11,8 +11,9 @@ import json
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -223,13 +224,31 @@ def cmd_baselines(a: argparse.Namespace) -> dict:
 
 
 def _affine_grid(a: argparse.Namespace, teacher) -> dict:
-    from tqdm import tqdm
-
     from .baselines import affine_grid_for_model
-    from .span import parse_spans
+    from .span import grid_json, parse_spans
 
     spans = parse_spans(a.spans, teacher.n_layers)
-    bar = tqdm(desc="affine grid", unit="span", file=sys.stderr)
+    with _span_progress("affine grid") as progress:
+        grid = affine_grid_for_model(teacher, a.corpus, a.seq_len, a.grid_windows, a.grid_heldout_windows, spans,
+                                     callback=progress)
+    values = grid.matrix[np.isfinite(grid.matrix)]
+    print(f"affine held-out NMSE over {values.size} spans of {teacher.model_id} ({grid.tokens} tokens fitted, "
+          f"{grid.heldout_tokens} scored, position 0 and {grid.massive_dropped} massive activations excluded): "
+          f"min {values.min():.3f}, median "
+          f"{np.median(values):.3f}, max {values.max():.3f} in {grid.seconds:.1f} s")
+    return {"model": teacher.model_id, "layers": teacher.n_layers, "metric": "nmse", "matrix": grid_json(grid.matrix),
+            "ridge": grid_json(grid.ridge), "tokens": grid.tokens, "heldout_tokens": grid.heldout_tokens,
+            "massive_dropped": grid.massive_dropped,
+            "seconds": round(grid.seconds, 3)}
+
+
+@contextmanager
+def _span_progress(desc: str) -> Iterator[Callable[[int, int], None]]:
+    """A tqdm bar on stderr fed by ``progress(done, total)`` (spans of a grid), closed when the block ends, also
+    by an error, so that the error line stays the last line."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit="span", file=sys.stderr)
 
     def progress(done: int, total: int) -> None:
         bar.total = total
@@ -237,44 +256,21 @@ def _affine_grid(a: argparse.Namespace, teacher) -> dict:
         bar.refresh()
 
     try:
-        grid = affine_grid_for_model(teacher, a.corpus, a.seq_len, a.grid_windows, a.grid_heldout_windows, spans,
-                                     callback=progress)
+        yield progress
     finally:
         bar.close()
-    values = grid.matrix[np.isfinite(grid.matrix)]
-    print(f"affine held-out NMSE over {values.size} spans of {teacher.model_id} ({grid.tokens} tokens fitted, "
-          f"{grid.heldout_tokens} scored, position 0 and {grid.massive_dropped} massive activations excluded): "
-          f"min {values.min():.3f}, median "
-          f"{np.median(values):.3f}, max {values.max():.3f} in {grid.seconds:.1f} s")
-    from .span import grid_json
-
-    return {"model": teacher.model_id, "layers": teacher.n_layers, "metric": "nmse", "matrix": grid_json(grid.matrix),
-            "ridge": grid_json(grid.ridge), "tokens": grid.tokens, "heldout_tokens": grid.heldout_tokens,
-            "massive_dropped": grid.massive_dropped,
-            "seconds": round(grid.seconds, 3)}
 
 
 def cmd_recoupling(a: argparse.Namespace) -> dict:
-    from tqdm import tqdm
-
     from .coupling import recoupling_for_model
     from .loading import load_teacher
     from .span import parse_spans
 
     teacher = load_teacher(a.model, trust_remote_code=a.trust_remote_code)
     spans = parse_spans(a.spans, teacher.n_layers)
-    bar = tqdm(desc="recoupling", unit="span", file=sys.stderr)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    try:  # close the bar before an error line is printed, so that the error stays the last line
+    with _span_progress("recoupling") as progress:
         grid = recoupling_for_model(teacher, a.corpus, a.pairs, spans, a.seq_len, a.windows,
                                     drop_first=not a.include_first, seed=a.seed, progress=progress)
-    finally:
-        bar.close()
     L = teacher.n_layers
     values = grid.matrix[np.isfinite(grid.matrix)]
     print(f"recoupling ratio over {values.size} spans of {teacher.model_id} ({grid.pairs} pairs, first positions "
