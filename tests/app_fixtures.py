@@ -22,8 +22,13 @@ def tiny_flow(smol) -> dict:
     from lft_core.store import read_flow_config
     from lft_core.training import TrainConfig, train_flow
 
-    train_flow(TrainConfig(span=TINY_SPAN, steps=3, windows=8, heldout_windows=2, seq_len=32, batch=2,
-                           eval_every=2, name="tiny-fw"), teacher=smol, verbose=False)
+    from lft_core.store import flows_dir
+
+    # each module that imports this fixture gets its own copy of it: train once, then reuse (a saved flow is
+    # never overwritten)
+    if not (flows_dir() / "tiny-fw").is_dir():
+        train_flow(TrainConfig(span=TINY_SPAN, steps=3, windows=8, heldout_windows=2, seq_len=32, batch=2,
+                               eval_every=2, name="tiny-fw"), teacher=smol, verbose=False)
     return read_flow_config("tiny-fw")
 
 
