@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from .activations import ActivationCache, ensure_activations
 from .corpus import load_corpus
 from .errors import LFTError
+from .metrics import nmse, nmse_per_token
 from .span import Span, all_spans
 
 if TYPE_CHECKING:
@@ -97,12 +98,6 @@ def _with_bias(z: np.ndarray) -> np.ndarray:
     return np.concatenate([z, np.ones((len(z), 1))], axis=1)
 
 
-def _nmse_rows(pred: np.ndarray, x1: np.ndarray) -> np.ndarray:
-    """‖pred_t − x1_t‖² / ‖x1_t‖² per row (float64)."""
-    diff = pred - x1
-    return np.einsum("nd,nd->n", diff, diff) / np.maximum(np.einsum("nd,nd->n", x1, x1), 1e-30)
-
-
 def _window_batches(cache: ActivationCache, m: int, n: int, sink_weight: float | None,
                     drop_first: bool = False) -> Callable[[], Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     """A re-iterable source of (x0, x1, w) token batches (float64) from a cache entry, ``_BATCH_WINDOWS`` windows
@@ -159,7 +154,7 @@ def fit_affine(span: Span | tuple[int, int], train: Callable[[], Iterator[tuple[
         raise LFTError("the affine fit needs held-out tokens to choose its ridge strength")
     best = None
     for r, beta in candidates:
-        errors = np.concatenate([_nmse_rows(x0 + z @ beta, x1) for z, x0, x1 in held])
+        errors = np.concatenate([nmse_per_token(x0 + z @ beta, x1) for z, x0, x1 in held])
         score = float(errors.mean())
         if np.isfinite(score) and (best is None or score < best[0]):
             best = (score, r, beta)
@@ -282,7 +277,7 @@ def affine_grid(layer: Callable[[int], np.ndarray], heldout_layer: Callable[[int
             x1h = held_rows(n)
             base = x0h + b0  # the held-out prediction of W = 0
             moves = (scaled @ B).reshape(len(lams), len(x0h), -1)  # each λ's Z_h W
-            scores = [float(_nmse_rows(base + move, x1h).mean()) for move in moves]
+            scores = [nmse(base + move, x1h) for move in moves]
             j = int(np.nanargmin(scores))
             matrix[m, n], ridge[m, n] = scores[j], ridge_grid[j]
             done += 1

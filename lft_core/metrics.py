@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .errors import LFTError
 
-__all__ = ["MetricError", "kl_per_token", "nll_per_token", "perplexity", "nmse", "as_float64"]
+__all__ = ["MetricError", "kl_per_token", "nll_per_token", "perplexity", "nmse", "nmse_per_token", "as_float64"]
 
 _ROWS_PER_CHUNK = 256
 """Positions handled at once by the vocabulary-sized computations (bounds memory at ~V·256·4 bytes each: 50 MB
@@ -105,10 +105,8 @@ def as_float64(x: Any, name: str) -> np.ndarray:
     return arr
 
 
-def nmse(pred: Any, target: Any) -> float:
-    """Normalised mean squared error of predicted hidden states.
-
-    NMSE = mean over tokens of ‖pred − target‖² / ‖target‖², vectors on the last dim.
+def nmse_per_token(pred: Any, target: Any) -> np.ndarray:
+    """‖pred − target‖² / ‖target‖² of every token, vectors on the last dim: shape (tokens,), float64.
 
     pred, target: same shape (..., d), torch or numpy (any float dtype); accumulated in float64.
     Raises MetricError if a target vector is all zeros (its ratio is undefined).
@@ -123,4 +121,10 @@ def nmse(pred: Any, target: Any) -> float:
     if np.any(denom == 0):
         raise MetricError(f"NMSE is undefined: {int(np.sum(denom == 0))} target vector(s) are all zeros")
     diff = p - q
-    return float(np.mean(np.einsum("nd,nd->n", diff, diff) / denom))
+    return np.einsum("nd,nd->n", diff, diff) / denom
+
+
+def nmse(pred: Any, target: Any) -> float:
+    """Normalised mean squared error of predicted hidden states: NMSE = mean over tokens of
+    ‖pred − target‖² / ‖target‖² (``nmse_per_token``, averaged)."""
+    return float(np.mean(nmse_per_token(pred, target)))
