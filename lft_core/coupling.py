@@ -319,7 +319,6 @@ class Crossings:
               ‖x0_i−x1_i‖² + ‖x0_j−x1_j‖² − ‖x0_i−x1_j‖² − ‖x0_j−x1_i‖² (> 0).
     t_star:   shape (c,), in [0, 1]: time at which the two straight paths are closest.
     distance: shape (c,): that closest distance ‖p_i(t*) − p_j(t*)‖.
-    share:    fraction of the n tokens that are in at least one crossing.
     n:        number of tokens.
     """
 
@@ -327,8 +326,20 @@ class Crossings:
     delta: np.ndarray
     t_star: np.ndarray
     distance: np.ndarray
-    share: float
     n: int
+
+    @property
+    def involved(self) -> np.ndarray:
+        """Shape (n,), bool: the tokens that are in at least one crossing."""
+        out = np.zeros(self.n, dtype=bool)
+        out[self.pairs[:, 0]] = True
+        out[self.pairs[:, 1]] = True
+        return out
+
+    @property
+    def share(self) -> float:
+        """Fraction of the n tokens that are in at least one crossing."""
+        return float(self.involved.mean()) if self.n else 0.0
 
     def to_frame(self) -> pd.DataFrame:
         """A pandas DataFrame with columns i, j, delta, t_star, distance (one row per crossing)."""
@@ -388,11 +399,8 @@ def crossings(x0: Any, x1: Any) -> Crossings:
         closest = a + t[:, None] * b
         t_star[s:s + _CHUNK_PAIRS] = t
         distance[s:s + _CHUNK_PAIRS] = np.sqrt(np.einsum("cd,cd->c", closest, closest))
-    involved = np.zeros(n, dtype=bool)
-    involved[ii] = True
-    involved[jj] = True
     return Crossings(pairs=np.stack([ii, jj], axis=1).astype(np.int64).reshape(-1, 2), delta=delta,
-                     t_star=t_star, distance=distance, share=float(involved.mean()) if n else 0.0, n=n)
+                     t_star=t_star, distance=distance, n=n)
 
 
 def flow_recoupled(x_hat: Any, x1: Any) -> np.ndarray:
@@ -468,14 +476,6 @@ class SpanCoupling:
     crossings: Crossings
     flow_recoupled: np.ndarray | None = None
     x_hat: np.ndarray | None = None
-
-    @property
-    def in_crossing(self) -> np.ndarray:
-        """Shape (n,), bool: tokens that belong to at least one crossing pair."""
-        involved = np.zeros(len(self.tokens), dtype=bool)
-        involved[self.crossings.pairs[:, 0]] = True
-        involved[self.crossings.pairs[:, 1]] = True
-        return involved
 
 
 def span_coupling(teacher: Teacher, cache: ActivationCache, span: Span | tuple[int, int], n_tokens: int = 64,
@@ -554,9 +554,12 @@ class CouplingView:
     p1: np.ndarray
     p_hat: np.ndarray | None
     cost: np.ndarray
-    in_crossing: np.ndarray
     recoupled_in_crossing: float | None
     recoupled_elsewhere: float | None
+
+    @property
+    def in_crossing(self) -> np.ndarray:
+        return self.coupling.crossings.involved
 
     @property
     def tokens(self) -> list[str]:
@@ -592,11 +595,11 @@ def coupling_view(sc: SpanCoupling) -> CouplingView:
     pooled = np.concatenate([sc.x0, sc.x1] + ([sc.x_hat] if sc.x_hat is not None else []))
     coords = project(pooled.astype(np.float32), method="pca").coords
     N = len(sc.x0)
-    involved = sc.in_crossing
+    involved = sc.crossings.involved
     share = lambda mask: float(sc.flow_recoupled[mask].mean()) if mask.any() else None  # noqa: E731
     return CouplingView(
         coupling=sc, p0=coords[:N], p1=coords[N:2 * N], p_hat=coords[2 * N:] if sc.x_hat is not None else None,
-        cost=cost_matrix(sc.x0, sc.x1), in_crossing=involved,
+        cost=cost_matrix(sc.x0, sc.x1),
         recoupled_in_crossing=share(involved) if sc.flow_recoupled is not None else None,
         recoupled_elsewhere=share(~involved) if sc.flow_recoupled is not None else None,
     )
