@@ -226,11 +226,6 @@ def load_flow(name: str, spec: str, stamp: float):
     return flow, config
 
 
-def get_flow(saved: SavedFlow):
-    """The LatentFlow of a saved flow of the current model, reloaded when its checkpoint changes."""
-    return load_flow(saved.name, model_spec(), saved.stamp)[0]
-
-
 def flow_key(saved: SavedFlow | None) -> tuple[str, float] | None:
     """What identifies a saved flow's current weights in a cached computation: (name, stamp)."""
     return (saved.name, saved.stamp) if saved is not None else None

@@ -12,7 +12,7 @@ A saved flow is a folder::
 * ``save_training_state`` / ``load_training_state``: what resuming needs beyond the weights;
 * ``flow_lock`` / ``being_trained``: one process at a time trains a given name (a file lock);
 * ``SavedFlow``: the typed record of one saved flow that listings and pages use;
-* ``list_flows``, ``saved_flow``, ``read_flow_config``, ``flow_path``, ``open_flow``, ``delete_flow``.
+* ``list_flows``, ``read_flow_config``, ``flow_path``, ``open_flow``, ``delete_flow``.
 """
 from __future__ import annotations
 
@@ -345,11 +345,6 @@ def read_flow_config(name: str) -> dict:
         return read_record(path / CONFIG_FILE)
     except DamagedRecord:
         raise LFTError(f"flow {name!r} has a missing or damaged config.json") from None
-
-
-def saved_flow(name: str) -> SavedFlow:
-    """The record of one saved flow (by name or folder); LFTError when there is none."""
-    return _record(flow_path(name))
 
 
 def open_flow(name: str, teacher: Teacher | None = None) -> tuple[LatentFlow, dict]:
