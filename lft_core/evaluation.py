@@ -117,20 +117,24 @@ def reference_logits(teacher: Teacher, ids: torch.Tensor, batch: int = 8) -> tor
     return _batched_logits(teacher, ids, batch)
 
 
-def end_point_nmse(teacher: Teacher, flow: Replacement, ids: torch.Tensor, ks: Sequence[int],
-                   batch: int = 8) -> dict[int, float]:
-    """NMSE of the flow's end point against h_n, for each k, over every token of ``ids`` (streamed by batch)."""
-    m, n = flow.span
-    sums = dict.fromkeys(ks, 0.0)
+def end_point_nmse(teacher: Teacher, replacements: Sequence[tuple[Replacement, Sequence[int]]], ids: torch.Tensor,
+                   batch: int = 8) -> list[dict[int, float]]:
+    """NMSE of each replacement's end point against h_n, for each of its k, over every token of ``ids``: one
+    hidden-state pass per batch serves them all (they replace the same span)."""
+    spans = {tuple(r.span) for r, _ in replacements}
+    assert len(spans) == 1, f"end_point_nmse takes replacements of one span, got {sorted(spans)}"
+    m, n = spans.pop()
+    sums = [dict.fromkeys(ks, 0.0) for _, ks in replacements]
     count = 0
     for start in range(0, len(ids), batch):
         hs = teacher.hidden_states(ids[start : start + batch], [m, n])
         tokens = hs[m].shape[0] * hs[m].shape[1]
         with torch.no_grad():
-            for k in ks:
-                sums[k] += nmse(flow(hs[m], k=k).float(), hs[n]) * tokens
+            for (replacement, ks), acc in zip(replacements, sums):
+                for k in ks:
+                    acc[k] += nmse(replacement(hs[m], k=k).float(), hs[n]) * tokens
         count += tokens
-    return {k: v / count for k, v in sums.items()}
+    return [{k: v / count for k, v in acc.items()} for acc in sums]
 
 
 def _lft_models(flow: Replacement, ks: Sequence[int], model: str) -> list[tuple[EvalRow, Surgery]]:
@@ -168,7 +172,7 @@ def lft_rows(teacher: Teacher, flow: Replacement, ids: torch.Tensor, ks: Sequenc
     teacher.check_span(*flow.span)
     _check_ks(ks)
     rows = _measured(teacher, ids, _lft_models(flow, ks, model), batch, progress)
-    errors = end_point_nmse(teacher, flow, ids, ks, batch)
+    errors, = end_point_nmse(teacher, [(flow, ks)], ids, batch)
     return [replace(row, nmse=errors[row.k]) for row in rows]
 
 
@@ -222,10 +226,11 @@ def evaluate(
         planned += _lft_models(affine, (1,), "affine")
     planned += _skip_models(teacher, span, ids, skips, best_skip, batch, 2, progress)
     teacher_row, *rows = _measured(teacher, ids, planned, batch, progress)
-    for replacement, model, steps in ((flow, "lft", ks), (affine, "affine", (1,))):
-        if replacement is not None:
-            errors = end_point_nmse(teacher, replacement, ids, steps, batch)
-            rows = [replace(r, nmse=errors[r.k]) if r.model == model else r for r in rows]
+    ends = [(r, model, steps) for r, model, steps in ((flow, "lft", ks), (affine, "affine", (1,))) if r is not None]
+    if ends:
+        errors = dict(zip((model for _, model, _ in ends),
+                          end_point_nmse(teacher, [(r, steps) for r, _, steps in ends], ids, batch)))
+        rows = [replace(r, nmse=errors[r.model][r.k]) if r.model in errors else r for r in rows]
     result = EvalResult(span=span, tokens=int(ids.numel()), teacher_ppl=teacher_row.ppl, rows=rows,
                         seconds=time.perf_counter() - start_time)
     broken = [f"{r.model} k={r.k}" for r in result.rows
