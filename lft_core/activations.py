@@ -18,6 +18,9 @@ Guarantees:
 * A corrupt entry (meta.json missing or unreadable, a short layer file, wrong shape) is detected on open and
   rebuilt (only the damaged parts).
 * Free disk is checked before writing; a write that would not fit is refused with a clear message.
+* Under torchrun the windows' batches are split over the ranks; each fills its rows of the same ``.partial``
+  files and leaves a part marker, and rank 0 renames the layers into place only when every part is there.
+  The files are byte-identical to a one-process run's.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,6 +41,7 @@ import torch
 
 from .atomic import DamagedRecord, read_record, save_npy, write_json
 from .corpus import SPLIT_RULE, Corpus, make_windows
+from .distributed import Dist, agree, current, shard_of
 from .errors import LFTError
 from .paths import cache_dir
 
@@ -197,9 +202,17 @@ def ensure_activations(
     lock_timeout: float = -1,
 ) -> ActivationCache:
     """Return the entry for (teacher, corpus, split, seq_len, n_windows) with at least ``layers`` present,
-    computing only the missing layers in one pass. ``callback(done_windows, total)`` reports progress."""
+    computing only the missing layers in one pass. ``callback(done_windows, total)`` reports progress.
+
+    Under torchrun (``distributed.current()`` has several ranks) every rank calls this and the work is
+    shared: rank 0 holds the entry's lock, decides what is missing and creates the layer files; the batches
+    of ``batch_size`` windows are split into contiguous shares (``distributed.shard_of``), each rank fills
+    its rows and leaves a part marker; only when every part's marker is there does rank 0 rename the layer
+    files into place and write meta.json. The batches are the ones a single process computes, so the files
+    are byte-identical to a one-process run's; the cache folder must be shared by all ranks."""
     from filelock import FileLock, Timeout
 
+    dist = current()
     start = time.perf_counter()
     layers = sorted(set(int(i) for i in layers))
     if not layers or layers[0] < 0 or layers[-1] > teacher.n_layers:
@@ -215,102 +228,150 @@ def ensure_activations(
     # tokenize before taking the lock or touching the entry: a corpus too short is refused with nothing written
     windows = make_windows(corpus, teacher.tokenizer, seq_len, n_windows, split)
 
-    try:
-        lock = FileLock(str(root / f"{key}.lock"), timeout=lock_timeout)
-        lock.acquire()
-    except Timeout:
-        raise CacheError(f"cache entry {key} is being written by another process; try again shortly") from None
-    try:
-        meta = _read_meta(entry)
-        if meta is not None and (meta["windows"], meta["seq_len"], meta["d_model"]) != shape:
-            meta = None  # a meta.json that describes other arrays (edited, or from another version)
-        if meta is None and entry.exists():
-            shutil.rmtree(entry)  # damaged: nothing in it can be trusted
-        created = not entry.exists()
-        entry.mkdir(parents=True, exist_ok=True)
-        for stale in entry.glob("*.partial"):  # left by a killed writer (we hold the lock)
-            stale.unlink()
-        for stale in entry.glob(".*.tmp"):  # temporaries of atomic writes cut short
-            stale.unlink()
-        present = [i for i in (meta or {}).get("layers", []) if _valid_array(_layer_file(entry, i), shape, "float16")]
-        tokens_ok = _valid_array(entry / "tokens.npy", shape[:2], "int32") and np.array_equal(
-            np.load(entry / "tokens.npy", mmap_mode="r"), windows
-        )
-        if not tokens_ok:
-            present = []  # layers computed from other (or unreadable) tokens cannot be trusted
-        missing = [i for i in layers if i not in present]
-        if tokens_ok and not missing and meta is not None and sorted(present) == sorted(meta["layers"]):
-            return ActivationCache(entry, meta, hit=True, seconds=time.perf_counter() - start)
+    with ExitStack() as held:
+        def plan() -> dict:  # rank 0, under the entry's lock: what is there, what must be computed
+            try:
+                lock = FileLock(str(root / f"{key}.lock"), timeout=lock_timeout)
+                lock.acquire()
+            except Timeout:
+                raise CacheError(f"cache entry {key} is being written by another process; try again shortly") from None
+            held.callback(lock.release)
+            return _plan_entry(entry, shape, windows, layers, root)
 
-        need = len(missing) * int(np.prod(shape)) * 2 + (0 if tokens_ok else windows.nbytes)
-        free = shutil.disk_usage(root).free
-        if need + DISK_MARGIN_BYTES > free:
-            if created:
-                shutil.rmtree(entry, ignore_errors=True)
-            raise CacheError(
-                f"caching needs {need / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB is free on {root}: "
-                f"free space, or use fewer windows / layers"
-            )
-        if not tokens_ok:
-            save_npy(entry / "tokens.npy", windows)
-        if missing:
-            _compute_layers(teacher, windows, missing, entry, shape, batch_size, progress, callback)
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        new_meta = {
-            "format_version": FORMAT_VERSION,
-            "model": teacher.model_id,
-            "weights_hash": teacher.weights_hash,
-            "corpus": corpus.id,
-            "corpus_hash": corpus.content_hash,
-            "split": split,
-            "split_rule": SPLIT_RULE,
-            "seq_len": seq_len,
-            "windows": n_windows,
-            "d_model": teacher.d_model,
-            "n_layers": teacher.n_layers,
-            "dtype": "float16",
-            "layers": sorted(set(present) | set(missing)),
-            "created": (meta or {}).get("created", now),
-            "updated": now,
-        }
-        write_json(entry / "meta.json", new_meta, indent=1)
+        todo = agree(plan, dist)
+        if todo["missing"] is None:
+            return ActivationCache(entry, todo["meta"], hit=True, seconds=time.perf_counter() - start)
+        missing, present, meta = todo["missing"], todo["present"], todo["meta"]
+        try:
+            if missing:
+                _compute_layers(teacher, windows, missing, entry, shape, batch_size, progress, callback, dist)
+            dist.barrier()
+
+            def finish() -> dict:  # rank 0, once every rank's part is written
+                _assemble(entry, missing, dist.world)
+                now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                new_meta = {
+                    "format_version": FORMAT_VERSION,
+                    "model": teacher.model_id,
+                    "weights_hash": teacher.weights_hash,
+                    "corpus": corpus.id,
+                    "corpus_hash": corpus.content_hash,
+                    "split": split,
+                    "split_rule": SPLIT_RULE,
+                    "seq_len": seq_len,
+                    "windows": n_windows,
+                    "d_model": teacher.d_model,
+                    "n_layers": teacher.n_layers,
+                    "dtype": "float16",
+                    "layers": sorted(set(present) | set(missing)),
+                    "created": (meta or {}).get("created", now),
+                    "updated": now,
+                }
+                write_json(entry / "meta.json", new_meta, indent=1)
+                return new_meta
+
+            new_meta = agree(finish, dist)
+        except BaseException:
+            if dist.main:  # what this attempt left behind is never read as whole
+                for p in [*entry.glob("*.partial"), *entry.glob(".part-*")]:
+                    p.unlink(missing_ok=True)
+            raise
         return ActivationCache(entry, new_meta, hit=False, seconds=time.perf_counter() - start,
                                computed_layers=tuple(missing))
-    finally:
-        lock.release()
+
+
+def _plan_entry(entry: Path, shape: tuple[int, int, int], windows: np.ndarray, layers: list[int], root: Path) -> dict:
+    """Under the lock: clean what a killed writer left, find the valid layers, and either report a hit
+    (``missing`` None, with the meta) or write the tokens and create the empty ``.partial`` layer files."""
+    meta = _read_meta(entry)
+    if meta is not None and (meta["windows"], meta["seq_len"], meta["d_model"]) != shape:
+        meta = None  # a meta.json that describes other arrays (edited, or from another version)
+    if meta is None and entry.exists():
+        shutil.rmtree(entry)  # damaged: nothing in it can be trusted
+    created = not entry.exists()
+    entry.mkdir(parents=True, exist_ok=True)
+    for stale in [*entry.glob("*.partial"), *entry.glob(".part-*"), *entry.glob(".*.tmp")]:
+        stale.unlink()  # left by a killed writer (we hold the lock)
+    present = [i for i in (meta or {}).get("layers", []) if _valid_array(_layer_file(entry, i), shape, "float16")]
+    tokens_ok = _valid_array(entry / "tokens.npy", shape[:2], "int32") and np.array_equal(
+        np.load(entry / "tokens.npy", mmap_mode="r"), windows
+    )
+    if not tokens_ok:
+        present = []  # layers computed from other (or unreadable) tokens cannot be trusted
+    missing = [i for i in layers if i not in present]
+    if tokens_ok and not missing and meta is not None and sorted(present) == sorted(meta["layers"]):
+        return {"missing": None, "present": present, "meta": meta}
+
+    need = len(missing) * int(np.prod(shape)) * 2 + (0 if tokens_ok else windows.nbytes)
+    free = shutil.disk_usage(root).free
+    if need + DISK_MARGIN_BYTES > free:
+        if created:
+            shutil.rmtree(entry, ignore_errors=True)
+        raise CacheError(
+            f"caching needs {need / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB is free on {root}: "
+            f"free space, or use fewer windows / layers"
+        )
+    if not tokens_ok:
+        save_npy(entry / "tokens.npy", windows)
+    for i in missing:  # empty files of the final size, filled in place by the ranks
+        arr = np.lib.format.open_memmap(_partial_file(entry, i), mode="w+", dtype=np.float16, shape=shape)
+        arr.flush()
+        del arr
+    return {"missing": missing, "present": present, "meta": meta}
+
+
+def _partial_file(entry: Path, i: int) -> Path:
+    return entry / f"layer_{i:02d}.npy.partial"
+
+
+def _part_marker(entry: Path, rank: int, world: int) -> Path:
+    return entry / f".part-{rank}-of-{world}.json"
 
 
 def _compute_layers(teacher, windows: np.ndarray, missing: list[int], entry: Path, shape: tuple[int, int, int],
-                    batch_size: int, progress: bool, callback: Callable[[int, int], None] | None) -> None:
+                    batch_size: int, progress: bool, callback: Callable[[int, int], None] | None,
+                    dist: Dist) -> None:
+    """Fill this rank's share of the batches into the ``.partial`` files, then leave its part marker."""
     from tqdm import tqdm
 
-    partial = {i: entry / f"layer_{i:02d}.npy.partial" for i in missing}
-    try:
-        arrays = {i: np.lib.format.open_memmap(p, mode="w+", dtype=np.float16, shape=shape) for i, p in partial.items()}
-        n = shape[0]
-        bar = tqdm(total=n, desc=f"caching {len(missing)} layers", unit="win", file=sys.stderr, disable=not progress)
-        for s in range(0, n, batch_size):
-            ids = torch.from_numpy(windows[s : s + batch_size].astype(np.int64))
-            hs = teacher.hidden_states(ids, missing)
-            for i in missing:
-                half = hs[i].cpu().numpy().astype(np.float16)
-                if not np.isfinite(half).all():
-                    raise CacheError(f"hidden states of layer {i} overflow float16 (|h| > 65504); "
-                                     f"this model cannot be cached in float16")
-                arrays[i][s : s + len(ids)] = half
-            bar.update(len(ids))
-            if callback is not None:
-                callback(min(s + batch_size, n), n)
-        bar.close()
-        for i, arr in arrays.items():
-            arr.flush()
-            del arr
-        arrays.clear()
-        for i, p in partial.items():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(p, _layer_file(entry, i))
-    finally:
-        for p in partial.values():
-            if p.exists():
-                p.unlink()
+    n = shape[0]
+    batches = shard_of(-(-n // batch_size), dist)
+    first, last = batches.start * batch_size, min(batches.stop * batch_size, n)
+    arrays = {i: np.lib.format.open_memmap(_partial_file(entry, i), mode="r+") for i in missing}
+    where = f" (rank {dist.rank} of {dist.world}: windows {first}..{last - 1})" if dist.active else ""
+    bar = tqdm(total=last - first, desc=f"caching {len(missing)} layers{where}", unit="win", file=sys.stderr,
+               disable=not (progress and dist.main))
+    for b in batches:
+        s = b * batch_size
+        ids = torch.from_numpy(windows[s : s + batch_size].astype(np.int64))
+        hs = teacher.hidden_states(ids, missing)
+        for i in missing:
+            half = hs[i].cpu().numpy().astype(np.float16)
+            if not np.isfinite(half).all():
+                raise CacheError(f"hidden states of layer {i} overflow float16 (|h| > 65504); "
+                                 f"this model cannot be cached in float16")
+            arrays[i][s : s + len(ids)] = half
+        bar.update(len(ids))
+        if callback is not None:
+            callback(min(s + batch_size, last) - first, last - first)
+    bar.close()
+    for i, arr in arrays.items():
+        arr.flush()
+        del arr
+        with open(_partial_file(entry, i), "rb") as f:
+            os.fsync(f.fileno())
+    arrays.clear()
+    write_json(_part_marker(entry, dist.rank, dist.world), {"rank": dist.rank, "world": dist.world,
+                                                            "windows": [first, last], "layers": missing})
+
+
+def _assemble(entry: Path, missing: list[int], world: int) -> None:
+    """Rank 0, after every rank is done: check that each part is there, then rename the layers into place."""
+    absent = [r for r in range(world) if not _part_marker(entry, r, world).is_file()]
+    if absent:
+        raise CacheError(f"the parts of ranks {absent} of cache entry {entry.name} are not in {entry}: every rank "
+                         f"must write to the same cache folder (set LFT_CACHE_DIR to a folder all nodes share)")
+    for i in missing:
+        os.replace(_partial_file(entry, i), _layer_file(entry, i))
+    for r in range(world):
+        _part_marker(entry, r, world).unlink()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 import time
@@ -19,6 +20,7 @@ import numpy as np
 
 from .atomic import write_json
 from .errors import LFTError
+from .loading import DEVICE_MAPS
 from .span import Span
 from .training import MAX_SEED, TrainConfig
 
@@ -98,42 +100,61 @@ def _positive(text: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
+def _teacher(a: argparse.Namespace, spec: str | None = None):
+    """The command's teacher: on ``--device`` (default: the CPU, or under torchrun with CUDA each rank's own
+    GPU), or spread by ``--device-map`` over the devices (Accelerate's big-model loading)."""
+    from .distributed import current
+    from .loading import load_teacher, parse_max_memory
+
+    device_map = getattr(a, "device_map", None)
+    if device_map and getattr(a, "device", None):
+        raise LFTError("give --device or --device-map, not both")
+    if getattr(a, "max_memory", None) and not device_map:
+        raise LFTError("--max-memory goes with --device-map")
+    dist = current()
+    default = dist.device() if dist.active else "cpu"
+    device = None if device_map else (getattr(a, "device", None) or default)
+    return load_teacher(spec or a.model, device=device, trust_remote_code=getattr(a, "trust_remote_code", False),
+                        device_map=device_map, max_memory=parse_max_memory(getattr(a, "max_memory", None)))
+
+
 def cmd_cache(a: argparse.Namespace) -> dict:
     from .activations import ensure_activations, parse_layers
     from .corpus import load_corpus
-    from .loading import load_teacher
+    from .distributed import current
 
-    teacher = load_teacher(a.model, trust_remote_code=a.trust_remote_code)
+    teacher = _teacher(a)
     corpus = load_corpus(a.corpus)
-    if corpus.skipped_lines:
+    if corpus.skipped_lines and current().main:
         print(f"note: skipped {corpus.skipped_lines} .jsonl lines without a non-empty \"text\" field",
               file=sys.stderr)
     layers = parse_layers(a.layers, teacher.n_layers)
     cache = ensure_activations(teacher, corpus, a.seq_len, a.windows, layers, split=a.split,
-                               batch_size=a.batch_size)
+                               batch_size=a.batch_size, progress=current().main)
     tokens = a.windows * a.seq_len
     result = {
         "key": cache.key, "dir": str(cache.dir), "layers": cache.layers, "windows": a.windows,
         "seq_len": a.seq_len, "d_model": teacher.d_model, "hit": cache.hit, "seconds": round(cache.seconds, 4),
         "tokens_per_second": round(tokens / cache.seconds, 1) if cache.seconds > 0 else None,
         "computed_layers": list(cache.computed_layers), "skipped_lines": corpus.skipped_lines,
+        "world_size": current().world,
     }
     print(f"{'hit' if cache.hit else 'computed'} {cache.key}: layers {cache.layers} in {cache.seconds:.2f} s")
     return result
 
 
 def cmd_train(a: argparse.Namespace) -> dict:
-    from .loading import load_teacher
+    from .distributed import current
     from .training import train_flow
 
     cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
     stop_file = Path(a.stop_file) if a.stop_file else None
     progress = _progress_writer(Path(a.progress_file)) if a.progress_file else None
 
-    teacher = load_teacher(a.model, trust_remote_code=a.trust_remote_code)
+    teacher = _teacher(a)
     result = train_flow(cfg, teacher=teacher, progress=progress,
                         should_stop=(lambda: stop_file.exists()) if stop_file else None, resume=a.resume)
-    out = result.to_json()
+    out = {**result.to_json(), "world_size": current().world}
     print(f"{'stopped' if result.stopped else 'trained'} {result.name}: loss {result.final_loss:.5f}, "
           f"held-out NMSE {result.heldout_nmse:.4f}, {result.seconds:.1f} s on {result.device}")
     return out
@@ -153,7 +174,6 @@ def _progress_writer(path: Path) -> Callable[[dict], None]:
 def cmd_eval(a: argparse.Namespace) -> dict:
     from .evaluation import eval_windows, evaluate
     from .flow import MAX_K
-    from .loading import load_teacher
     from .store import open_flow, read_flow_config
 
     if a.text and a.corpus_given:
@@ -165,8 +185,10 @@ def cmd_eval(a: argparse.Namespace) -> dict:
         if k < 1:
             raise LFTError(f"--skip values must be at least 1, got {k}")
     config = read_flow_config(a.flow)
-    teacher = load_teacher(a.model or config["model"])
+    teacher = _teacher(a, a.model or config["model"])
     flow, config = open_flow(a.flow, teacher)
+    if not teacher.dispatched:
+        flow.to(teacher.device)
     text = None
     if a.text:
         from .corpus import read_text_file
@@ -188,8 +210,6 @@ def cmd_eval(a: argparse.Namespace) -> dict:
 
 
 def cmd_baselines(a: argparse.Namespace) -> dict:
-    from .loading import load_teacher
-
     if (a.span is None) == (a.spans is None):
         raise LFTError("give either --span M:N (baselines of one span) or --spans all (the affine grid)")
     if a.text and a.span is None:
@@ -202,7 +222,7 @@ def cmd_baselines(a: argparse.Namespace) -> dict:
         from .corpus import read_text_file
 
         text = read_text_file(a.text)
-    teacher = load_teacher(a.model, trust_remote_code=a.trust_remote_code)
+    teacher = _teacher(a)
     if a.spans is not None:
         return _affine_grid(a, teacher)
     from .baselines import fit_affine_for_span
@@ -263,10 +283,9 @@ def _span_progress(desc: str) -> Iterator[Callable[[int, int], None]]:
 
 def cmd_recoupling(a: argparse.Namespace) -> dict:
     from .coupling import recoupling_for_model
-    from .loading import load_teacher
     from .span import parse_spans
 
-    teacher = load_teacher(a.model, trust_remote_code=a.trust_remote_code)
+    teacher = _teacher(a)
     spans = parse_spans(a.spans, teacher.n_layers)
     with _span_progress("recoupling") as progress:
         grid = recoupling_for_model(teacher, a.corpus, a.pairs, spans, a.seq_len, a.windows,
@@ -353,6 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--corpus", default="builtin", help="builtin, a .txt/.jsonl file or folder, hf:NAME")
         sp.add_argument("--json", metavar="PATH", help="write the results as JSON here")
         sp.add_argument("--trust-remote-code", action="store_true", help="allow a model's own code to run")
+        placement(sp)
+
+    def placement(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--device", default=None, help="where the teacher runs: cpu, cuda, cuda:N (default: cpu; "
+                                                       "under torchrun each rank's own GPU when there are GPUs)")
+        sp.add_argument("--device-map", choices=list(DEVICE_MAPS), default=None,
+                        help="spread a teacher too big for one device over GPUs, CPU and disk (Accelerate)")
+        sp.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                        help="with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=60GiB")
 
     c = sub.add_parser("cache", help="cache hidden states of a model over a corpus")
     common(c)
@@ -366,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(t, TrainConfig)
     t.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     t.add_argument("--trust-remote-code", action="store_true", help="allow a model's own code to run")
-    t.add_argument("--resume", action="store_true", help="continue from the flow's last checkpoint")
+    t.add_argument("--resume", action="store_true", help="continue from the flow's last checkpoint (any number of ranks)")
+    placement(t)
     t.add_argument("--progress-file", help=argparse.SUPPRESS)
     t.add_argument("--stop-file", help=argparse.SUPPRESS)
 
@@ -382,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--baselines", type=_baseline_list, default=[],
                    help="closed-form baselines to add: affine (fitted on the flow's training data)")
     e.add_argument("--json", metavar="PATH")
+    placement(e)
 
     a_ = sub.add_parser("baselines", help="what-if baselines without training: skip-k and the closed-form affine "
                                           "replacement of one span, or the affine grid of every span")
@@ -429,25 +459,60 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DISTRIBUTED_COMMANDS = ("cache", "train")
+"""Commands that run under torchrun (``torchrun --nproc-per-node N -m lft_core <command> ...``)."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    from . import distributed
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "eval":
         args.corpus_given = args.corpus is not None
     start = time.perf_counter()
+    dist = distributed.current()
+    quiet = None
     try:
-        check_output_path(getattr(args, "json", None))  # before any work: an hour of evaluation is never lost
+        if distributed.launched_by_torchrun():
+            dist = distributed.init_from_env()
+            if dist.active and args.command not in DISTRIBUTED_COMMANDS:
+                raise LFTError(f"`{args.command}` runs in one process; under torchrun only "
+                               f"{' and '.join(DISTRIBUTED_COMMANDS)} do (start it with python -m lft_core)")
+        if not dist.main:  # every rank's results equal rank 0's, which alone prints and writes them
+            quiet, sys.stdout = sys.stdout, open(os.devnull, "w")
+        if dist.main:
+            check_output_path(getattr(args, "json", None))  # before any work: an hour of evaluation is never lost
         result = COMMANDS[args.command](args)
         result.setdefault("wall_seconds", round(time.perf_counter() - start, 3))
-        _write_json(getattr(args, "json", None), result)
+        if dist.main:
+            _write_json(getattr(args, "json", None), result)
     except LFTError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{_who(dist)}error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the machine said no (a full disk, a read-only folder, a vanished file): one line
         where = f" ({e.filename})" if e.filename else ""
-        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        print(f"{_who(dist)}error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print(f"{_who(dist)}error: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        if not (dist.active and distributed.lost_a_peer(e)):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first.split("] ", 1)[-1][:160]  # drop the C++ source location gloo puts first
+        print(f"{_who(dist)}error: another rank of this run stopped ({first}); every rank ends here, and what "
+              f"was last saved (checkpoint, cache entry) is intact", file=sys.stderr)
+        return 1
+    finally:
+        if quiet is not None:
+            sys.stdout.close()
+            sys.stdout = quiet
+        distributed.shutdown()
     return 0
+
+
+def _who(dist) -> str:
+    """Error lines of ranks other than 0 say which rank speaks."""
+    return f"rank {dist.rank}: " if not dist.main else ""

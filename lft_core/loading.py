@@ -124,14 +124,40 @@ def resolve_model(spec: str) -> tuple[str, Path | str]:
     return spec, spec
 
 
-def load_teacher(spec: str = DEFAULT_MODEL, device: str | None = None, trust_remote_code: bool = False) -> Teacher:
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+"""Hugging Face Accelerate's placement strategies for a teacher spread over several devices (``device_map``)."""
+
+
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """``0=20GiB,1=20GiB,cpu=60GiB`` -> Accelerate's ``max_memory`` ({0: "20GiB", ..., "cpu": "60GiB"})."""
+    if not text:
+        return None
+    out: dict[int | str, str] = {}
+    for part in text.split(","):
+        device, sep, size = part.partition("=")
+        device, size = device.strip(), size.strip()
+        if not sep or not device or not size:
+            raise TeacherLoadError(f"cannot read --max-memory {text!r}: use DEVICE=SIZE pairs like 0=20GiB,cpu=60GiB")
+        out[int(device) if device.isdigit() else device] = size
+    return out
+
+
+def load_teacher(spec: str = DEFAULT_MODEL, device: str | None = None, trust_remote_code: bool = False,
+                 device_map: str | dict[str, int | str] | None = None, max_memory: dict[int | str, str] | None = None) -> Teacher:
     """Load a causal LM from a spec (see module docstring) in float32, eval mode, on ``device`` (default CPU).
 
+    ``device_map`` (one of ``DEVICE_MAPS``, or Accelerate's explicit {module name: device} map) instead spreads a teacher too big for one device over the GPUs,
+    the CPU memory and, past ``max_memory``, disk (Hugging Face Accelerate's big-model loading; offloaded
+    weights go under ``cache/offload``). Hidden states, KL and every surgery work the same on such a model.
     Weights are read from safetensors only (``use_safetensors=True``); remote code runs only when
     ``trust_remote_code`` is passed explicitly.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+        raise TeacherLoadError(f"unknown device map {device_map!r}; choose one of {', '.join(DEVICE_MAPS)}")
+    if device_map is not None and device is not None:
+        raise TeacherLoadError("give a device or a device map, not both")
     model_id, where = resolve_model(spec)
     if isinstance(where, Path) and not any(where.glob("*.safetensors")) and any(
         any(where.glob(pattern)) for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -140,11 +166,16 @@ def load_teacher(spec: str = DEFAULT_MODEL, device: str | None = None, trust_rem
             f"{where} holds only PyTorch pickle weights (.bin/.pt); LFT Explorer reads safetensors only and never "
             f"unpickles a model file: convert it to model.safetensors where you trust it"
         )
+    placement: dict = {}
+    if device_map is not None:
+        offload = cache_dir("offload") / hashlib.sha256(model_id.encode()).hexdigest()[:16]
+        placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": str(offload)}
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            where, config=config, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+            where, config=config, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code,
+            **placement,
         )
     except TeacherLoadError:
         raise
@@ -164,7 +195,8 @@ def load_teacher(spec: str = DEFAULT_MODEL, device: str | None = None, trust_rem
         ) from None
     family_of(model)  # unsupported family -> clear error before anything else
     weights_hash = _folder_weights_hash(Path(where)) if isinstance(where, Path) else _hub_weights_hash(model)
-    model.to(device or "cpu")
+    if device_map is None:
+        model.to(device or "cpu")
     return Teacher(model, tokenizer, spec, model_id, weights_hash)
 
 
@@ -173,6 +205,9 @@ def _hub_weights_hash(model: nn.Module) -> str:
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     for name, p in model.state_dict().items():
         h.update(name.encode())
+        if p.device.type == "meta":  # offloaded by a device map: its name and shape stand for it
+            h.update(str(tuple(p.shape)).encode())
+            continue
         flat = p.detach().reshape(-1)
-        h.update(flat[:: max(1, flat.numel() // 64)][:64].float().numpy().tobytes())
+        h.update(flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -12,6 +12,7 @@ All losses are means over every element (batch, seq and feature), computed in fl
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -77,15 +78,17 @@ def walk_times(batch: int, k: int, generator: torch.Generator | None = None, dev
 
 def flow_walking_loss(
     velocity: Velocity, x0: Tensor, x1: Tensor, k: int = 3, generator: torch.Generator | None = None,
-    weight: Tensor | None = None,
+    weight: Tensor | None = None, times: Tensor | None = None,
 ) -> Tensor:
     """Flow Walking: mean w·(x̂_1 − x1)², x̂_1 = k Euler steps from x0 through random sorted times.
 
-    x0, x1: shape (batch, ...); weight: optional, broadcastable to x0. Gradients reach u through every step.
+    x0, x1: shape (batch, ...); weight: optional, broadcastable to x0; times: optional time grids, shape
+    (k+1, batch) (default: ``walk_times`` from ``generator``). Gradients reach u through every step.
     """
     _check_pair(x0, x1)
-    times = walk_times(x0.shape[0], k, generator, x0.device)
-    x_hat = integrate(velocity, x0, k, method="euler", times=times)
+    if times is None:
+        times = walk_times(x0.shape[0], k, generator, x0.device)
+    x_hat = integrate(velocity, x0, k, method="euler", times=times.to(x0.device))
     return _weighted_mean((x_hat.float() - x1.float()).pow(2), weight)
 
 
@@ -97,11 +100,38 @@ def hybrid_loss(
     alpha: float = 0.1,
     generator: torch.Generator | None = None,
     weight: Tensor | None = None,
+    noise: Noise | None = None,
 ) -> Tensor:
     """FW + α·SFM on the same batch; x0, x1 shape (batch, ...)."""
-    return flow_walking_loss(velocity, x0, x1, k=k, generator=generator, weight=weight) + alpha * sfm_loss(
-        velocity, x0, x1, generator=generator, weight=weight
+    noise = noise or draw_noise("hybrid", x0.shape[0], k, generator, x0.device)
+    return flow_walking_loss(velocity, x0, x1, k=k, weight=weight, times=noise.walk) + alpha * sfm_loss(
+        velocity, x0, x1, t=noise.t, weight=weight
     )
+
+
+@dataclass(frozen=True)
+class Noise:
+    """The random times of one batch: ``walk`` (k+1, batch) for Flow Walking, ``t`` (batch,) for SFM (None
+    where the method draws none). Drawn for a whole (global) batch and then cut by ``rows``, so that a
+    data-parallel rank uses exactly the times a single process would give the same samples."""
+
+    walk: Tensor | None = None
+    t: Tensor | None = None
+
+    def rows(self, index: slice | Tensor) -> Noise:
+        """The times of the samples ``index`` of the batch (a slice or an index tensor)."""
+        return Noise(None if self.walk is None else self.walk[:, index], None if self.t is None else self.t[index])
+
+
+def draw_noise(method: str, batch: int, k: int = 3, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> Noise:
+    """The times ``method`` needs for ``batch`` samples, drawn from ``generator`` in a fixed order (Flow
+    Walking's grids first, then SFM's times), the order the losses have always drawn them in."""
+    check_method(method)
+    device = torch.device(device)
+    walk = walk_times(batch, k, generator, device) if method in ("fw", "hybrid") else None
+    t = _uniform((batch,), generator, device) if method in ("sfm", "hybrid") else None
+    return Noise(walk, t)
 
 
 LOSSES: dict[str, Callable[..., Tensor]] = {"sfm": sfm_loss, "fw": flow_walking_loss, "hybrid": hybrid_loss}
@@ -123,11 +153,13 @@ def compute_loss(
     alpha: float = 0.1,
     generator: torch.Generator | None = None,
     weight: Tensor | None = None,
+    noise: Noise | None = None,
 ) -> Tensor:
-    """The loss of ``method`` ("sfm", "fw" or "hybrid") on one batch; ``k`` and ``alpha`` apply where they mean something."""
+    """The loss of ``method`` ("sfm", "fw" or "hybrid") on one batch; ``k`` and ``alpha`` apply where they mean
+    something. The random times are ``noise`` when given, else drawn from ``generator`` (``draw_noise``)."""
+    noise = noise or draw_noise(method, x0.shape[0], k, generator, x0.device)
     if method == "sfm":
-        return sfm_loss(velocity, x0, x1, generator=generator, weight=weight)
+        return sfm_loss(velocity, x0, x1, t=noise.t, weight=weight)
     if method == "fw":
-        return flow_walking_loss(velocity, x0, x1, k=k, generator=generator, weight=weight)
-    check_method(method)
-    return hybrid_loss(velocity, x0, x1, k=k, alpha=alpha, generator=generator, weight=weight)
+        return flow_walking_loss(velocity, x0, x1, k=k, weight=weight, times=noise.walk)
+    return hybrid_loss(velocity, x0, x1, k=k, alpha=alpha, weight=weight, noise=noise)

@@ -218,6 +218,14 @@ _PLAN: ContextVar[_Plan | None] = ContextVar("lft_teacher_plan", default=None)
 context, so one thread's surgery is never seen by a forward pass of another."""
 
 
+def _module_device(obj: Any) -> torch.device | None:
+    """The device of a module's first parameter or buffer (None for other callables or empty modules)."""
+    if isinstance(obj, nn.Module):
+        for t in [*obj.parameters(), *obj.buffers()]:
+            return t.device
+    return None
+
+
 def _block_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
@@ -303,7 +311,15 @@ class Teacher:
     # -- basic facts ------------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where token ids go in: the input embedding's device (on a model spread by a device map, the
+        first device; Accelerate's hooks move each block's inputs to its own device)."""
+        device = self.model.get_input_embeddings().weight.device
+        return torch.device("cpu") if device.type == "meta" else device
+
+    @property
+    def dispatched(self) -> bool:
+        """True when the model is spread over devices by a device map (``load_teacher(device_map=...)``)."""
+        return bool(getattr(self.model, "hf_device_map", None))
 
     def __repr__(self) -> str:
         return f"Teacher({self.model_id!r}, family={self.family}, L={self.n_layers}, d={self.d_model})"
@@ -411,7 +427,12 @@ class Teacher:
             if surgery.k < 1:
                 raise LFTError(f"k must be at least 1, got {surgery.k}")
             flow, k = surgery.flow, surgery.k
-            with self.replaced_span(surgery.span, lambda h: flow(h, k=k).to(h.dtype)):
+            home = _module_device(flow)
+
+            def transport(h: torch.Tensor) -> torch.Tensor:  # h_m may sit on another device (a device map)
+                return flow(h if home is None else h.to(home), k=k).to(h.device, h.dtype)
+
+            with self.replaced_span(surgery.span, transport):
                 yield
         else:
             raise TypeError(f"surgery must be a Replace or a Skip, got {type(surgery).__name__}")

@@ -1,7 +1,11 @@
 """Training a latent flow for a span [m, n): standard flow matching, Flow Walking, or the hybrid.
 
-Data: pairs (x0, x1) = (h_m, h_n) of whole windows, shape (batch, seq_len, d), read from the activation cache
-(train split) and a held-out cache (held-out split, never trained on) for NMSE during training.
+Data: pairs (x0, x1) = (h_m, h_n) of whole windows, shape (batch, seq_len, d), streamed batch by batch from the
+activation cache's memmaps (train split; ``PairSource``) and a held-out cache (held-out split, never trained
+on) for NMSE during training. Which windows a step reads is ``BatchPlan``'s rule (seeded epochs).
+
+Data-parallel: under torchrun every rank runs ``train_flow``; the global batch is split evenly over the ranks,
+DistributedDataParallel averages the gradients, rank 0 alone writes; see ``distributed``.
 
 Optimisation: AdamW, linear warm-up then cosine decay, gradient clipping, seeded. CUDA with bf16 autocast when
 available, else CPU in float32. ``progress(event)`` gets a dict per step (step, steps, loss, lr,
@@ -15,19 +19,23 @@ from __future__ import annotations
 import math
 import re
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .activations import ensure_activations
 from .corpus import SPLIT_RULE, load_corpus
 from .errors import LFTError
 from .field import VelocityField
 from .flow import MAX_K, LatentFlow
-from .losses import LOSSES, check_method, compute_loss
+from .distributed import Dist, agree, current
+from .losses import LOSSES, Noise, check_method, compute_loss, draw_noise
 from .span import Span
 from .store import (NAME_RE, flow_lock, flows_dir, has_training_state, load_flow, load_training_state,
                     read_flow_config, save_checkpoint)
@@ -150,42 +158,108 @@ class TrainResult:
 
 
 @dataclass
-class PairData:
-    """Training and held-out pairs in memory, float32: x0/x1 shape (windows, seq_len, d)."""
+class PairSource:
+    """Training and held-out pairs (x0, x1) = (h_m, h_n), read batch by batch from the activation cache's
+    float16 memmaps (shape (windows, seq_len, d)), so a run over any number of tokens holds one batch in RAM,
+    not the data. ``in_memory()`` gives the same pairs loaded whole (the old way, kept for the benchmark)."""
 
-    x0: torch.Tensor
-    x1: torch.Tensor
-    held_x0: torch.Tensor
-    held_x1: torch.Tensor
+    x0: np.ndarray
+    x1: np.ndarray
+    held_x0: np.ndarray
+    held_x1: np.ndarray
     train_key: str
     heldout_key: str
 
+    @property
+    def windows(self) -> int:
+        return len(self.x0)
 
-def load_pairs(teacher: Teacher, cfg: TrainConfig, progress: bool = True) -> PairData:
-    """Cache (if needed) and read h_m, h_n for the train and held-out windows of the config's corpus.
+    def batch(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """x0, x1 of the windows ``index`` (in that order), float32 tensors of shape (len(index), seq_len, d)."""
+        order = np.argsort(index, kind="stable")  # read the file forwards; give the rows back in asked order
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        rows = np.asarray(index)[order]
+        f = lambda a: torch.from_numpy(np.asarray(a[rows], dtype=np.float32)[inverse])  # noqa: E731
+        return f(self.x0), f(self.x1)
 
-    An entry deleted between caching and reading (another session's Delete on the Setup page) is computed
-    again, once; a second failure is one LFTError line."""
+    def in_memory(self) -> PairSource:
+        """Every pair read into RAM as float32 (what training did before it streamed)."""
+        f = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
+        return PairSource(f(self.x0), f(self.x1), f(self.held_x0), f(self.held_x1), self.train_key, self.heldout_key)
+
+
+def load_pairs(teacher: Teacher, cfg: TrainConfig, progress: bool = True) -> PairSource:
+    """Cache (if needed) and open h_m, h_n of the train and held-out windows of the config's corpus as memmaps.
+
+    Under torchrun the caching itself is split across ranks (``activations.ensure_activations``). An entry
+    deleted between caching and reading (another session's Delete on the Setup page) is computed again,
+    once; a second failure is one LFTError line."""
     m, n = cfg.span
     corpus = load_corpus(cfg.corpus)
-    f = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))  # noqa: E731
     for attempt in range(2):
         train = ensure_activations(teacher, corpus, cfg.seq_len, cfg.windows, [m, n], "train", progress=progress)
         held = ensure_activations(teacher, corpus, cfg.seq_len, cfg.heldout_windows, [m, n], "heldout",
                                   progress=progress)
         try:
-            return PairData(f(train.layer(m)), f(train.layer(n)), f(held.layer(m)), f(held.layer(n)), train.key,
-                            held.key)
+            return PairSource(train.layer(m), train.layer(n), held.layer(m), held.layer(n), train.key, held.key)
         except (OSError, ValueError, LFTError) as e:
             if attempt:
                 raise LFTError(f"the cached hidden states of the training data could not be read ({e})") from None
     raise AssertionError("unreachable")
 
 
-def normalisation_stats(x0: torch.Tensor, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and std of the pooled x0 and x1 tokens, shape (d,) each (float64 accumulation)."""
-    pooled = torch.cat([x0.reshape(-1, x0.shape[-1]), x1.reshape(-1, x1.shape[-1])]).double()
-    return pooled.mean(0).float(), pooled.std(0).float()
+STATS_CHUNK_TOKENS = 16384  # tokens per chunk of the streamed normalisation statistics
+
+
+def normalisation_stats(x0, x1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std (unbiased) of the pooled x0 and x1 tokens, shape (d,) each.
+
+    x0, x1: arrays or memmaps of shape (windows, seq_len, d), read a chunk of windows at a time and combined
+    in float64 (Chan et al.'s pairwise update), so the data never has to fit in memory."""
+    d = x0.shape[-1]
+    count, mean, m2 = 0, np.zeros(d), np.zeros(d)
+    rows = max(1, STATS_CHUNK_TOKENS // max(1, int(np.prod(x0.shape[1:-1]))))
+    for a in (x0, x1):
+        for s in range(0, len(a), rows):
+            chunk = np.asarray(a[s : s + rows], dtype=np.float64).reshape(-1, d)
+            c_mean = chunk.mean(0)
+            c_m2 = ((chunk - c_mean) ** 2).sum(0)
+            c = len(chunk)
+            delta = c_mean - mean
+            total = count + c
+            mean = mean + delta * (c / total)
+            m2 = m2 + c_m2 + delta**2 * (count * c / total)
+            count = total
+    std = np.sqrt(m2 / max(1, count - 1))
+    return torch.from_numpy(mean).float(), torch.from_numpy(std).float()
+
+
+class BatchPlan:
+    """Which windows each optimiser step reads: epochs of a seeded permutation, cut into global batches.
+
+    Epoch e is ``permutation(windows)`` seeded by (seed, e); step s reads the global batch at positions
+    [j·B, (j+1)·B) of its epoch (j = s mod steps-per-epoch, B = the global batch; a remainder of fewer than
+    B windows waits for a later epoch). Data-parallel rank r of W takes the positions r, r+W, r+2W, … of that
+    batch, so over an epoch its shard is ``perm[r::W]``: deterministic, disjoint from the other ranks', and
+    together they cover the batch a single process would read. The same seed therefore trains the same
+    flow at any world size (up to float rounding in the averaged gradients)."""
+
+    def __init__(self, windows: int, batch: int, seed: int):
+        self.windows, self.batch, self.seed = windows, batch, seed
+        self.per_epoch = max(1, windows // batch)
+        self._epoch, self._perm = -1, np.arange(0)
+
+    def global_batch(self, step: int) -> np.ndarray:
+        epoch, j = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.windows)
+        return self._perm[j * self.batch : (j + 1) * self.batch]
+
+    @staticmethod
+    def positions(rank: int, world: int, batch: int) -> slice:
+        """The rows of a global batch that rank ``rank`` of ``world`` trains on."""
+        return slice(rank, batch, world)
 
 
 def loss_weight(flow: LatentFlow, x1_raw: torch.Tensor, how: str, sink_weight: float = 1.0) -> torch.Tensor | None:
@@ -229,15 +303,33 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def heldout_nmse(flow: LatentFlow, x0: torch.Tensor, x1: torch.Tensor, k: int, batch: int = 8) -> float:
-    """Mean over held-out tokens of ||x̂_1 - x1||² / ||x1||² with a k-step Euler walk (original units)."""
+def heldout_nmse(flow: LatentFlow, x0, x1, k: int, batch: int = 8) -> float:
+    """Mean over held-out tokens of ||x̂_1 - x1||² / ||x1||² with a k-step Euler walk (original units).
+
+    x0, x1: arrays, memmaps or tensors of shape (windows, seq_len, d), read ``batch`` windows at a time."""
     from .metrics import nmse
 
     device = next(flow.parameters()).device
-    preds = []
+    preds, targets = [], []
     for s in range(0, len(x0), batch):
-        preds.append(flow(x0[s : s + batch].to(device), k=k).float().cpu())
-    return float(nmse(torch.cat(preds), x1))
+        h = torch.as_tensor(np.asarray(x0[s : s + batch], dtype=np.float32))
+        preds.append(flow(h.to(device), k=k).float().cpu())
+        targets.append(torch.as_tensor(np.asarray(x1[s : s + batch], dtype=np.float32)))
+    return float(nmse(torch.cat(preds), torch.cat(targets)))
+
+
+class StepLoss(nn.Module):
+    """One optimiser step's loss as a module, so that ``DistributedDataParallel`` can wrap it: its forward
+    runs every velocity evaluation of the step (Flow Walking's k of them too) and returns the scalar loss."""
+
+    def __init__(self, flow: LatentFlow, method: str, k: int, alpha: float):
+        super().__init__()
+        self.flow, self.method, self.k, self.alpha = flow, method, k, alpha
+
+    def forward(self, x0: torch.Tensor, x1: torch.Tensor, weight: torch.Tensor | None, walk: torch.Tensor | None,
+                t: torch.Tensor | None) -> torch.Tensor:
+        return compute_loss(self.method, self.flow.velocity, x0, x1, self.k, self.alpha, weight=weight,
+                            noise=Noise(walk, t))
 
 
 def train_flow(
@@ -251,18 +343,42 @@ def train_flow(
 ) -> TrainResult:
     """Train (or resume) a latent flow for ``cfg.span``; returns the result and leaves a checkpoint.
 
-    Only one process trains a given flow name at a time (a file lock); a second gets a clear error."""
+    Only one process trains a given flow name at a time (a file lock); a second gets a clear error. Under
+    torchrun (``distributed.init_from_env``) every rank calls this: the global batch ``cfg.batch`` is split
+    evenly over the ranks (``BatchPlan``), gradients are averaged by DistributedDataParallel, and rank 0 alone
+    holds the lock and writes checkpoints and progress; ``resume`` continues a checkpoint at any world size."""
     from .loading import load_teacher
 
+    dist = current()
     teacher = teacher or load_teacher(cfg.model)
     cfg.validate(teacher.n_layers)
+    if cfg.batch % dist.world:
+        raise LFTError(f"the global batch ({cfg.batch}) must be a multiple of the number of ranks ({dist.world})")
     name = cfg.name or cfg.default_name()
-    with flow_lock(name, f"flow {name!r} is being trained by another job; pick another name"):
-        return _train_locked(cfg, teacher, name, progress, should_stop, resume, device, verbose)
+    with ExitStack() as held:
+        def preflight() -> None:  # rank 0 checks; every rank gets its verdict
+            held.enter_context(flow_lock(name, f"flow {name!r} is being trained by another job; pick another name"))
+            _check_name(name, cfg, teacher, resume)
+
+        agree(preflight, dist)
+        return _train_locked(cfg, teacher, name, progress, should_stop, resume, device, verbose, dist)
 
 
 RESUME_MUST_MATCH = ("method", "k", "alpha", "lr", "batch", "seq_len", "windows", "corpus", "loss_weighting")
-"""Settings a resumed run must share with its checkpoint (the span and the model are checked too)."""
+"""Settings a resumed run must share with its checkpoint (the span and the model are checked too). ``batch`` is
+the global batch, so a run can be resumed with another number of ranks."""
+
+
+def _check_name(name: str, cfg: TrainConfig, teacher: Teacher, resume: bool) -> None:
+    """LFTError unless training ``name`` may start (a new name) or continue (``resume`` of a matching run)."""
+    out_dir = flows_dir() / name
+    if out_dir.exists() and not resume:
+        raise LFTError(f"a flow named {name!r} exists already: continue it with --resume, or delete it first "
+                       f"with `python -m lft_core flows --delete {name}`")
+    if resume and out_dir.exists():
+        if not has_training_state(out_dir):
+            raise LFTError(f"flow {name!r} has no training state to resume from (damaged, or saved by another tool)")
+        _check_resume(name, cfg, teacher, read_flow_config(name))
 
 
 def _check_resume(name: str, cfg: TrainConfig, teacher: Teacher, saved: dict) -> None:
@@ -280,27 +396,20 @@ def _check_resume(name: str, cfg: TrainConfig, teacher: Teacher, saved: dict) ->
 
 
 def _train_locked(cfg: TrainConfig, teacher: Teacher, name: str, progress, should_stop, resume: bool, device: str | None,
-                  verbose: bool) -> TrainResult:
+                  verbose: bool, dist: Dist) -> TrainResult:
     from tqdm import tqdm
 
     out_dir = flows_dir() / name
-    if out_dir.exists() and not resume:
-        raise LFTError(f"a flow named {name!r} exists already: continue it with --resume, or delete it first "
-                       f"with `python -m lft_core flows --delete {name}`")
-    if resume and out_dir.exists() and not has_training_state(out_dir):
-        raise LFTError(f"flow {name!r} has no training state to resume from (damaged, or saved by another tool)")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or dist.device()
+    verbose = verbose and dist.main
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # the random times; the same stream on every rank
 
-    saved: dict = {}
-    if resume and out_dir.exists():
-        saved = read_flow_config(name)
-        _check_resume(name, cfg, teacher, saved)
+    resuming = resume and out_dir.exists()
     data = load_pairs(teacher, cfg, progress=verbose)
     m, n = cfg.span
     start_step, history = 0, []
-    if saved:
+    if resuming:
         flow, saved = load_flow(out_dir)
         history = saved.get("history", [])
     else:
@@ -308,12 +417,16 @@ def _train_locked(cfg: TrainConfig, teacher: Teacher, name: str, progress, shoul
         flow = LatentFlow(VelocityField(field_spec), span=cfg.span)
         if cfg.init_from_teacher:
             flow.field.init_from_block(teacher.block_weights(m))
-        if cfg.normalise:
-            flow.set_normalisation(*normalisation_stats(data.x0, data.x1))
+        if cfg.normalise:  # computed once, on rank 0, and sent to the others
+            stats = agree(lambda: tuple(t.tolist() for t in normalisation_stats(data.x0, data.x1)), dist)
+            flow.set_normalisation(*(torch.tensor(v) for v in stats))
     flow.to(device)
     opt = torch.optim.AdamW(flow.field.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if saved:
+    if resuming:
         start_step = load_training_state(out_dir, opt, gen)
+    step_loss: nn.Module = StepLoss(flow, cfg.method, cfg.k, cfg.alpha)
+    if dist.active:
+        step_loss = DistributedDataParallel(step_loss, device_ids=[device] if device.startswith("cuda") else None)
 
     config = {
         **{k: v for k, v in asdict(cfg).items() if k != "name"},
@@ -327,12 +440,18 @@ def _train_locked(cfg: TrainConfig, teacher: Teacher, name: str, progress, shoul
         "split_rule": SPLIT_RULE,
         "teacher_span_params": teacher.span_params(m, n),
         "params": sum(p.numel() for p in flow.field.parameters()),
+        "world_size": dist.world,
+        "global_batch": cfg.batch,
+        "batch_plan": "epochs of permutation(windows) seeded by (seed, epoch); rank r of W takes rows r::W",
     }
 
     def checkpoint(step: int, status: str) -> None:
-        save_checkpoint(out_dir, flow, {**config, "steps_done": step, "status": status, "history": history}, opt,
-                        step, gen)
+        if dist.main:
+            save_checkpoint(out_dir, flow, {**config, "steps_done": step, "status": status, "history": history}, opt,
+                            step, gen)
 
+    plan = BatchPlan(data.windows, cfg.batch, cfg.seed)
+    mine = BatchPlan.positions(dist.rank, dist.world, cfg.batch)
     use_amp = device.startswith("cuda")
     tokens_per_step = cfg.batch * cfg.seq_len
     t0 = time.perf_counter()
@@ -340,39 +459,41 @@ def _train_locked(cfg: TrainConfig, teacher: Teacher, name: str, progress, shoul
     bar = tqdm(total=cfg.steps, initial=start_step, desc=f"{cfg.method} {m}:{n}", disable=not verbose)
     flow.train()
     for step in range(start_step, cfg.steps):
-        if should_stop is not None and should_stop():
+        if dist.any(should_stop is not None and dist.main and bool(should_stop())):
             stopped = True
             break
         step_start = time.perf_counter()
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = torch.randint(0, len(data.x0), (cfg.batch,), generator=gen)
-        x0 = flow.normalise(data.x0[idx].to(device))
-        x1_raw = data.x1[idx].to(device)
+        noise = draw_noise(cfg.method, cfg.batch, cfg.k, gen).rows(mine)  # drawn for the global batch
+        x0_raw, x1_raw = data.batch(plan.global_batch(step)[mine])
+        x0 = flow.normalise(x0_raw.to(device))
+        x1_raw = x1_raw.to(device)
         x1 = flow.normalise(x1_raw)
         weight = loss_weight(flow, x1_raw, cfg.loss_weighting, cfg.resolved_sink_weight())
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            loss = compute_loss(cfg.method, flow.velocity, x0, x1, cfg.k, cfg.alpha, gen, weight=weight)
-        if not torch.isfinite(loss):
+            loss = step_loss(x0, x1, weight, noise.walk, noise.t)
+        global_loss = dist.mean(float(loss.detach()))
+        if not math.isfinite(global_loss):
             checkpoint(step, "failed")
-            raise LFTError(f"training diverged at step {step} (loss {loss.item()}); try a lower learning rate")
+            raise LFTError(f"training diverged at step {step} (loss {global_loss}); try a lower learning rate")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # under DDP the gradients arrive averaged over the ranks
         torch.nn.utils.clip_grad_norm_(flow.field.parameters(), cfg.grad_clip)
         opt.step()
-        loss_value = float(loss.detach())
+        loss_value = global_loss
         elapsed = time.perf_counter() - step_start
         event = {"step": step + 1, "steps": cfg.steps, "loss": loss_value, "lr": lr,
                  "tokens_per_s": tokens_per_step / max(elapsed, 1e-9),
                  "eta_s": (time.perf_counter() - t0) / (step + 1 - start_step) * (cfg.steps - step - 1)}
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        if dist.main and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             flow.eval()
             event["heldout_nmse"] = heldout_nmse(flow, data.held_x0, data.held_x1, cfg.k)
             flow.train()
         history.append({k: (round(v, 6) if isinstance(v, float) else v) for k, v in event.items()
                         if k in ("step", "loss", "lr", "tokens_per_s", "heldout_nmse")})
-        if progress is not None:
+        if progress is not None and dist.main:
             progress(event)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -382,8 +503,9 @@ def _train_locked(cfg: TrainConfig, teacher: Teacher, name: str, progress, shoul
         step = cfg.steps
     bar.close()
     flow.eval()
-    nmse_value = heldout_nmse(flow, data.held_x0, data.held_x1, cfg.k)
+    nmse_value = agree(lambda: heldout_nmse(flow, data.held_x0, data.held_x1, cfg.k), dist)
     checkpoint(step, "stopped" if stopped else "complete")
+    dist.barrier()  # no rank reports the run done before rank 0's checkpoint is written
     return TrainResult(
         name=name, dir=str(out_dir), span=cfg.span, method=cfg.method, steps=step, final_loss=loss_value,
         heldout_nmse=nmse_value, seconds=time.perf_counter() - t0, device=device, params=config["params"],

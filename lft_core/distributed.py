@@ -1,0 +1,173 @@
+"""Running under PyTorch's launcher: ``torchrun ... -m lft_core <command>``.
+
+torchrun starts one process per rank and tells each its place through the environment (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``). ``init_from_env`` reads that, joins the
+process group (``nccl`` when CUDA is there, else ``gloo``) and makes the result the ``current()`` context that
+training and caching consult. A plain ``python -m lft_core`` is the world-size-1 case of the same code: every
+collective below is then a no-op, so one code path serves both.
+
+What each rank does is decided in the callers (``training``, ``activations``): data is split by a fixed rule
+over window indices, rank 0 alone writes checkpoints, configs, progress and JSON, the others stay silent.
+A rank that dies makes torchrun's agent stop the others (no rank is left waiting), and a collective that
+waits longer than ``LFT_DIST_TIMEOUT`` seconds (default 1800) fails instead of hanging.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from .errors import LFTError
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the run: ``rank`` of ``world`` processes, ``local_rank`` on its machine."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def main(self) -> bool:
+        """True on the rank that writes (rank 0; the only rank of a plain run)."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def device(self) -> str:
+        """The device this rank computes on: its own GPU under torchrun with CUDA, else ``cuda``/``cpu``."""
+        if torch.cuda.is_available():
+            return f"cuda:{self.local_rank}" if self.active else "cuda"
+        return "cpu"
+
+    # -- collectives (no-ops in a world of one) -------------------------------------------------------
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (picklable Python values; the values are ours, never a user's file)."""
+        if not self.active:
+            return obj
+        box = [obj if self.main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def broadcast_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's values of ``t`` copied into ``t`` on every rank (same shape and dtype everywhere)."""
+        if self.active:
+            buf = t.to(self._comm_device())
+            torch.distributed.broadcast(buf, src=0)
+            t.copy_(buf.to(t.device))
+        return t
+
+    def mean(self, value: float) -> float:
+        """The mean over ranks of a float."""
+        if not self.active:
+            return value
+        buf = torch.tensor([value], dtype=torch.float64, device=self._comm_device())
+        torch.distributed.all_reduce(buf)
+        return float(buf.item()) / self.world
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on some rank (a stop asked on one rank stops all)."""
+        if not self.active:
+            return flag
+        buf = torch.tensor([1.0 if flag else 0.0], device=self._comm_device())
+        torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.MAX)
+        return bool(buf.item() > 0)
+
+    def _comm_device(self) -> torch.device:
+        return torch.device(f"cuda:{self.local_rank}") if self.backend == "nccl" else torch.device("cpu")
+
+
+_CURRENT = Dist()
+
+
+def current() -> Dist:
+    """The context of this process (``Dist()`` unless ``init_from_env`` joined a torchrun group)."""
+    return _CURRENT
+
+
+def launched_by_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def init_from_env() -> Dist:
+    """Join the process group torchrun describes in the environment; a world of one joins nothing.
+
+    The backend is ``nccl`` when CUDA is available (each rank on GPU ``LOCAL_RANK``), else ``gloo``;
+    ``LFT_DIST_BACKEND`` overrides it."""
+    global _CURRENT
+    if not launched_by_torchrun():
+        return _CURRENT
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise LFTError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (they are set by torchrun)") from None
+    if world <= 1:
+        _CURRENT = Dist(rank=0, world=1, local_rank=local_rank)
+        return _CURRENT
+    backend = os.environ.get("LFT_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        if local_rank >= torch.cuda.device_count():
+            raise LFTError(f"rank {rank} wants GPU {local_rank}, but this machine has {torch.cuda.device_count()}: "
+                           f"run at most one rank per GPU (--nproc-per-node)")
+        torch.cuda.set_device(local_rank)
+    timeout = timedelta(seconds=float(os.environ.get("LFT_DIST_TIMEOUT", "1800")))
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend=backend, timeout=timeout)
+    _CURRENT = Dist(rank=rank, world=world, local_rank=local_rank, backend=backend)
+    return _CURRENT
+
+
+def shutdown() -> None:
+    """Leave the process group (at the end of a command)."""
+    global _CURRENT
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _CURRENT = Dist()
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """True when ``error`` is a collective failing because another rank went away (died, was killed, timed
+    out): PyTorch's distributed errors, and gloo's and NCCL's connection errors, which arrive as RuntimeError."""
+    if isinstance(error, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("gloo", "NCCL", "Connection reset", "Connection closed", "Broken pipe"))
+
+
+def shard_of(n: int, dist: Dist | None = None) -> range:
+    """The contiguous share of ``n`` items (e.g. batches of windows) that ``dist``'s rank handles: rank r
+    of W gets items [r·n/W, (r+1)·n/W) (floor), so the shares are disjoint, in order and cover 0..n-1."""
+    dist = dist or current()
+    return range(dist.rank * n // dist.world, (dist.rank + 1) * n // dist.world)
+
+
+def agree(fn, dist: Dist | None = None) -> Any:
+    """Run ``fn`` on rank 0 and share its outcome: its return value on every rank, or, when it raises an
+    LFTError, that error raised on every rank (so a refusal such as "the name is taken" ends every rank at
+    once with the same message instead of leaving the others waiting in a collective)."""
+    dist = dist or current()
+    if not dist.active:
+        return fn()
+    outcome: tuple[str, Any] = ("ok", None)
+    if dist.main:
+        try:
+            outcome = ("ok", fn())
+        except LFTError as e:
+            outcome = ("error", str(e))
+    outcome = dist.broadcast(outcome)
+    if outcome[0] == "error":
+        raise LFTError(outcome[1])
+    return outcome[1]
