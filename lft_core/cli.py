@@ -112,6 +112,10 @@ def _teacher(a: argparse.Namespace, spec: str | None = None):
     if getattr(a, "max_memory", None) and not device_map:
         raise LFTError("--max-memory goes with --device-map")
     dist = current()
+    if device_map and dist.active:
+        raise LFTError("--device-map spreads one teacher over all of a machine's devices, so it runs in one process: "
+                       "cache with `python -m lft_core cache --device-map auto ...`, then train under torchrun "
+                       "from that cache")
     default = dist.device() if dist.active else "cpu"
     device = None if device_map else (getattr(a, "device", None) or default)
     return load_teacher(spec or a.model, device=device, trust_remote_code=getattr(a, "trust_remote_code", False),

@@ -15,7 +15,7 @@ import torch
 
 from .corpus import SPLIT_RULE, load_corpus, make_windows
 from .errors import LFTError
-from .flow import MAX_K, Replacement, check_replaces
+from .flow import MAX_K, Replacement, check_replaces, replace_on_its_device
 from .metrics import kl_per_token, nll_per_token, nmse, perplexity
 from .span import Span
 from .teacher import Replace, Skip, Surgery
@@ -132,7 +132,7 @@ def end_point_nmse(teacher: Teacher, replacements: Sequence[tuple[Replacement, S
         with torch.no_grad():
             for (replacement, ks), acc in zip(replacements, sums):
                 for k in ks:
-                    acc[k] += nmse(replacement(hs[m], k=k).float(), hs[n]) * tokens
+                    acc[k] += nmse(replace_on_its_device(replacement, hs[m], k).float(), hs[n]) * tokens
         count += tokens
     return [{k: v / count for k, v in acc.items()} for acc in sums]
 

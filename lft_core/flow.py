@@ -109,6 +109,16 @@ class LatentFlow(nn.Module):
         return self.field.n_params()
 
 
+def replace_on_its_device(replacement: Replacement, h_m: Tensor, k: int) -> Tensor:
+    """``replacement(h_m, k=k)`` computed where the replacement's weights are and returned on h_m's device and
+    in its dtype (a teacher spread over devices hands h_m over on whichever device block m sits on)."""
+    home = None
+    if isinstance(replacement, nn.Module):
+        home = next((t.device for t in [*replacement.parameters(), *replacement.buffers()]), None)
+    out = replacement(h_m if home is None else h_m.to(home), k=k)
+    return out.to(h_m.device, h_m.dtype)
+
+
 def check_replaces(flow: Replacement, span: Span | tuple[int, int], label: str = "the flow") -> None:
     """LFTError unless ``flow`` (anything with a ``span``) replaces exactly ``span``; ``label`` names it."""
     if tuple(flow.span) != tuple(span):

@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import LFTError
 from .field import BlockWeights, FieldSpec
-from .flow import Replacement
+from .flow import Replacement, replace_on_its_device
 from .span import Span
 
 
@@ -216,14 +216,6 @@ class _Plan:
 _PLAN: ContextVar[_Plan | None] = ContextVar("lft_teacher_plan", default=None)
 """The current thread's (context's) plan. Every Streamlit session, job thread and test thread has its own
 context, so one thread's surgery is never seen by a forward pass of another."""
-
-
-def _module_device(obj: Any) -> torch.device | None:
-    """The device of a module's first parameter or buffer (None for other callables or empty modules)."""
-    if isinstance(obj, nn.Module):
-        for t in [*obj.parameters(), *obj.buffers()]:
-            return t.device
-    return None
 
 
 def _block_input(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -427,12 +419,7 @@ class Teacher:
             if surgery.k < 1:
                 raise LFTError(f"k must be at least 1, got {surgery.k}")
             flow, k = surgery.flow, surgery.k
-            home = _module_device(flow)
-
-            def transport(h: torch.Tensor) -> torch.Tensor:  # h_m may sit on another device (a device map)
-                return flow(h if home is None else h.to(home), k=k).to(h.device, h.dtype)
-
-            with self.replaced_span(surgery.span, transport):
+            with self.replaced_span(surgery.span, lambda h: replace_on_its_device(flow, h, k)):
                 yield
         else:
             raise TypeError(f"surgery must be a Replace or a Skip, got {type(surgery).__name__}")

@@ -340,8 +340,11 @@ def train_flow(
     resume: bool = False,
     device: str | None = None,
     verbose: bool = True,
+    data: PairSource | None = None,
 ) -> TrainResult:
     """Train (or resume) a latent flow for ``cfg.span``; returns the result and leaves a checkpoint.
+
+    ``data``: the pairs to train on (default: ``load_pairs``, the config's corpus through the cache).
 
     Only one process trains a given flow name at a time (a file lock); a second gets a clear error. Under
     torchrun (``distributed.init_from_env``) every rank calls this: the global batch ``cfg.batch`` is split
@@ -361,7 +364,7 @@ def train_flow(
             _check_name(name, cfg, teacher, resume)
 
         agree(preflight, dist)
-        return _train_locked(cfg, teacher, name, progress, should_stop, resume, device, verbose, dist)
+        return _train_locked(cfg, teacher, name, progress, should_stop, resume, device, verbose, dist, data)
 
 
 RESUME_MUST_MATCH = ("method", "k", "alpha", "lr", "batch", "seq_len", "windows", "corpus", "loss_weighting")
@@ -396,7 +399,7 @@ def _check_resume(name: str, cfg: TrainConfig, teacher: Teacher, saved: dict) ->
 
 
 def _train_locked(cfg: TrainConfig, teacher: Teacher, name: str, progress, should_stop, resume: bool, device: str | None,
-                  verbose: bool, dist: Dist) -> TrainResult:
+                  verbose: bool, dist: Dist, data: PairSource | None) -> TrainResult:
     from tqdm import tqdm
 
     out_dir = flows_dir() / name
@@ -406,7 +409,7 @@ def _train_locked(cfg: TrainConfig, teacher: Teacher, name: str, progress, shoul
     gen = torch.Generator().manual_seed(cfg.seed)  # the random times; the same stream on every rank
 
     resuming = resume and out_dir.exists()
-    data = load_pairs(teacher, cfg, progress=verbose)
+    data = data or load_pairs(teacher, cfg, progress=verbose)
     m, n = cfg.span
     start_step, history = 0, []
     if resuming:
