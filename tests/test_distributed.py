@@ -229,3 +229,60 @@ def test_a_teacher_spread_over_devices_gives_the_same_states_and_surgery(tiny_ne
     for surgery in (None, Skip(1, 2), Replace(flow, 2)):
         assert torch.equal(tiny_neox.logits(ids, surgery), spread.logits(ids, surgery)), surgery
     assert not torch.equal(spread.logits(ids, Replace(flow, 2)), spread.logits(ids))
+
+
+def test_cli_device_map_caches_the_same_bytes(tiny_neox_dir, tmp_path, monkeypatch):
+    out = {}
+    for label, extra in (("plain", []), ("spread", ["--device-map", "auto", "--max-memory", "cpu=1MB"])):
+        monkeypatch.setenv("LFT_CACHE_DIR", str(tmp_path / label))
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "models").symlink_to(REPO / "cache" / "models", target_is_directory=True)
+        assert main(["cache", "--model", str(tiny_neox_dir), "--windows", "3", "--seq-len", "16", "--layers", "0,2,4",
+                     "--json", str(tmp_path / f"{label}.json"), *extra]) == 0
+        out[label] = Path(json.loads((tmp_path / f"{label}.json").read_text())["dir"])
+    for f in ("layer_00.npy", "layer_02.npy", "layer_04.npy"):
+        assert (out["plain"] / f).read_bytes() == (out["spread"] / f).read_bytes()
+
+
+def test_placement_flags_are_checked(tiny_neox_dir, monkeypatch, capsys):
+    from lft_core import distributed
+
+    assert main(["cache", "--model", str(tiny_neox_dir), "--max-memory", "cpu=1GB"]) == 2
+    assert "--max-memory goes with --device-map" in capsys.readouterr().err
+    assert main(["cache", "--model", str(tiny_neox_dir), "--device-map", "auto", "--max-memory", "lots"]) == 2
+    assert "DEVICE=SIZE" in capsys.readouterr().err
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Dist(rank=0, world=2))
+    assert main(["cache", "--model", str(tiny_neox_dir), "--device-map", "auto"]) == 2
+    assert "--device-map spreads one teacher" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streamed pairs
+
+
+def test_training_pairs_stay_on_disk_and_batches_come_back_in_order(tiny_neox, tiny_neox_dir):
+    from lft_core.training import TrainConfig, load_pairs
+
+    cfg = TrainConfig(model=str(tiny_neox_dir), span=(1, 3), steps=1, batch=2, seq_len=16, windows=6,
+                      heldout_windows=2)
+    data = load_pairs(tiny_neox, cfg, progress=False)
+    assert all(isinstance(a, np.memmap) for a in (data.x0, data.x1, data.held_x0, data.held_x1))
+    index = np.array([4, 0, 5, 2])
+    x0, x1 = data.batch(index)
+    assert x0.dtype == torch.float32 and x0.shape == (4, 16, tiny_neox.d_model)
+    for row, i in enumerate(index):
+        assert torch.equal(x0[row], torch.from_numpy(np.asarray(data.x0[i], dtype=np.float32)))
+        assert torch.equal(x1[row], torch.from_numpy(np.asarray(data.x1[i], dtype=np.float32)))
+
+
+def test_streamed_normalisation_statistics_equal_the_pooled_ones(monkeypatch):
+    from lft_core import training
+
+    rng = np.random.default_rng(0)
+    x0 = (rng.standard_normal((7, 5, 3)) * [1, 10, 100] + [0, -5, 1e3]).astype(np.float16)
+    x1 = (rng.standard_normal((7, 5, 3)) * 3 + 7).astype(np.float16)
+    pooled = np.concatenate([x0.reshape(-1, 3), x1.reshape(-1, 3)]).astype(np.float64)
+    monkeypatch.setattr(training, "STATS_CHUNK_TOKENS", 10)  # 2 windows per chunk, a ragged last chunk
+    mu, sigma = training.normalisation_stats(x0, x1)
+    assert np.allclose(mu.numpy(), pooled.mean(0), rtol=1e-6)
+    assert np.allclose(sigma.numpy(), pooled.std(0, ddof=1), rtol=1e-5)

@@ -283,7 +283,9 @@ def fast_teachers(monkeypatch):
 
     real = teacher_module.load_teacher
 
-    def load(spec="smollm2-135m", device=None, trust_remote_code=False):
+    def load(spec="smollm2-135m", device=None, trust_remote_code=False, device_map=None, max_memory=None):
+        if device_map is not None:  # a spread teacher is loaded as asked
+            return real(spec, trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory)
         key = (spec, device, trust_remote_code)
         if key not in _TEACHERS:
             _TEACHERS[key] = real(spec, device=device, trust_remote_code=trust_remote_code)
