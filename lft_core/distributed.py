@@ -60,14 +60,6 @@ class Dist:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
-    def broadcast_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        """Rank 0's values of ``t`` copied into ``t`` on every rank (same shape and dtype everywhere)."""
-        if self.active:
-            buf = t.to(self._comm_device())
-            torch.distributed.broadcast(buf, src=0)
-            t.copy_(buf.to(t.device))
-        return t
-
     def mean(self, value: float) -> float:
         """The mean over ranks of a float."""
         if not self.active:
