@@ -197,6 +197,7 @@ def load_teacher(spec: str = DEFAULT_MODEL, device: str | None = None, trust_rem
     weights_hash = _folder_weights_hash(Path(where)) if isinstance(where, Path) else _hub_weights_hash(model)
     if device_map is None:
         model.to(device or "cpu")
+    model.requires_grad_(False)  # a teacher is never trained; gradients only ever flow through it to a flow
     return Teacher(model, tokenizer, spec, model_id, weights_hash)
 
 

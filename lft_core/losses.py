@@ -7,6 +7,8 @@ x0, x1: paired states, shape (batch, ...) (a token's h_m and h_n, or a 2-D toy p
 * Flow Walking (FW): per sample sorted random times 0 < t_1 < … < t_{k−1} < 1, Euler-integrate x0 through
   [0, t_1, …, t_{k−1}, 1] with u (gradients through every step), loss = mean ‖x̂_1 − x1‖².
 * Hybrid: FW + α·SFM.
+* Teacher path (``path_loss``, an extra term of any method): flow matching along the piecewise-linear path
+  through the teacher's intermediate states h_{m+1} … h_{n−1} (waypoints at t_l = (l − m)/(n − m)).
 
 All losses are means over every element (batch, seq and feature), computed in float32.
 """
@@ -109,6 +111,32 @@ def hybrid_loss(
     )
 
 
+def path_loss(
+    velocity: Velocity, path: Tensor, t: Tensor | None = None, generator: torch.Generator | None = None,
+    weight: Tensor | None = None,
+) -> Tensor:
+    """Flow matching along the teacher's own path: mean w·(u(x_t, t) − v_t)² on the piecewise-linear path
+    through the waypoints.
+
+    path: shape (P+1, batch, ...), the states at times 0, 1/P, …, 1 (for a span [m, n): h_m, h_{m+1}, …, h_n,
+    so P = n − m and t_l = (l − m)/(n − m)). Per sample t ~ U(0, 1) (or ``t``, shape (batch,)); in segment
+    l = ⌊tP⌋ the state is x_t = path[l] + (tP − l)·(path[l+1] − path[l]) and the target velocity is
+    P·(path[l+1] − path[l]). With P = 1 this is SFM. Each token gives P targets instead of one.
+    """
+    assert path.dim() >= 2 and path.shape[0] >= 2, f"path must have shape (P+1, batch, ...), got {tuple(path.shape)}"
+    pieces, batch = path.shape[0] - 1, path.shape[1]
+    if t is None:
+        t = _uniform((batch,), generator, path.device)
+    t = t.to(device=path.device, dtype=torch.float32)
+    seg = (t * pieces).floor().clamp(max=pieces - 1).long()
+    frac = (t * pieces - seg).view(-1, *([1] * (path.dim() - 2)))
+    rows = torch.arange(batch, device=path.device)
+    start, end = path[seg, rows], path[seg + 1, rows]
+    x_t = start + frac.to(path.dtype) * (end - start)
+    target = ((end - start) * pieces).float()
+    return _weighted_mean((velocity(x_t, t).float() - target).pow(2), weight)
+
+
 @dataclass(frozen=True)
 class Noise:
     """The random times of one batch: ``walk`` (k+1, batch) for Flow Walking, ``t`` (batch,) for SFM (None
@@ -117,21 +145,24 @@ class Noise:
 
     walk: Tensor | None = None
     t: Tensor | None = None
+    path: Tensor | None = None
 
     def rows(self, index: slice | Tensor) -> Noise:
         """The times of the samples ``index`` of the batch (a slice or an index tensor)."""
-        return Noise(None if self.walk is None else self.walk[:, index], None if self.t is None else self.t[index])
+        pick = lambda x: None if x is None else x[index]  # noqa: E731
+        return Noise(None if self.walk is None else self.walk[:, index], pick(self.t), pick(self.path))
 
 
 def draw_noise(method: str, batch: int, k: int = 3, generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu") -> Noise:
+               device: torch.device | str = "cpu", path: bool = False) -> Noise:
     """The times ``method`` needs for ``batch`` samples, drawn from ``generator`` in a fixed order (Flow
-    Walking's grids first, then SFM's times), the order the losses have always drawn them in."""
+    Walking's grids first, then SFM's times, the order the losses have always drawn them in; then, with
+    ``path``, the times of the teacher-path term)."""
     check_method(method)
     device = torch.device(device)
     walk = walk_times(batch, k, generator, device) if method in ("fw", "hybrid") else None
     t = _uniform((batch,), generator, device) if method in ("sfm", "hybrid") else None
-    return Noise(walk, t)
+    return Noise(walk, t, _uniform((batch,), generator, device) if path else None)
 
 
 LOSSES: dict[str, Callable[..., Tensor]] = {"sfm": sfm_loss, "fw": flow_walking_loss, "hybrid": hybrid_loss}

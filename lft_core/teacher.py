@@ -434,6 +434,18 @@ class Teacher:
         with self.applied(surgery):
             return self.model(ids.to(self.device), use_cache=False).logits.float()
 
+    def logits_from_state(self, ids: torch.Tensor, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """Next-token logits of the model run on from a given residual stream: ``h`` (shape (batch, seq, d))
+        enters block ``layer`` (1..L) in place of the teacher's own h_layer, then blocks [layer, L), the final
+        norm and the LM head run as usual. ``ids`` (batch, seq) set the positions (their embeddings are
+        computed and discarded). Gradients flow back into ``h`` (the teacher's weights are frozen), which is
+        what output-level distillation of a flow needs. Shape (batch, seq, vocab), float32."""
+        if not 1 <= layer <= self.n_layers:
+            raise LFTError(f"a state can enter blocks 1..{self.n_layers}, not {layer}")
+        overrides = {0: lambda _h: h, **{i: (lambda x: x) for i in range(1, layer)}}
+        with self._planned(overrides=overrides):
+            return self.model(ids.to(self.device), use_cache=False).logits.float()
+
     # -- what a velocity field of this teacher looks like ----------------------------------------------
     def field_spec(self, t_dim: int = 128) -> FieldSpec:
         """A ``FieldSpec`` mirroring one block: heads, MLP kind, activation, position encoding, norm."""

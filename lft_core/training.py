@@ -22,7 +22,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from .errors import LFTError
 from .field import VelocityField
 from .flow import MAX_K, LatentFlow
 from .distributed import Dist, agree, current
-from .losses import LOSSES, Noise, check_method, compute_loss, draw_noise
+from .losses import LOSSES, Noise, check_method, compute_loss, draw_noise, path_loss
 from .span import Span
 from .store import (NAME_RE, flow_lock, flows_dir, has_training_state, load_flow, load_training_state,
                     read_flow_config, save_checkpoint)
@@ -81,6 +81,12 @@ class TrainConfig:
                                   choices=LOSS_WEIGHTINGS)
     sink_weight: float | None = setting(None, "loss weight of position 0, the attention sink (default: seq_len / 2)",
                                         type=float)
+    waypoints: float = setting(0.0, "weight of the teacher-path term: flow matching along the piecewise-linear "
+                                    "path through h_{M+1}..h_{N-1} (0: off)")
+    distill_steps: int = setting(0, "steps of output-level distillation after the flow steps: minimise "
+                                    "KL(teacher || spliced model) through blocks N.. and the LM head", type=int)
+    distill_lr: float = setting(1e-4, "peak learning rate of the distillation steps")
+    distill_batch: int = setting(4, "windows per distillation step", positive=True)
     eval_every: int = setting(50, "held-out NMSE every this many steps", positive=True)
     checkpoint_every: int = setting(100, "checkpoint every this many steps", positive=True)
     name: str | None = setting(None, "flow name (default: derived from the settings)", type=str)
@@ -114,6 +120,14 @@ class TrainConfig:
             raise LFTError(f"seed must be an integer between 0 and 2**63 - 1, got {self.seed!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise LFTError(f"learning rate must be positive, got {self.lr}")
+        if not (0 <= self.waypoints < 1e6):
+            raise LFTError(f"the waypoint weight must be between 0 and 1e6, got {self.waypoints}")
+        if self.distill_steps < 0:
+            raise LFTError(f"distill steps must be 0 or more, got {self.distill_steps}")
+        if not (self.distill_lr > 0 and math.isfinite(self.distill_lr)):
+            raise LFTError(f"distillation learning rate must be positive, got {self.distill_lr}")
+        if self.distill_batch > self.windows:
+            raise LFTError(f"distill batch ({self.distill_batch}) cannot exceed the number of windows ({self.windows})")
         if self.sink_weight is not None and not (0 <= self.sink_weight < 1e6):
             raise LFTError(f"sink weight must be between 0 and 1e6, got {self.sink_weight}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
@@ -121,16 +135,23 @@ class TrainConfig:
         if self.name is not None and not NAME_RE.match(self.name):
             raise LFTError(f"flow name {self.name!r}: use letters, digits, '-', '_' or '.' (at most 80)")
 
+    @property
+    def total_steps(self) -> int:
+        """Flow steps, then distillation steps."""
+        return self.steps + self.distill_steps
+
     def resolved_sink_weight(self) -> float:
         """Position 0's loss weight: as given, or seq_len / 2 (the sink weighs as much as half the window)."""
         return float(self.sink_weight) if self.sink_weight is not None else self.seq_len / 2
 
     def default_name(self) -> str:
-        """``<model>-<m>-<n>-<method>-k<k>-s<steps>``, made a valid flow name whatever the model spec is
+        """``<model>-<m>-<n>-<method>-k<k>-s<steps>[-wp<waypoints>][-kl<distill steps>]``, made a valid flow name whatever the model spec is
         (other characters become '_', at most 80 characters)."""
         m, n = self.span
         model = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(self.model.rstrip("/")).name).lstrip("._-") or "model"
         tail = f"-{m}-{n}-{self.method}-k{self.k}-s{self.steps}"
+        tail += f"-wp{self.waypoints:g}" if self.waypoints else ""
+        tail += f"-kl{self.distill_steps}" if self.distill_steps else ""
         return model[: 80 - len(tail)] + tail
 
 
@@ -169,24 +190,42 @@ class PairSource:
     held_x1: np.ndarray
     train_key: str
     heldout_key: str
+    between: tuple[np.ndarray, ...] = ()
+    """The teacher path's inner states h_{m+1} … h_{n−1} of the training windows (only for the waypoint term)."""
+    tokens: np.ndarray | None = None
+    """Token ids of the training windows, (windows, seq_len) (only for distillation)."""
 
     @property
     def windows(self) -> int:
         return len(self.x0)
 
-    def batch(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """x0, x1 of the windows ``index`` (in that order), float32 tensors of shape (len(index), seq_len, d)."""
+    def _rows(self, arrays: Sequence[np.ndarray], index: np.ndarray, dtype=np.float32) -> list[torch.Tensor]:
         order = np.argsort(index, kind="stable")  # read the file forwards; give the rows back in asked order
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         rows = np.asarray(index)[order]
-        f = lambda a: torch.from_numpy(np.asarray(a[rows], dtype=np.float32)[inverse])  # noqa: E731
-        return f(self.x0), f(self.x1)
+        return [torch.from_numpy(np.asarray(a[rows], dtype=dtype)[inverse]) for a in arrays]
+
+    def batch(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """x0, x1 of the windows ``index`` (in that order), float32 tensors of shape (len(index), seq_len, d)."""
+        x0, x1 = self._rows((self.x0, self.x1), index)
+        return x0, x1
+
+    def path(self, index: np.ndarray) -> torch.Tensor:
+        """The teacher path h_m, h_{m+1}, …, h_n of the windows ``index``: shape (n−m+1, len(index), seq_len, d)."""
+        return torch.stack(self._rows((self.x0, *self.between, self.x1), index))
+
+    def token_ids(self, index: np.ndarray) -> torch.Tensor:
+        """Token ids of the windows ``index``, int64, shape (len(index), seq_len)."""
+        assert self.tokens is not None, "these pairs were opened without their tokens"
+        return self._rows((self.tokens,), index, np.int64)[0]
 
     def in_memory(self) -> PairSource:
         """Every pair read into RAM as float32 (what training did before it streamed)."""
         f = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
-        return PairSource(f(self.x0), f(self.x1), f(self.held_x0), f(self.held_x1), self.train_key, self.heldout_key)
+        return PairSource(f(self.x0), f(self.x1), f(self.held_x0), f(self.held_x1), self.train_key, self.heldout_key,
+                          tuple(f(a) for a in self.between),
+                          None if self.tokens is None else np.asarray(self.tokens))
 
 
 def load_pairs(teacher: Teacher, cfg: TrainConfig, progress: bool = True) -> PairSource:
@@ -197,12 +236,15 @@ def load_pairs(teacher: Teacher, cfg: TrainConfig, progress: bool = True) -> Pai
     once; a second failure is one LFTError line."""
     m, n = cfg.span
     corpus = load_corpus(cfg.corpus)
+    inner = list(range(m + 1, n)) if cfg.waypoints > 0 else []
     for attempt in range(2):
-        train = ensure_activations(teacher, corpus, cfg.seq_len, cfg.windows, [m, n], "train", progress=progress)
+        train = ensure_activations(teacher, corpus, cfg.seq_len, cfg.windows, [m, *inner, n], "train",
+                                   progress=progress)
         held = ensure_activations(teacher, corpus, cfg.seq_len, cfg.heldout_windows, [m, n], "heldout",
                                   progress=progress)
         try:
-            return PairSource(train.layer(m), train.layer(n), held.layer(m), held.layer(n), train.key, held.key)
+            return PairSource(train.layer(m), train.layer(n), held.layer(m), held.layer(n), train.key, held.key,
+                              tuple(train.layer(i) for i in inner), train.tokens)
         except (OSError, ValueError, LFTError) as e:
             if attempt:
                 raise LFTError(f"the cached hidden states of the training data could not be read ({e})") from None
@@ -294,12 +336,19 @@ def loss_weight(flow: LatentFlow, x1_raw: torch.Tensor, how: str, sink_weight: f
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over ``warmup`` of the steps, then cosine decay to 10% of the peak."""
-    warm = max(1, int(cfg.warmup * cfg.steps))
+    """Linear warm-up over ``warmup`` of the steps, then cosine decay to 10% of the peak; the distillation
+    steps that follow get the same shape of schedule of their own, peaking at ``distill_lr``."""
+    if step >= cfg.steps:
+        return _warm_cosine(step - cfg.steps, cfg.distill_steps, cfg.distill_lr, cfg.warmup)
+    return _warm_cosine(step, cfg.steps, cfg.lr, cfg.warmup)
+
+
+def _warm_cosine(step: int, steps: int, peak: float, warmup: float) -> float:
+    warm = max(1, int(warmup * steps))
     if step < warm:
-        return cfg.lr * (step + 1) / warm
-    progress = (step - warm) / max(1, cfg.steps - warm)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        return peak * (step + 1) / warm
+    progress = (step - warm) / max(1, steps - warm)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 @torch.no_grad()
@@ -318,18 +367,43 @@ def heldout_nmse(flow: LatentFlow, x0, x1, k: int, batch: int = 8) -> float:
     return float(nmse(torch.cat(preds), torch.cat(targets)))
 
 
-class StepLoss(nn.Module):
-    """One optimiser step's loss as a module, so that ``DistributedDataParallel`` can wrap it: its forward
-    runs every velocity evaluation of the step (Flow Walking's k of them too) and returns the scalar loss."""
+class Objective(nn.Module):
+    """The loss of one optimiser step as a module, so that ``DistributedDataParallel`` can wrap it: its forward
+    runs every evaluation of the flow the step needs (Flow Walking's k of them too) and returns the scalar loss.
 
-    def __init__(self, flow: LatentFlow, method: str, k: int, alpha: float):
+    ``forward("flow", x0, x1, weight, walk, t, path, path_t)``: the method's loss on normalised pairs, plus
+    ``waypoints`` × the teacher-path term when ``path`` (h_m … h_n, normalised) is given.
+    ``forward("distill", ids, h_m, h_n)``: output-level distillation, mean over tokens of
+    KL(P_teacher ‖ P_spliced); the spliced model runs ``flow(h_m, k)`` into blocks [n, L) and the LM head
+    (``Teacher.logits_from_state``), the teacher's own distribution comes from the cached h_n through the
+    same blocks. Only the flow learns (the teacher is a plain attribute, not a sub-module)."""
+
+    def __init__(self, flow: LatentFlow, cfg: TrainConfig, teacher: Teacher | None = None):
         super().__init__()
-        self.flow, self.method, self.k, self.alpha = flow, method, k, alpha
+        self.flow, self.method, self.k, self.alpha, self.waypoints = flow, cfg.method, cfg.k, cfg.alpha, cfg.waypoints
+        self.teacher = teacher
 
-    def forward(self, x0: torch.Tensor, x1: torch.Tensor, weight: torch.Tensor | None, walk: torch.Tensor | None,
-                t: torch.Tensor | None) -> torch.Tensor:
-        return compute_loss(self.method, self.flow.velocity, x0, x1, self.k, self.alpha, weight=weight,
+    def forward(self, stage: str, *args: torch.Tensor | None) -> torch.Tensor:
+        return self.flow_loss(*args) if stage == "flow" else self.distill_loss(*args)
+
+    def flow_loss(self, x0: torch.Tensor, x1: torch.Tensor, weight: torch.Tensor | None, walk: torch.Tensor | None,
+                  t: torch.Tensor | None, path: torch.Tensor | None = None, path_t: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        loss = compute_loss(self.method, self.flow.velocity, x0, x1, self.k, self.alpha, weight=weight,
                             noise=Noise(walk, t))
+        if path is not None:
+            loss = loss + self.waypoints * path_loss(self.flow.velocity, path, t=path_t, weight=weight)
+        return loss
+
+    def distill_loss(self, ids: torch.Tensor, h_m: torch.Tensor, h_n: torch.Tensor) -> torch.Tensor:
+        from .metrics import kl_per_token
+
+        assert self.teacher is not None, "distillation needs the teacher"
+        n = self.flow.span.n
+        with torch.no_grad():
+            target = self.teacher.logits_from_state(ids, h_n, n)
+        spliced = self.teacher.logits_from_state(ids, self.flow(h_m, k=self.k), n)
+        return kl_per_token(target, spliced).mean()
 
 
 def train_flow(
@@ -355,8 +429,9 @@ def train_flow(
     dist = current()
     teacher = teacher or load_teacher(cfg.model)
     cfg.validate(teacher.n_layers)
-    if cfg.batch % dist.world:
-        raise LFTError(f"the global batch ({cfg.batch}) must be a multiple of the number of ranks ({dist.world})")
+    for what, size in (("global batch", cfg.batch), ("distill batch", cfg.distill_batch if cfg.distill_steps else 0)):
+        if size % dist.world:
+            raise LFTError(f"the {what} ({size}) must be a multiple of the number of ranks ({dist.world})")
     name = cfg.name or cfg.default_name()
     with ExitStack() as held:
         def preflight() -> None:  # rank 0 checks; every rank gets its verdict
@@ -367,9 +442,13 @@ def train_flow(
         return _train_locked(cfg, teacher, name, progress, should_stop, resume, device, verbose, dist, data)
 
 
-RESUME_MUST_MATCH = ("method", "k", "alpha", "lr", "batch", "seq_len", "windows", "corpus", "loss_weighting")
+RESUME_MUST_MATCH = ("method", "k", "alpha", "lr", "batch", "seq_len", "windows", "corpus", "loss_weighting",
+                     "waypoints")
 """Settings a resumed run must share with its checkpoint (the span and the model are checked too). ``batch`` is
 the global batch, so a run can be resumed with another number of ranks."""
+DISTILL_SETTINGS = ("distill_steps", "distill_lr", "distill_batch")
+"""Settings that must match only once a run has started distilling: a finished flow can be resumed with
+distillation steps added (its flow steps and their schedule do not depend on them)."""
 
 
 def _check_name(name: str, cfg: TrainConfig, teacher: Teacher, resume: bool) -> None:
@@ -389,13 +468,14 @@ def _check_resume(name: str, cfg: TrainConfig, teacher: Teacher, saved: dict) ->
     if saved.get("model") != teacher.model_id or tuple(saved.get("span", ())) != cfg.span:
         raise LFTError(f"cannot resume {name}: it was trained for another model or span "
                        f"({saved.get('model')}, span {saved.get('span')})")
-    for key in RESUME_MUST_MATCH:
+    done = saved.get("steps_done")
+    distilling = isinstance(done, int) and done > saved.get("steps", done)
+    for key in RESUME_MUST_MATCH + (("steps", *DISTILL_SETTINGS) if distilling else ()):
         if key in saved and saved[key] != getattr(cfg, key):
             raise LFTError(f"cannot resume {name}: it was trained with {key} = {saved[key]!r}, not "
                            f"{getattr(cfg, key)!r}; resume with the same settings or train a new flow")
-    done = saved.get("steps_done")
-    if isinstance(done, int) and cfg.steps < done:
-        raise LFTError(f"cannot resume {name} for {cfg.steps} steps: {done} are done already (ask for more)")
+    if isinstance(done, int) and cfg.total_steps < done:
+        raise LFTError(f"cannot resume {name} for {cfg.total_steps} steps: {done} are done already (ask for more)")
 
 
 def _train_locked(cfg: TrainConfig, teacher: Teacher, name: str, progress, should_stop, resume: bool, device: str | None,
@@ -427,9 +507,9 @@ def _train_locked(cfg: TrainConfig, teacher: Teacher, name: str, progress, shoul
     opt = torch.optim.AdamW(flow.field.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resuming:
         start_step = load_training_state(out_dir, opt, gen)
-    step_loss: nn.Module = StepLoss(flow, cfg.method, cfg.k, cfg.alpha)
+    objective: nn.Module = Objective(flow, cfg, teacher)
     if dist.active:
-        step_loss = DistributedDataParallel(step_loss, device_ids=[device] if device.startswith("cuda") else None)
+        objective = DistributedDataParallel(objective, device_ids=[device] if device.startswith("cuda") else None)
 
     config = {
         **{k: v for k, v in asdict(cfg).items() if k != "name"},
@@ -454,14 +534,36 @@ def _train_locked(cfg: TrainConfig, teacher: Teacher, name: str, progress, shoul
                             step, gen)
 
     plan = BatchPlan(data.windows, cfg.batch, cfg.seed)
-    mine = BatchPlan.positions(dist.rank, dist.world, cfg.batch)
+    distill_plan = BatchPlan(data.windows, cfg.distill_batch, cfg.seed)
+    use_path = cfg.waypoints > 0
     use_amp = device.startswith("cuda")
-    tokens_per_step = cfg.batch * cfg.seq_len
+    total = cfg.total_steps
+
+    def step_loss(step: int) -> torch.Tensor:
+        """This rank's loss of ``step``: a flow step, or (after ``cfg.steps``) a distillation step."""
+        if step >= cfg.steps:
+            index = distill_plan.global_batch(step - cfg.steps)[BatchPlan.positions(dist.rank, dist.world,
+                                                                                   cfg.distill_batch)]
+            h_m, h_n = data.batch(index)
+            return objective("distill", data.token_ids(index).to(device), h_m.to(device), h_n.to(device))
+        mine = BatchPlan.positions(dist.rank, dist.world, cfg.batch)
+        noise = draw_noise(cfg.method, cfg.batch, cfg.k, gen, path=use_path).rows(mine)  # for the global batch
+        index = plan.global_batch(step)[mine]
+        if use_path:
+            raw = data.path(index).to(device)
+            x0_raw, x1_raw, path = raw[0], raw[-1], flow.normalise(raw)
+        else:
+            x0_raw, x1_raw = (a.to(device) for a in data.batch(index))
+            path = None
+        weight = loss_weight(flow, x1_raw, cfg.loss_weighting, cfg.resolved_sink_weight())
+        return objective("flow", flow.normalise(x0_raw), flow.normalise(x1_raw), weight, noise.walk, noise.t, path,
+                         noise.path)
+
     t0 = time.perf_counter()
     loss_value, stopped, step = float("nan"), False, start_step
-    bar = tqdm(total=cfg.steps, initial=start_step, desc=f"{cfg.method} {m}:{n}", disable=not verbose)
+    bar = tqdm(total=total, initial=start_step, desc=f"{cfg.method} {m}:{n}", disable=not verbose)
     flow.train()
-    for step in range(start_step, cfg.steps):
+    for step in range(start_step, total):
         if dist.any(should_stop is not None and dist.main and bool(should_stop())):
             stopped = True
             break
@@ -469,14 +571,8 @@ def _train_locked(cfg: TrainConfig, teacher: Teacher, name: str, progress, shoul
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        noise = draw_noise(cfg.method, cfg.batch, cfg.k, gen).rows(mine)  # drawn for the global batch
-        x0_raw, x1_raw = data.batch(plan.global_batch(step)[mine])
-        x0 = flow.normalise(x0_raw.to(device))
-        x1_raw = x1_raw.to(device)
-        x1 = flow.normalise(x1_raw)
-        weight = loss_weight(flow, x1_raw, cfg.loss_weighting, cfg.resolved_sink_weight())
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            loss = step_loss(x0, x1, weight, noise.walk, noise.t)
+            loss = step_loss(step)
         global_loss = dist.mean(float(loss.detach()))
         if not math.isfinite(global_loss):
             checkpoint(step, "failed")
@@ -487,23 +583,26 @@ def _train_locked(cfg: TrainConfig, teacher: Teacher, name: str, progress, shoul
         opt.step()
         loss_value = global_loss
         elapsed = time.perf_counter() - step_start
-        event = {"step": step + 1, "steps": cfg.steps, "loss": loss_value, "lr": lr,
-                 "tokens_per_s": tokens_per_step / max(elapsed, 1e-9),
-                 "eta_s": (time.perf_counter() - t0) / (step + 1 - start_step) * (cfg.steps - step - 1)}
-        if dist.main and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+        stage = "flow" if step < cfg.steps else "distill"
+        tokens = (cfg.batch if stage == "flow" else cfg.distill_batch) * cfg.seq_len
+        event = {"step": step + 1, "steps": total, "stage": stage, "loss": loss_value, "lr": lr,
+                 "tokens_per_s": tokens / max(elapsed, 1e-9),
+                 "eta_s": (time.perf_counter() - t0) / (step + 1 - start_step) * (total - step - 1)}
+        if dist.main and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
             flow.eval()
             event["heldout_nmse"] = heldout_nmse(flow, data.held_x0, data.held_x1, cfg.k)
             flow.train()
         history.append({k: (round(v, 6) if isinstance(v, float) else v) for k, v in event.items()
-                        if k in ("step", "loss", "lr", "tokens_per_s", "heldout_nmse")})
+                        if k in ("step", "loss", "lr", "tokens_per_s", "heldout_nmse")
+                        or (k == "stage" and v != "flow")})
         if progress is not None and dist.main:
             progress(event)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+        bar.set_postfix(loss=f"{loss_value:.4f}", stage=stage)
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
             checkpoint(step + 1, "running")
     else:
-        step = cfg.steps
+        step = total
     bar.close()
     flow.eval()
     nmse_value = agree(lambda: heldout_nmse(flow, data.held_x0, data.held_x1, cfg.k), dist)
