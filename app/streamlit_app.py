@@ -35,7 +35,8 @@ page = st.navigation(PAGES)
 
 with st.sidebar:
     span = st.session_state.get(common.SPAN)
-    corpus = Path(common.corpus_spec()).name if common.corpus_spec() != "builtin" else "builtin (Python docs)"
+    named = {"builtin": "builtin (Python docs)", "english": "built-in everyday English"}
+    corpus = named.get(common.corpus_spec()) or Path(common.corpus_spec()).name
     st.caption(
         f"**Model** `{common.model_spec()}`  \n**Corpus** {corpus}  \n"
         f"**Windows** {common.n_windows()} × {common.seq_len()} tokens  \n"

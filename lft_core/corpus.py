@@ -4,6 +4,11 @@ Corpus specs:
 
 * ``builtin``: the Python reference documentation that ships inside CPython (``pydoc_data.topics``,
   ~465k characters of English prose, ~110k SmolLM2 tokens), topics in sorted order. Always offline.
+* ``english``: everyday English shipped with the engine (``lft_core/data/english.jsonl.gz``, ~615k SmolLM2
+  tokens in 1,351 texts): stories, explanations, conversations, letters, descriptions and short essays that
+  the embedded SmolLM2-135M-Instruct wrote for 85 fixed requests × 16 seeds (``scripts/make_english_corpus.py``
+  writes it; the file's texts, in order). Always offline. A 135M model's prose: fluent and varied, often
+  not factual; it stands for the text people type, not for any fact.
 * a path to a ``.txt`` / ``.md`` file, a ``.jsonl`` file (one JSON object a line with a ``"text"`` field;
   bad lines are skipped and counted), or a folder of such files (sorted, recursive).
 * ``hf:NAME[:CONFIG]`` a Hugging Face dataset's ``train`` split ``text`` column, when online and the optional
@@ -33,6 +38,8 @@ import numpy as np
 from .errors import LFTError
 
 BUILTIN = "builtin"
+ENGLISH = "english"
+ENGLISH_FILE = Path(__file__).resolve().parent / "data" / "english.jsonl.gz"
 HELDOUT_EVERY = 10  # token block b is held out when b % HELDOUT_EVERY == HELDOUT_EVERY - 1
 SPLIT_BLOCK = 512  # tokens per block of the train / held-out split (independent of the window length)
 SPLIT_RULE = (f"token stream cut into blocks of {SPLIT_BLOCK}; block b held out when b % {HELDOUT_EVERY} == "
@@ -73,6 +80,18 @@ def _builtin_texts() -> list[str]:
     from pydoc_data.topics import topics
 
     return [topics[k].strip() for k in sorted(topics) if topics[k].strip()]
+
+
+def _english_texts() -> list[str]:
+    import gzip
+
+    try:
+        with gzip.open(ENGLISH_FILE, "rt", encoding="utf-8") as f:
+            texts = [json.loads(line)["text"].strip() for line in f if line.strip()]
+    except (OSError, ValueError, KeyError) as e:
+        raise CorpusError(f"the built-in English corpus {ENGLISH_FILE} is missing or damaged ({e}); restore it "
+                          f"from the repository") from None
+    return [t for t in texts if t]
 
 
 def _read_text_file(path: Path) -> str:
@@ -152,11 +171,15 @@ def load_corpus(spec: str = BUILTIN) -> Corpus:
     if spec in ("", BUILTIN):
         texts = _builtin_texts()
         return Corpus(BUILTIN, tuple(texts), _hash_texts(texts), sources=("pydoc_data.topics",))
+    if spec == ENGLISH:
+        texts = _english_texts()
+        return Corpus(ENGLISH, tuple(texts), _hash_texts(texts), sources=(str(ENGLISH_FILE),))
     if spec.startswith("hf:"):
         return _load_hf(spec)
     path = Path(spec).expanduser()
     if not path.exists():
-        raise CorpusError(f"corpus {spec!r} not found: use 'builtin', a .txt/.jsonl file or folder, or hf:NAME")
+        raise CorpusError(f"corpus {spec!r} not found: use 'builtin', 'english', a .txt/.jsonl file or folder, "
+                          f"or hf:NAME")
     texts, skipped, sources = _read_path(path)
     return Corpus(str(path.resolve()), tuple(texts), _hash_texts(texts), skipped, tuple(sources))
 

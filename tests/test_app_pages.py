@@ -489,3 +489,13 @@ def test_pages_go_on_past_damaged_records(tiny_flow):
     finally:
         shutil.rmtree(flows_dir() / "apptest-damaged")
         shutil.rmtree(job)
+
+
+def test_setup_offers_the_built_in_english_corpus():
+    at = open_page("setup")
+    at.radio(key="w_corpus_source").set_value("Built-in (everyday English)").run()
+    assert_clean(at)
+    assert at.session_state["corpus_spec"] == "english"
+    assert any("english" in cap.value for cap in at.caption)
+    at.radio(key="w_corpus_source").set_value("Built-in (Python docs)").run()
+    assert at.session_state["corpus_spec"] == "builtin"

@@ -106,3 +106,19 @@ def test_split_rule_is_recorded(tiny_neox, tiny_neox_dir):
     assert read_flow_config("t-split-rule")["split_rule"] == SPLIT_RULE
     ids = eval_windows(tiny_neox, "builtin", None, 1, 16)
     assert evaluate(tiny_neox, None, (1, 3), ids, ks=[], skips=[1], best_skip=False).to_json()["split_rule"] == SPLIT_RULE
+
+
+def test_the_built_in_english_corpus_is_large_varied_and_split(smol):
+    from lft_core.corpus import ENGLISH_FILE
+
+    corpus = load_corpus("english")
+    assert corpus.id == "english" and corpus.sources == (str(ENGLISH_FILE),)
+    assert len(corpus.texts) > 1000 and load_corpus("english").content_hash == corpus.content_hash
+    prompts = {json.loads(line)["prompt"] for line in __import__("gzip").open(ENGLISH_FILE, "rt")}
+    assert len(prompts) >= 80  # stories, explanations, conversations, letters, descriptions, essays
+    tokens = sum(len(t) for t in smol.tokenizer(list(corpus.texts), add_special_tokens=False)["input_ids"])
+    assert tokens >= 500_000
+    held = make_windows(corpus, smol.tokenizer, 128, 400, "heldout")
+    train = make_windows(corpus, smol.tokenizer, 128, 400, "train")
+    assert held.shape == train.shape == (400, 128)
+    assert not ({tuple(w) for w in held} & {tuple(w) for w in train})

@@ -47,25 +47,29 @@ if teacher is not None:
 
 # -- corpus -----------------------------------------------------------------------------------------------
 st.subheader("Corpus and windows")
-SOURCES = ["Built-in (Python docs)", "Upload a file", "Path on this machine"]
+SOURCES = ["Built-in (Python docs)", "Built-in (everyday English)", "Upload a file", "Path on this machine"]
+BUILT_IN = {SOURCES[0]: "builtin", SOURCES[1]: "english"}
 uploads = cache_dir("uploads")
 
 
 def _source_of(spec: str) -> str:
     if spec in ("", "builtin"):
         return SOURCES[0]
-    return SOURCES[1] if Path(spec).parent == uploads else SOURCES[2]
+    if spec == "english":
+        return SOURCES[1]
+    return SOURCES[2] if Path(spec).parent == uploads else SOURCES[3]
 
 
 def _source_changed() -> None:
-    if st.session_state["w_corpus_source"] == SOURCES[0]:
-        st.session_state[c.CORPUS] = "builtin"
+    chosen = st.session_state["w_corpus_source"]
+    if chosen in BUILT_IN:
+        st.session_state[c.CORPUS] = BUILT_IN[chosen]
 
 
 if "w_corpus_source" not in st.session_state:
     st.session_state["w_corpus_source"] = _source_of(c.corpus_spec())
 source = st.radio("Text source", SOURCES, key="w_corpus_source", horizontal=True, on_change=_source_changed)
-if source == SOURCES[1]:
+if source == SOURCES[2]:
     upload = st.file_uploader(
         f"A .txt, .md or .jsonl file (one JSON object a line with a \"text\" field), at most {c.UPLOAD_LIMIT_MB} MB",
         type=["txt", "md", "jsonl"], max_upload_size=c.UPLOAD_LIMIT_MB, key="w_upload",
@@ -74,9 +78,9 @@ if source == SOURCES[1]:
         with c.engine_errors(stop=False):
             saved = c.save_upload(upload.name, upload.getvalue())
             st.session_state[c.CORPUS] = str(saved)
-elif source == SOURCES[2]:
+elif source == SOURCES[3]:
     if "w_corpus_path" not in st.session_state:
-        st.session_state["w_corpus_path"] = "" if c.corpus_spec() == "builtin" else c.corpus_spec()
+        st.session_state["w_corpus_path"] = "" if c.corpus_spec() in BUILT_IN.values() else c.corpus_spec()
 
     def _path_changed() -> None:
         st.session_state[c.CORPUS] = st.session_state["w_corpus_path"].strip() or "builtin"
