@@ -6,7 +6,7 @@
 set -o pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false LFT_CACHE_DIR=/tmp/lftc
 mkdir -p /tmp/gg /tmp/lftc
-cat .gpuw1/part .gpuw2/part > /tmp/gg/smol.gguf
+cat /tmp/gg/part1 .gpuw2/part > /tmp/gg/smol.gguf
 echo "$(cat .gpuw2/sha)  /tmp/gg/smol.gguf" | sha256sum -c || exit 3
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 4
 [ -f /tmp/smolreal/config.json ] || PYTHONPATH=/tmp/site python3 - <<'PY' 2>&1 | grep -v "it/s" | tail -3
