@@ -145,8 +145,8 @@ class TrainConfig:
         return float(self.sink_weight) if self.sink_weight is not None else self.seq_len / 2
 
     def default_name(self) -> str:
-        """``<model>-<m>-<n>-<method>-k<k>-s<steps>[-wp<waypoints>][-kl<distill steps>]``, made a valid flow name whatever the model spec is
-        (other characters become '_', at most 80 characters)."""
+        """``<model>-<m>-<n>-<method>-k<k>-s<steps>[-wp<waypoints>][-kl<distill steps>]``, made a valid flow name
+        whatever the model spec is (other characters become '_', at most 80 characters)."""
         m, n = self.span
         model = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(self.model.rstrip("/")).name).lstrip("._-") or "model"
         tail = f"-{m}-{n}-{self.method}-k{self.k}-s{self.steps}"
