@@ -126,7 +126,9 @@ class TrainConfig:
             raise LFTError(f"distill steps must be 0 or more, got {self.distill_steps}")
         if not (self.distill_lr > 0 and math.isfinite(self.distill_lr)):
             raise LFTError(f"distillation learning rate must be positive, got {self.distill_lr}")
-        if self.distill_batch > self.windows:
+        if self.distill_batch < 1:
+            raise LFTError(f"distill batch must be at least 1, got {self.distill_batch}")
+        if self.distill_steps and self.distill_batch > self.windows:
             raise LFTError(f"distill batch ({self.distill_batch}) cannot exceed the number of windows ({self.windows})")
         if self.sink_weight is not None and not (0 <= self.sink_weight < 1e6):
             raise LFTError(f"sink weight must be between 0 and 1e6, got {self.sink_weight}")

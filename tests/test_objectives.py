@@ -139,9 +139,12 @@ def result_key(name: str) -> str:
 def test_distillation_settings_are_checked(tiny_neox, tiny_neox_dir):
     base = dict(model=str(tiny_neox_dir), span=(1, 3), steps=2, batch=2, seq_len=16, windows=4)
     for bad, match in (({"distill_steps": -1}, "distill steps"), ({"distill_lr": 0.0}, "distillation learning rate"),
-                       ({"distill_batch": 5}, "distill batch"), ({"waypoints": -1.0}, "waypoint weight")):
+                       ({"distill_steps": 1, "distill_batch": 5}, "distill batch"),
+                       ({"distill_batch": 0}, "distill batch"), ({"waypoints": -1.0}, "waypoint weight")):
         with pytest.raises(LFTError, match=match):
             train_flow(TrainConfig(**base, **bad), teacher=tiny_neox, verbose=False)
+    # without a distillation stage its batch is not checked against the windows
+    TrainConfig(**base, distill_batch=5).validate()
 
 
 def test_a_finished_flow_can_be_resumed_with_distillation_added(tiny_neox, tiny_neox_dir):
