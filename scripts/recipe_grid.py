@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 RECIPES: dict[str, dict] = {
     "sfm400": {"method": "sfm", "steps": 400},
     "fw400": {"method": "fw", "steps": 400},
+    "sfm1200": {"method": "sfm", "steps": 1200},  # about the wall time of fw400 (an FW step costs ~3 SFM steps)
     "fw400-wp1": {"method": "fw", "steps": 400, "waypoints": 1.0},
     "fw400-init": {"method": "fw", "steps": 400, "init_from_teacher": True},
     "fw400-kl100": {"method": "fw", "steps": 400, "distill_steps": 100},
