@@ -3,7 +3,7 @@
 Session-state keys, all of them, by kind:
 
 * shared choices (set on the Setup page or by the span picker, read everywhere; constants below):
-  ``model_spec`` (the teacher, default the embedded smollm2-135m), ``corpus_spec`` ("builtin", an uploaded file
+  ``model_spec`` (the teacher, default the embedded smollm2-135m), ``corpus_spec`` ("english" by default, "builtin" for the Python docs, an uploaded file
   under cache/uploads, or a path), ``seq_len`` and ``n_windows`` (the activation cache used for analysis),
   ``span`` (a ``Span``, mirrored in the URL as ``?span=m:n`` so a link reproduces the view);
 * widget keys ``w_<page>_<input>``: each page's own inputs (Streamlit forgets a widget's value when the page
@@ -31,6 +31,8 @@ import pandas as pd
 import streamlit as st
 
 from app import figures
+from lft_core.corpus import BUILTIN
+from lft_core.corpus import DEFAULT as DEFAULT_CORPUS
 from lft_core.errors import LFTError
 from lft_core.loading import DEFAULT_MODEL, load_teacher
 from lft_core.span import Span
@@ -38,7 +40,7 @@ from lft_core.store import SavedFlow
 from lft_core.teacher import Teacher
 
 MODEL, CORPUS, SEQ_LEN, WINDOWS, SPAN = "model_spec", "corpus_spec", "seq_len", "n_windows", "span"
-DEFAULTS = {MODEL: DEFAULT_MODEL, CORPUS: "builtin", SEQ_LEN: 128, WINDOWS: 16}
+DEFAULTS = {MODEL: DEFAULT_MODEL, CORPUS: DEFAULT_CORPUS, SEQ_LEN: 128, WINDOWS: 16}
 DEFAULT_TEXT = "The capital of France is Paris. It is known for the Eiffel Tower and its museums."
 DEFAULT_PARAGRAPH = (
     "The river flows quietly through the old town, past the market and the stone bridge. In the morning, "
@@ -62,7 +64,7 @@ def model_spec() -> str:
 
 
 def corpus_spec() -> str:
-    return st.session_state.get(CORPUS, "builtin")
+    return st.session_state.get(CORPUS, DEFAULT_CORPUS)
 
 
 def seq_len() -> int:
@@ -249,7 +251,7 @@ def affine_settings(flow_config: dict | None) -> tuple[str, int, int, int]:
     """(corpus, seq_len, windows, held-out windows) the affine baseline is fitted on: a flow's own training data
     (its config.json), so that the two are compared fairly, or the chosen corpus and window length without one."""
     if flow_config is not None:
-        return (str(flow_config.get("corpus", "builtin")), int(flow_config.get("seq_len", 128)),
+        return (str(flow_config.get("corpus", BUILTIN)), int(flow_config.get("seq_len", 128)),
                 int(flow_config.get("windows", 256)), int(flow_config.get("heldout_windows", 16)))
     return corpus_spec(), seq_len(), AFFINE_FIT_WINDOWS, AFFINE_FIT_HELDOUT
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .activations import ActivationCache, ensure_activations
+from .corpus import DEFAULT as DEFAULT_CORPUS
 from .corpus import load_corpus
 from .errors import LFTError
 from .metrics import nmse, nmse_per_token
@@ -165,7 +166,7 @@ def fit_affine(span: Span | tuple[int, int], train: Callable[[], Iterator[tuple[
     return AffineReplacement(span, t(beta[:d]), t(beta[d]), t(mu), t(sigma), ridge=r, heldout_nmse=score)
 
 
-def fit_affine_for_span(teacher: Teacher, span: Span | tuple[int, int], corpus_spec: str = "builtin",
+def fit_affine_for_span(teacher: Teacher, span: Span | tuple[int, int], corpus_spec: str = DEFAULT_CORPUS,
                         seq_len: int = 128, windows: int = 256, heldout_windows: int = 16,
                         sink_weight: float | None = None, progress: bool = True) -> AffineReplacement:
     """Fit the affine replacement of ``span`` on the corpus's training windows (cached, like a flow's data) and
@@ -291,7 +292,7 @@ def affine_grid(layer: Callable[[int], np.ndarray], heldout_layer: Callable[[int
                       massive_dropped=int((~keep_train).sum() + (~keep_held).sum()), seconds=time.perf_counter() - start)
 
 
-def affine_grid_for_model(teacher: Teacher, corpus_spec: str = "builtin", seq_len: int = 128, windows: int = 16,
+def affine_grid_for_model(teacher: Teacher, corpus_spec: str = DEFAULT_CORPUS, seq_len: int = 128, windows: int = 16,
                           heldout_windows: int = 4, spans: Sequence[Span] | None = None, progress: bool = True,
                           callback: Callable[[int, int], None] | None = None) -> AffineGrid:
     """The affine grid from the all-layer caches of the corpus's training and held-out windows (computed when

@@ -19,6 +19,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .atomic import write_json
+from .corpus import BUILTIN
+from .corpus import DEFAULT as DEFAULT_CORPUS
 from .errors import LFTError
 from .loading import DEVICE_MAPS
 from .span import Span
@@ -198,13 +200,16 @@ def cmd_eval(a: argparse.Namespace) -> dict:
         from .corpus import read_text_file
 
         text = read_text_file(a.text)  # size limit, empty / binary / not-UTF-8 checks
-    ids = eval_windows(teacher, a.corpus, text, a.windows, a.seq_len or config.get("seq_len", 128))
+    # held-out windows of the flow's own training corpus unless told otherwise (a flow saved before the corpus
+    # was recorded was trained on the Python docs, the default of that time)
+    corpus = a.corpus or config.get("corpus", BUILTIN)
+    ids = eval_windows(teacher, corpus, text, a.windows, a.seq_len or config.get("seq_len", 128))
     affine = None
     if "affine" in a.baselines:  # fitted on the flow's own training data
         from .baselines import fit_affine_for_span
 
         print("fitting the affine replacement of the flow's span", file=sys.stderr)
-        affine = fit_affine_for_span(teacher, flow.span, config.get("corpus", "builtin"),
+        affine = fit_affine_for_span(teacher, flow.span, config.get("corpus", BUILTIN),
                                      int(config.get("seq_len", 128)), int(config.get("windows", 256)),
                                      int(config.get("heldout_windows", 16)), config.get("sink_weight"))
     result = evaluate(teacher, flow, None, ids, ks=a.k, skips=a.skip,
@@ -373,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp: argparse.ArgumentParser, corpus: bool = True) -> None:
         sp.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded), an HF id or a folder")
         if corpus:
-            sp.add_argument("--corpus", default="builtin", help="builtin, a .txt/.jsonl file or folder, hf:NAME")
+            sp.add_argument("--corpus", default=DEFAULT_CORPUS,
+                            help="english (default), builtin (Python docs), a .txt/.jsonl file or folder, hf:NAME")
         sp.add_argument("--json", metavar="PATH", help="write the results as JSON here")
         sp.add_argument("--trust-remote-code", action="store_true", help="allow a model's own code to run")
         placement(sp)
@@ -407,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--flow", required=True, help="flow name (in cache/flows) or folder")
     e.add_argument("--model", default=None, help="defaults to the flow's model")
     e.add_argument("--text", help="evaluate on this text file instead of held-out corpus windows")
-    e.add_argument("--corpus", default=None)
+    e.add_argument("--corpus", default=None, help="held-out windows of this corpus (default: the flow's own)")
     e.add_argument("--windows", type=_positive, default=16)
     e.add_argument("--seq-len", type=_positive, default=None)
     e.add_argument("--k", type=_int_list, default=[1, 2, 3], help="LFT integration steps, e.g. 1,2,3")

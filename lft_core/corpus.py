@@ -1,6 +1,6 @@
 """Text sources -> fixed-length token windows with a deterministic train / held-out split.
 
-Corpus specs:
+Corpus specs (``DEFAULT`` = ``english`` is what training and every page use unless told otherwise):
 
 * ``builtin``: the Python reference documentation that ships inside CPython (``pydoc_data.topics``,
   ~465k characters of English prose, ~110k SmolLM2 tokens), topics in sorted order. Always offline.
@@ -39,6 +39,7 @@ from .errors import LFTError
 
 BUILTIN = "builtin"
 ENGLISH = "english"
+DEFAULT = ENGLISH  # the corpus of every default: training, caches, recoupling, evaluation, the app
 ENGLISH_FILE = Path(__file__).resolve().parent / "data" / "english.jsonl.gz"
 HELDOUT_EVERY = 10  # token block b is held out when b % HELDOUT_EVERY == HELDOUT_EVERY - 1
 SPLIT_BLOCK = 512  # tokens per block of the train / held-out split (independent of the window length)
@@ -165,10 +166,11 @@ def _read_path(path: Path) -> tuple[list[str], int, list[str]]:
     return [_read_text_file(path).strip()], 0, [str(path)]
 
 
-def load_corpus(spec: str = BUILTIN) -> Corpus:
-    """Read a corpus from a spec (see the module docstring). Raises CorpusError with a clear message."""
-    spec = (spec or "").strip()
-    if spec in ("", BUILTIN):
+def load_corpus(spec: str = DEFAULT) -> Corpus:
+    """Read a corpus from a spec (see the module docstring; empty means ``DEFAULT``). Raises CorpusError with
+    a clear message."""
+    spec = (spec or "").strip() or DEFAULT
+    if spec == BUILTIN:
         texts = _builtin_texts()
         return Corpus(BUILTIN, tuple(texts), _hash_texts(texts), sources=("pydoc_data.topics",))
     if spec == ENGLISH:

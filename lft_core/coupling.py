@@ -28,6 +28,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.special import logsumexp
 
 from .activations import ActivationCache, ensure_activations
+from .corpus import DEFAULT as DEFAULT_CORPUS
 from .corpus import load_corpus
 from .errors import LFTError
 from .flow import LatentFlow, check_replaces
@@ -433,7 +434,7 @@ def flow_recoupled(x_hat: Any, x1: Any) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def all_layer_cache(teacher: Teacher, corpus_spec: str = "builtin", seq_len: int = 128, windows: int = 16,
+def all_layer_cache(teacher: Teacher, corpus_spec: str = DEFAULT_CORPUS, seq_len: int = 128, windows: int = 16,
                     progress: bool = True, callback: Callable[[int, int], None] | None = None) -> ActivationCache:
     """The train-split cache with every layer 0..L (computed once, then read from disk)."""
     corpus = load_corpus(corpus_spec)
@@ -449,7 +450,7 @@ def recoupling_for_cache(cache: ActivationCache, pairs: int = 512, spans: Sequen
                            seed=seed, progress=progress)
 
 
-def recoupling_for_model(teacher: Teacher, corpus_spec: str = "builtin", pairs: int = 512,
+def recoupling_for_model(teacher: Teacher, corpus_spec: str = DEFAULT_CORPUS, pairs: int = 512,
                          spans: Sequence[Span] | None = None, seq_len: int = 128, windows: int = 16,
                          drop_first: bool = True, seed: int = 0,
                          progress: Callable[[int, int], None] | None = None) -> RecouplingGrid:

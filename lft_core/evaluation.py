@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .corpus import DEFAULT as DEFAULT_CORPUS
 from .corpus import SPLIT_RULE, load_corpus, make_windows
 from .errors import LFTError
 from .flow import MAX_K, Replacement, check_replaces, replace_on_its_device
@@ -249,7 +250,7 @@ def eval_windows(teacher: Teacher, corpus_spec: str | None = None, text: str | N
     if text is not None:
         ids = teacher.encode(text, max_tokens=min(seq_len * windows, teacher.max_positions))
         return ids.cpu()
-    corpus = load_corpus(corpus_spec or "builtin")
+    corpus = load_corpus(corpus_spec or DEFAULT_CORPUS)
     return torch.from_numpy(make_windows(corpus, teacher.tokenizer, seq_len, windows, "heldout").astype(np.int64))
 
 

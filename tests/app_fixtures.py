@@ -28,15 +28,15 @@ def tiny_flow(smol) -> dict:
     # never overwritten)
     if not (flows_dir() / "tiny-fw").is_dir():
         train_flow(TrainConfig(span=TINY_SPAN, steps=3, windows=8, heldout_windows=2, seq_len=32, batch=2,
-                               eval_every=2, name="tiny-fw"), teacher=smol, verbose=False)
+                               eval_every=2, distill_steps=0, name="tiny-fw"), teacher=smol, verbose=False)
     return read_flow_config("tiny-fw")
 
 
 @pytest.fixture(scope="session")
 def small_cache(smol):
-    """Every hidden state h_0 ... h_L of 8 training windows x 32 tokens of the built-in corpus."""
+    """Every hidden state h_0 ... h_L of 8 training windows x 32 tokens of the default corpus (the app's)."""
     from lft_core.activations import ensure_activations
     from lft_core.corpus import load_corpus
 
-    return ensure_activations(smol, load_corpus("builtin"), SMALL["seq_len"], SMALL["n_windows"],
+    return ensure_activations(smol, load_corpus(), SMALL["seq_len"], SMALL["n_windows"],
                               range(smol.n_layers + 1), progress=False)

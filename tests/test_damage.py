@@ -54,7 +54,7 @@ def _one_line(rc: int, err: str, match: str) -> None:
 @pytest.fixture(scope="module")
 def good_flow(tiny_neox, tiny_neox_dir) -> Path:
     train_flow(TrainConfig(model=str(tiny_neox_dir), span=(1, 3), steps=1, batch=2, seq_len=16, windows=4,
-                           heldout_windows=1, name="t-dmg-good"), teacher=tiny_neox, verbose=False)
+                           heldout_windows=1, name="t-dmg-good", distill_steps=0), teacher=tiny_neox, verbose=False)
     return flows_dir() / "t-dmg-good"
 
 
@@ -138,7 +138,7 @@ def test_damaged_job_records_do_not_break_listings(tmp_path):
 
 
 def test_damaged_cache_metadata_is_rebuilt(tiny_neox):
-    corpus = load_corpus("builtin")
+    corpus = load_corpus()
     entry = ensure_activations(tiny_neox, corpus, 16, 3, [0, 1], progress=False)
     tokens = entry.tokens.copy()
     good_meta = (entry.dir / "meta.json").read_bytes()

@@ -67,7 +67,7 @@ def _slow_training_job(model_dir: Path, name: str):
     return start_job("train", ["--model", str(model_dir), "--span", "1:3", "--method", "fw", "--k", "2",
                                "--steps", "400", "--batch", "4", "--seq-len", "64", "--windows", "16",
                                "--heldout-windows", "2", "--eval-every", "1000", "--checkpoint-every", "2",
-                               "--name", name])
+                               "--distill-steps", "0", "--name", name])
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -124,7 +124,7 @@ def test_training_job_killed_with_sigkill(tiny_neox, tiny_neox_dir):
     done = config["steps_done"]
     resumed = train_flow(TrainConfig(model=str(tiny_neox_dir), span=(1, 3), method="fw", k=2, steps=done + 2,
                                      batch=4, seq_len=64, windows=16, heldout_windows=2, eval_every=1000,
-                                     checkpoint_every=2, name=name),
+                                     checkpoint_every=2, name=name, distill_steps=0),
                          teacher=tiny_neox, resume=True, verbose=False)
     assert resumed.steps == done + 2 and not resumed.stopped
     assert open_flow(name, tiny_neox)[1]["status"] == "complete"
@@ -160,7 +160,7 @@ def test_killing_only_the_runner_takes_its_trainer_down(tiny_neox_dir):
 def test_cache_job_killed_mid_write(tiny_neox, tiny_neox_dir):
     """SIGKILL while layers 1..4 are being written to an entry that holds layer 0: the entry still reads
     as exactly layer 0 (the half-written layers are .partial files nobody lists), and a rerun completes."""
-    corpus = load_corpus("builtin")
+    corpus = load_corpus()
     seq_len, windows = 128, 400
     first = ensure_activations(tiny_neox, corpus, seq_len, windows, [0], progress=False, batch_size=64)
     before = _digests(first.dir)
@@ -227,7 +227,7 @@ def test_second_trainer_of_one_flow_is_refused(tiny_neox, tiny_neox_dir):
         start = time.perf_counter()
         with pytest.raises(LFTError, match="being trained by another job"):
             train_flow(TrainConfig(model=str(tiny_neox_dir), span=(1, 3), steps=2, batch=2, seq_len=16, windows=4,
-                                   heldout_windows=1, name=name), teacher=tiny_neox, verbose=False)
+                                   heldout_windows=1, name=name, distill_steps=0), teacher=tiny_neox, verbose=False)
         assert time.perf_counter() - start < 5
         assert not (flows_dir() / name).exists()
     finally:
@@ -241,7 +241,7 @@ def test_full_disk_is_refused_before_writing(tiny_neox, tiny_neox_dir, monkeypat
     existing entry as it was, and creates no new entry."""
     import shutil
 
-    corpus = load_corpus("builtin")
+    corpus = load_corpus()
     existing = ensure_activations(tiny_neox, corpus, 16, 6, [0], progress=False)
     before = _digests(existing.dir)
     entries_before = sorted(p.name for p in cache_dir("activations").iterdir())

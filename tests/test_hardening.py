@@ -67,10 +67,10 @@ def world(tmp_path_factory, tiny_neox, tiny_neox_dir, tiny_gpt2_dir) -> dict:
     w = {"neox": str(tiny_neox_dir), "gpt2": str(tiny_gpt2_dir), "dir": d,
          "unpickled": d / "UNPICKLED", "remote_ran": d / "REMOTE_CODE_RAN"}
     # what must survive every bad input unchanged
-    w["entry"] = ensure_activations(tiny_neox, load_corpus("builtin"), 32, 4, range(tiny_neox.n_layers + 1),
+    w["entry"] = ensure_activations(tiny_neox, load_corpus(), 32, 4, range(tiny_neox.n_layers + 1),
                                     progress=False).key
     train_flow(TrainConfig(model=str(tiny_neox_dir), span=(1, 3), method="sfm", k=1, steps=2, batch=2, seq_len=32,
-                           windows=4, heldout_windows=2, eval_every=2, checkpoint_every=2, name=FLOW),
+                           windows=4, heldout_windows=2, eval_every=2, checkpoint_every=2, name=FLOW, distill_steps=0),
                teacher=tiny_neox, verbose=False)
     # bad corpora
     files = d / "files"
@@ -199,7 +199,7 @@ def _assert_one_line_error(rc: int, err: str, match: str) -> str:
 # The CLI: one table of bad inputs
 
 TRAIN = ["train", "--model", "{neox}", "--steps", "1", "--batch", "1", "--seq-len", "16", "--windows", "2",
-         "--heldout-windows", "1"]
+         "--heldout-windows", "1", "--distill-steps", "0"]
 CACHE = ["cache", "--model", "{neox}", "--seq-len", "16", "--windows", "2", "--layers", "0"]
 
 CASES = {
@@ -372,7 +372,7 @@ def test_evaluate_refuses_bad_skip_before_any_forward(tiny_neox, world, monkeypa
 
 
 def test_engine_windows_zero_and_too_many(tiny_neox, world, unchanged):
-    corpus = load_corpus("builtin")
+    corpus = load_corpus()
     with pytest.raises(CorpusError, match="at least 1"):
         make_windows(corpus, tiny_neox.tokenizer, 32, 0)
     with pytest.raises(CacheError, match="at least 1"):
@@ -384,7 +384,7 @@ def test_engine_windows_zero_and_too_many(tiny_neox, world, unchanged):
 
 
 def test_engine_seq_len_beyond_context(tiny_gpt2, world, unchanged):
-    corpus = load_corpus("builtin")
+    corpus = load_corpus()
     with pytest.raises(CacheError, match="longer than the model's context"):
         ensure_activations(tiny_gpt2, corpus, 257, 2, [0], progress=False)
     with pytest.raises(LFTError, match="longer than the model's context"):
@@ -474,7 +474,7 @@ def test_flow_checkpoints_damaged(world, tiny_neox, tiny_gpt2, unchanged):
 
 
 def test_cache_entry_without_meta(tiny_neox, tiny_neox_dir, tmp_path, capsys):
-    entry = ensure_activations(tiny_neox, load_corpus("builtin"), 16, 3, [0, 2], progress=False)
+    entry = ensure_activations(tiny_neox, load_corpus(), 16, 3, [0, 2], progress=False)
     (entry.dir / "meta.json").unlink()
     with pytest.raises(CacheError, match="no valid meta.json.*rebuild"):
         open_activations(entry.key)
@@ -491,7 +491,7 @@ def test_cache_entry_without_meta(tiny_neox, tiny_neox_dir, tmp_path, capsys):
 
 
 def test_cache_entry_with_short_layer_file(tiny_neox):
-    corpus = load_corpus("builtin")
+    corpus = load_corpus()
     entry = ensure_activations(tiny_neox, corpus, 16, 5, [0, 1, 2], progress=False)
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
     kept = {i: digest(entry.dir / f"layer_{i:02d}.npy") for i in (0, 1)}

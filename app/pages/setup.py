@@ -10,7 +10,8 @@ import streamlit as st
 from app import common as c
 from lft_core.activations import delete_entry, list_entries
 from lft_core.paths import cache_dir
-from lft_core.corpus import SPLIT_BLOCK
+from lft_core.corpus import BUILTIN, ENGLISH, SPLIT_BLOCK
+from lft_core.corpus import DEFAULT as DEFAULT_CORPUS
 from lft_core.loading import DEFAULT_MODEL
 
 c.page_intro(
@@ -47,16 +48,17 @@ if teacher is not None:
 
 # -- corpus -----------------------------------------------------------------------------------------------
 st.subheader("Corpus and windows")
-SOURCES = ["Built-in (Python docs)", "Built-in (everyday English)", "Upload a file", "Path on this machine"]
-BUILT_IN = {SOURCES[0]: "builtin", SOURCES[1]: "english"}
+SOURCES = ["Built-in (everyday English)", "Built-in (Python docs)", "Upload a file", "Path on this machine"]
+BUILT_IN = {SOURCES[0]: ENGLISH, SOURCES[1]: BUILTIN}
 uploads = cache_dir("uploads")
 
 
 def _source_of(spec: str) -> str:
-    if spec in ("", "builtin"):
+    for label, named in BUILT_IN.items():
+        if spec == named:
+            return label
+    if not spec:
         return SOURCES[0]
-    if spec == "english":
-        return SOURCES[1]
     return SOURCES[2] if Path(spec).parent == uploads else SOURCES[3]
 
 
@@ -83,7 +85,7 @@ elif source == SOURCES[3]:
         st.session_state["w_corpus_path"] = "" if c.corpus_spec() in BUILT_IN.values() else c.corpus_spec()
 
     def _path_changed() -> None:
-        st.session_state[c.CORPUS] = st.session_state["w_corpus_path"].strip() or "builtin"
+        st.session_state[c.CORPUS] = st.session_state["w_corpus_path"].strip() or DEFAULT_CORPUS
 
     st.text_input("Path to a .txt / .jsonl file or a folder of them", key="w_corpus_path", on_change=_path_changed,
                   placeholder="/data/my_corpus.txt")
