@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .activations import ensure_activations
+from .corpus import DEFAULT as DEFAULT_CORPUS
 from .corpus import SPLIT_RULE, load_corpus
 from .errors import LFTError
 from .field import VelocityField
@@ -57,15 +58,17 @@ def setting(default: Any, help: str, **cli: Any) -> Any:
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run. The defaults give a useful flow in minutes on 2 CPU cores."""
+    """Everything that defines a training run. The defaults are the project's default recipe (docs/RESULTS.md
+    section 1): 400 Flow Walking steps on 256 windows x 128 tokens of the everyday-English corpus, then 200 steps of
+    output-level distillation; about 10 minutes for a 6-block span of the embedded model on 2 CPU cores."""
 
     model: str = setting("smollm2-135m", "smollm2-135m (embedded), an HF id or a folder")
-    corpus: str = setting("builtin", "builtin, a .txt/.jsonl file or folder, hf:NAME")
+    corpus: str = setting(DEFAULT_CORPUS, "english (default), builtin (Python docs), a .txt/.jsonl file or folder, hf:NAME")
     span: Span = setting(Span(6, 12), "M:N, the blocks M..N-1 to replace", required=True)
     method: str = setting("fw", "training objective", choices=METHODS)
     k: int = setting(3, "integration steps (Flow Walking walks k steps)", type=int)
     alpha: float = setting(0.1, "weight of the SFM term in hybrid")
-    steps: int = setting(300, "optimiser steps", positive=True)
+    steps: int = setting(400, "flow-matching optimiser steps", positive=True)
     batch: int = setting(8, "windows per step", positive=True)
     seq_len: int = setting(128, "tokens per window", positive=True)
     windows: int = setting(256, "training windows", positive=True)
@@ -83,8 +86,8 @@ class TrainConfig:
                                         type=float)
     waypoints: float = setting(0.0, "weight of the teacher-path term: flow matching along the piecewise-linear "
                                     "path through h_{M+1}..h_{N-1} (0: off)")
-    distill_steps: int = setting(0, "steps of output-level distillation after the flow steps: minimise "
-                                    "KL(teacher || spliced model) through blocks N.. and the LM head", type=int)
+    distill_steps: int = setting(200, "steps of output-level distillation after the flow steps: minimise "
+                                    "KL(teacher || spliced model) through blocks N.. and the LM head (0: off)", type=int)
     distill_lr: float = setting(1e-4, "peak learning rate of the distillation steps")
     distill_batch: int = setting(4, "windows per distillation step", positive=True)
     eval_every: int = setting(50, "held-out NMSE every this many steps", positive=True)

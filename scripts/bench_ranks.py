@@ -46,8 +46,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--windows", type=int, default=64)
     a = p.parse_args()
-    cache_args = ["cache", "--windows", str(a.windows), "--layers", "6,12"]
-    train_args = ["train", "--span", "6:12", "--steps", str(a.steps), "--windows", str(a.windows),
+    cache_args = ["cache", "--corpus", "builtin", "--windows", str(a.windows), "--layers", "6,12"]
+    train_args = ["train", "--corpus", "builtin", "--distill-steps", "0", "--span", "6:12", "--steps", str(a.steps),
+                  "--windows", str(a.windows),
                   "--eval-every", str(10**6), "--checkpoint-every", str(10**6)]
     rows = []
     with tempfile.TemporaryDirectory(dir=ROOT / "cache") as tmp:

@@ -93,7 +93,8 @@ def main() -> None:
             data = data.in_memory()
         load_s = time.perf_counter() - t
         cfg = TrainConfig(span=(6, 12), steps=a.steps, windows=windows, heldout_windows=16, normalise=False,
-                          loss_weighting="uniform", eval_every=10**6, checkpoint_every=10**6, name="stream-bench")
+                          loss_weighting="uniform", eval_every=10**6, checkpoint_every=10**6, distill_steps=0,
+                          name="stream-bench")
         t = time.perf_counter()
         result = train_flow(cfg, teacher=teacher, verbose=False, data=data)
         train_s = time.perf_counter() - t

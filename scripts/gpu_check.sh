@@ -32,14 +32,14 @@ for batch in (8, 64):
     print(json.dumps(bench_train(t, span=(6, 12), steps=30, batch=batch, seq_len=128, k=3)))
 PY
 echo "== cache on cuda, 256 train + 16 heldout windows =="
-time python3 -m lft_core cache --model /tmp/smol --device cuda --windows 256 --layers 6,12 --json $OUT/cache.json 2>&1 | tail -2
-python3 -m lft_core cache --model /tmp/smol --device cuda --windows 16 --layers 6,12 --split heldout 2>&1 | tail -1
-echo "== train FW and SFM, 300 steps, default recipe, CUDA bf16 =="
+time python3 -m lft_core cache --model /tmp/smol --corpus builtin --device cuda --windows 256 --layers 6,12 --json $OUT/cache.json 2>&1 | tail -2
+python3 -m lft_core cache --model /tmp/smol --corpus builtin --device cuda --windows 16 --layers 6,12 --split heldout 2>&1 | tail -1
+echo "== train FW and SFM, 300 steps, flow matching only (no distillation), CUDA bf16 =="
 for method in fw sfm; do
-  python3 -m lft_core train --model /tmp/smol --device cuda --span 6:12 --method $method --steps 300 --name gpu-$method --json $OUT/train_$method.json 2>&1 | tail -1
+  python3 -m lft_core train --model /tmp/smol --device cuda --corpus builtin --distill-steps 0 --span 6:12 --method $method --steps 300 --name gpu-$method --json $OUT/train_$method.json 2>&1 | tail -1
 done
 echo "== torchrun, 1 rank, resume to 400 =="
-python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m lft_core train --model /tmp/smol --span 6:12 --method fw --steps 400 --name gpu-fw --resume 2>&1 | tail -1
+python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m lft_core train --model /tmp/smol --corpus builtin --distill-steps 0 --span 6:12 --method fw --steps 400 --name gpu-fw --resume 2>&1 | tail -1
 echo "== eval on cuda vs device-map auto (GPU 0 capped at 150MiB, rest on CPU) =="
 python3 -m lft_core eval --flow gpu-fw --device cuda --windows 8 --k 3 --skip 2 --json $OUT/eval_cuda.json 2>&1 | tail -6
 LFT_CACHE_DIR=/tmp/lftc python3 - <<'PY' 2>&1 | grep -v Loading | tee $OUT/devmap.txt

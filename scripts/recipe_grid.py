@@ -8,7 +8,8 @@ what it measured; a re-run skips flows already trained under the same --tag).
     .venv/bin/python scripts/recipe_grid.py --spans 12:18 --recipes fw400,fw400-kl100 \\
         --train-corpus english --eval-corpora english,builtin --out docs/recipes.jsonl
 
-Recipes (``RECIPES``) are TrainConfig settings; `--device cuda` trains and evaluates on a GPU.
+Recipes (``RECIPES``) are TrainConfig settings over the defaults, with no distillation unless a recipe says so
+(``fw400-kl200`` is the default recipe); `--device cuda` trains and evaluates on a GPU.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ RECIPES: dict[str, dict] = {
     "fw400-wp1-kl100": {"method": "fw", "steps": 400, "waypoints": 1.0, "distill_steps": 100},
     "fw200-kl100": {"method": "fw", "steps": 200, "distill_steps": 100},
     "sfm400-kl100": {"method": "sfm", "steps": 400, "distill_steps": 100},
+    "sfm1200-kl200": {"method": "sfm", "steps": 1200, "distill_steps": 200},
     # GPU-length
     "fw3000-w2048-b32": {"method": "fw", "steps": 3000, "windows": 2048, "batch": 32},
     "fw3000-w2048-b32-kl1000": {"method": "fw", "steps": 3000, "windows": 2048, "batch": 32, "distill_steps": 1000,
@@ -55,6 +57,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--tag", default="grid")
     p.add_argument("--out", required=True)
+    p.add_argument("--no-baselines", action="store_true", help="only the recipes (the baselines are in --out already)")
     a = p.parse_args()
 
     import torch
@@ -79,19 +82,21 @@ def main() -> None:
     ids = {c: eval_windows(teacher, c, None, a.eval_windows, 128) for c in corpora}
     for span_text in a.spans.split(","):
         span = Span.parse(span_text)
-        t = time.perf_counter()
-        affine = fit_affine_for_span(teacher, span, a.train_corpus, 128, 256, 16, progress=False)
-        affine.to(a.device)
-        fit_s = time.perf_counter() - t
-        for c in corpora:
-            base = evaluate(teacher, None, span, ids[c], ks=[], skips=[1, 2, 3], affine=affine)
-            for r in base.rows:
-                emit({"span": str(span), "eval": c, "model": r.model, "k": r.k, "where": r.where, "start": r.start,
-                      "kl": r.kl, "ppl": r.ppl, "nmse": r.nmse, "teacher_ppl": base.teacher_ppl,
-                      "fit_seconds": round(fit_s, 1) if r.model == "affine" else None})
+        if not a.no_baselines:
+            t = time.perf_counter()
+            affine = fit_affine_for_span(teacher, span, a.train_corpus, 128, 256, 16, progress=False)
+            affine.to(a.device)
+            fit_s = time.perf_counter() - t
+            for c in corpora:
+                base = evaluate(teacher, None, span, ids[c], ks=[], skips=[1, 2, 3], affine=affine)
+                for r in base.rows:
+                    emit({"span": str(span), "eval": c, "model": r.model, "k": r.k, "where": r.where,
+                          "start": r.start, "kl": r.kl, "ppl": r.ppl, "nmse": r.nmse, "teacher_ppl": base.teacher_ppl,
+                          "fit_seconds": round(fit_s, 1) if r.model == "affine" else None})
         for recipe in a.recipes.split(","):
             name = f"{a.tag}-{span.m}-{span.n}-{recipe}"
-            cfg = TrainConfig(model=a.model, corpus=a.train_corpus, span=span, name=name, **RECIPES[recipe])
+            settings = {"distill_steps": 0, **RECIPES[recipe]}  # a recipe says all it changes from plain training
+            cfg = TrainConfig(model=a.model, corpus=a.train_corpus, span=span, name=name, **settings)
             t = time.perf_counter()
             if not (flows_dir() / name / "config.json").exists():
                 train_flow(cfg, teacher=teacher, device=a.device, verbose=False)

@@ -1,5 +1,8 @@
 """Train SFM and FW flows for two spans of the embedded model and compare them with layer skipping.
 
+Flow matching only, on the Python-docs corpus (``builtin``): the settings of docs/RESULTS.md section 2, which
+predate the default recipe (English corpus, then distillation; its grid is ``scripts/recipe_grid.py``).
+
     .venv/bin/python scripts/results.py [--steps 400] [--spans 6:12,12:18]
 
 Writes docs/results.json and the tables in docs/RESULTS.md (between the RESULTS markers).
@@ -42,7 +45,8 @@ def main() -> None:
         span_skips = skip_rows(teacher, span, ids, (1, 2, 3), best_skip=False)
         for method in a.methods.split(","):
             name = f"results-{span[0]}-{span[1]}-{method}-s{a.steps}"
-            cfg = TrainConfig(span=span, method=method, steps=a.steps, batch=a.batch, name=name)
+            cfg = TrainConfig(span=span, method=method, steps=a.steps, batch=a.batch, corpus="builtin",
+                              distill_steps=0, name=name)
             t = time.perf_counter()
             try:  # reuse a finished run of the same settings
                 flow, saved = open_flow(name, teacher)

@@ -36,7 +36,7 @@ def test_span_coupling_with_flow(tiny_neox, tiny_neox_dir):
     assert np.array_equal(res.x0, np.asarray(cache.layer(1)[res.token_index[:, 0], res.token_index[:, 1]], float))
     assert 0 <= res.crossings.share <= 1 and res.flow_recoupled is None
     train_flow(TrainConfig(model=str(tiny_neox_dir), span=(1, 3), steps=2, batch=2, seq_len=16, windows=4,
-                           heldout_windows=1, name="t-cpl"), teacher=tiny_neox, verbose=False)
+                           heldout_windows=1, name="t-cpl", distill_steps=0), teacher=tiny_neox, verbose=False)
     flow, _ = open_flow("t-cpl", tiny_neox)
     res = span_coupling(tiny_neox, cache, (1, 3), n_tokens=30, flow=flow, k=2)
     assert res.flow_recoupled.shape == (30,) and res.x_hat.shape == (30, 64)
@@ -46,7 +46,7 @@ def test_span_coupling_with_flow(tiny_neox, tiny_neox_dir):
 
 def test_trajectory_table(tiny_neox, tiny_neox_dir):
     train_flow(TrainConfig(model=str(tiny_neox_dir), span=(1, 3), steps=2, batch=2, seq_len=16, windows=4,
-                           heldout_windows=1, name="t-traj"), teacher=tiny_neox, verbose=False)
+                           heldout_windows=1, name="t-traj", distill_steps=0), teacher=tiny_neox, verbose=False)
     flow, _ = open_flow("t-traj", tiny_neox)
     ids = tiny_neox.encode("One two three four five six seven.")
     df = trajectory_table(tiny_neox, ids, (1, 3), [1, 2], {"FW": flow}, k=2, fine_steps=5)

@@ -156,7 +156,7 @@ def test_span_page_affine_heatmap(small_cache, smol):
     upper = np.triu(np.ones((31, 31), bool), 1)
     assert np.isfinite(affine[upper]).all() and (affine[upper] >= 0).all()
     # the page shows the engine's numbers: the same grid computed directly from the same caches
-    held = ensure_activations(smol, load_corpus("builtin"), SMALL["seq_len"], 4, range(31), "heldout", progress=False)
+    held = ensure_activations(smol, load_corpus(), SMALL["seq_len"], 4, range(31), "heldout", progress=False)
     direct = affine_grid(small_cache.layer, held.layer, 30, spans=[TINY_SPAN, (6, 12)])
     assert direct.matrix[2, 4] == pytest.approx(affine[2, 4]) and direct.matrix[6, 12] == pytest.approx(affine[6, 12])
     labels = {m.label: m.value for m in at.metric}
@@ -188,10 +188,12 @@ def test_train_page_lists_flows_and_runs_a_job(tiny_flow):
     at = open_page("train", {"span": TINY_SPAN})
     assert_clean(at)
     assert "tiny-fw" in list(at.session_state["flows_table"]["name"])
-    at.number_input(key="w_steps").set_value(2)
+    at.number_input(key="w_steps").set_value(1)
     at.number_input(key="w_batch").set_value(2)
     at.number_input(key="w_train_windows").set_value(8)
     at.number_input(key="w_heldout_windows").set_value(2)
+    at.number_input(key="w_distill_steps").set_value(1)
+    at.number_input(key="w_distill_batch").set_value(2)
     at.text_input(key="w_name").input("apptest-job")
     at = click(at, "Start training")
     assert_clean(at)
@@ -201,7 +203,7 @@ def test_train_page_lists_flows_and_runs_a_job(tiny_flow):
         time.sleep(1)
     job = read_job(job_id)
     assert job.status == "complete", job.log_tail()
-    assert job.events and job.events[-1]["step"] == 2
+    assert job.events and job.events[-1]["step"] == 2  # 1 flow step, then 1 distillation step
     at.run()  # a reload reads the job and the new flow from disk
     assert_clean(at)
     assert "apptest-job" in list(at.session_state["flows_table"]["name"])
@@ -491,11 +493,14 @@ def test_pages_go_on_past_damaged_records(tiny_flow):
         shutil.rmtree(job)
 
 
-def test_setup_offers_the_built_in_english_corpus():
+def test_setup_starts_on_the_built_in_english_corpus_and_offers_python_docs():
     at = open_page("setup")
-    at.radio(key="w_corpus_source").set_value("Built-in (everyday English)").run()
     assert_clean(at)
-    assert at.session_state["corpus_spec"] == "english"
+    assert at.radio(key="w_corpus_source").value == "Built-in (everyday English)"
     assert any("english" in cap.value for cap in at.caption)
     at.radio(key="w_corpus_source").set_value("Built-in (Python docs)").run()
+    assert_clean(at)
     assert at.session_state["corpus_spec"] == "builtin"
+    assert any("builtin" in cap.value for cap in at.caption)
+    at.radio(key="w_corpus_source").set_value("Built-in (everyday English)").run()
+    assert at.session_state["corpus_spec"] == "english"

@@ -216,7 +216,7 @@ def test_cli_eval_with_the_affine_baseline(tiny_neox, tiny_neox_dir, tmp_path, c
     from lft_core.training import TrainConfig, train_flow
 
     train_flow(TrainConfig(model=str(tiny_neox_dir), span=(1, 3), steps=2, batch=2, seq_len=32, windows=8,
-                           heldout_windows=2, name="t-aff"), teacher=tiny_neox, verbose=False)
+                           heldout_windows=2, name="t-aff", distill_steps=0), teacher=tiny_neox, verbose=False)
     out = tmp_path / "e.json"
     rc = main(["eval", "--flow", "t-aff", "--k", "1", "--skip", "1", "--windows", "2", "--baselines", "affine",
                "--json", str(out)])

@@ -85,15 +85,15 @@ def app_url(tiny_flow, small_cache, session_cache, smol, tmp_path_factory):
 
 
 def _train_demo_flows(teacher) -> None:
-    """Two small flows (SFM and FW) for span 4:12, so the screenshots show something a person can read."""
+    """Two flows for span 4:12 trained by the default recipe (FW, and SFM with the same distillation stage), so
+    the screenshots show what a user's first flows look like (~20 min on 2 CPU cores; LFT_SCREENSHOTS=1 only)."""
     from lft_core.store import list_flows
     from lft_core.training import TrainConfig, train_flow
 
     have = {f.name for f in list_flows()}
     for method in ("sfm", "fw"):
         if f"demo-{method}" not in have:
-            train_flow(TrainConfig(span=(4, 12), method=method, steps=300, windows=64, heldout_windows=8,
-                                   seq_len=128, batch=8, lr=1e-3, eval_every=50, name=f"demo-{method}"),
+            train_flow(TrainConfig(span=(4, 12), method=method, name=f"demo-{method}"),
                        teacher=teacher, verbose=False)
 
 
@@ -179,7 +179,7 @@ def readme_screenshots(page, url: str) -> None:
 def live_training(page) -> None:
     """Start a training job from the form, screenshot its live curves, then stop it with the Stop button."""
     # inside a form: fill without Enter (Enter would submit the form)
-    page.get_by_role("spinbutton", name="Training steps").fill("400")
+    page.get_by_role("spinbutton", name="Flow steps").fill("400")
     page.get_by_role("spinbutton", name="Batch (windows)").fill("4")
     page.get_by_text("More settings").click()
     page.get_by_role("spinbutton", name="Training windows").fill("16")

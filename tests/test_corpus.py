@@ -102,7 +102,7 @@ def test_split_rule_is_recorded(tiny_neox, tiny_neox_dir):
     from lft_core.training import TrainConfig, train_flow
 
     train_flow(TrainConfig(model=str(tiny_neox_dir), span=(1, 3), steps=1, batch=2, seq_len=16, windows=4,
-                           heldout_windows=1, name="t-split-rule"), teacher=tiny_neox, verbose=False)
+                           heldout_windows=1, name="t-split-rule", distill_steps=0), teacher=tiny_neox, verbose=False)
     assert read_flow_config("t-split-rule")["split_rule"] == SPLIT_RULE
     ids = eval_windows(tiny_neox, "builtin", None, 1, 16)
     assert evaluate(tiny_neox, None, (1, 3), ids, ks=[], skips=[1], best_skip=False).to_json()["split_rule"] == SPLIT_RULE

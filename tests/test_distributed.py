@@ -37,7 +37,7 @@ def torchrun(args: list[str], cache: Path, nproc: int = 2, timeout: float = 300,
 def train_args(model: Path, name: str, steps: int = 6, *flags: str, **extra: str) -> list[str]:
     args = {"--model": str(model), "--span": "1:3", "--steps": str(steps), "--batch": "4", "--seq-len": "16",
             "--windows": "10", "--heldout-windows": "2", "--eval-every": "3", "--checkpoint-every": "3",
-            "--name": name, "--lr": "3e-3", "--seed": "5"}
+            "--name": name, "--lr": "3e-3", "--seed": "5", "--distill-steps": "0"}
     args.update(extra)
     return ["train", *[x for kv in args.items() for x in kv], *flags]
 
@@ -52,7 +52,7 @@ def weights(name: str) -> dict[str, torch.Tensor]:
     return load_file(str(flows_dir() / name / "model.safetensors"))
 
 
-def assert_same_weights(a: str, b: str, atol: float = 2e-5) -> None:
+def assert_same_weights(a: str, b: str, atol: float = 1e-4) -> None:
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
     worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
@@ -90,7 +90,8 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(tiny_neox, tiny_n
     from lft_core.errors import LFTError
 
     monkeypatch.setattr(training, "current", lambda: distributed.Dist(rank=0, world=3))
-    cfg = training.TrainConfig(model=str(tiny_neox_dir), span=(1, 3), steps=1, batch=4, seq_len=16, windows=8)
+    cfg = training.TrainConfig(model=str(tiny_neox_dir), span=(1, 3), steps=1, batch=4, seq_len=16, windows=8,
+                               distill_steps=0)
     with pytest.raises(LFTError, match=r"global batch \(4\) must be a multiple of the number of ranks \(3\)"):
         training.train_flow(cfg, teacher=tiny_neox, verbose=False)
 
@@ -264,7 +265,7 @@ def test_training_pairs_stay_on_disk_and_batches_come_back_in_order(tiny_neox, t
     from lft_core.training import TrainConfig, load_pairs
 
     cfg = TrainConfig(model=str(tiny_neox_dir), span=(1, 3), steps=1, batch=2, seq_len=16, windows=6,
-                      heldout_windows=2)
+                      heldout_windows=2, distill_steps=0)
     data = load_pairs(tiny_neox, cfg, progress=False)
     assert all(isinstance(a, np.memmap) for a in (data.x0, data.x1, data.held_x0, data.held_x1))
     index = np.array([4, 0, 5, 2])

@@ -49,7 +49,7 @@ def test_bad_eval_requests(tiny_neox):
 
 def test_token_kl(tiny_neox, tiny_neox_dir):
     train_flow(TrainConfig(model=str(tiny_neox_dir), span=(1, 3), steps=2, batch=2, seq_len=16, windows=4,
-                           heldout_windows=1, name="t-kl"), teacher=tiny_neox, verbose=False)
+                           heldout_windows=1, name="t-kl", distill_steps=0), teacher=tiny_neox, verbose=False)
     flow, _ = open_flow("t-kl", tiny_neox)
     ids = tiny_neox.encode("The quick brown fox jumps over the lazy dog.")
     res = token_kl(tiny_neox, ids, {"LFT k=2": Replace(flow, 2), "skip 2": Skip(1, 2)})

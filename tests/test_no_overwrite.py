@@ -19,7 +19,7 @@ def _digests(folder: Path) -> dict[str, str]:
 
 def _tiny(tiny_neox_dir, name: str, **kw) -> TrainConfig:
     settings = dict(model=str(tiny_neox_dir), span=(1, 3), steps=2, batch=2, seq_len=16, windows=4,
-                    heldout_windows=1, eval_every=2, checkpoint_every=1, name=name)
+                    heldout_windows=1, eval_every=2, checkpoint_every=1, distill_steps=0, name=name)
     return TrainConfig(**{**settings, **kw})
 
 
@@ -53,7 +53,7 @@ def test_resume_must_match_the_checkpoint(tiny_neox, tiny_neox_dir):
 @pytest.mark.parametrize("model", ["/data/my models/Modèle ünïcode", "/tmp/.hidden-model", "/x/" + "m" * 240,
                                    "/x/---", "org/name with spaces", "./", "EleutherAI/pythia-410m"])
 def test_derived_names_are_always_valid_listable_and_deletable(model, tmp_path, monkeypatch):
-    name = TrainConfig(model=model, span=(6, 12), method="fw", k=3, steps=300).default_name()
+    name = TrainConfig(model=model, span=(6, 12), method="fw", k=3, steps=300, distill_steps=0).default_name()
     assert NAME_RE.match(name), name
     assert name.endswith("-6-12-fw-k3-s300") and len(name) <= 80
     (flows_dir() / name).mkdir()

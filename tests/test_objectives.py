@@ -83,7 +83,7 @@ def test_waypoint_supervision_recovers_a_known_piecewise_linear_path():
 
 def test_waypoint_training_reads_the_inner_layers(tiny_neox, tiny_neox_dir):
     cfg = TrainConfig(model=str(tiny_neox_dir), span=(0, 3), steps=3, batch=2, seq_len=16, windows=4,
-                      heldout_windows=1, eval_every=3, waypoints=0.5, name="obj-waypoints")
+                      heldout_windows=1, eval_every=3, waypoints=0.5, distill_steps=0, name="obj-waypoints")
     result = train_flow(cfg, teacher=tiny_neox, verbose=False)
     config = json.loads((flows_dir() / "obj-waypoints" / "config.json").read_text())
     assert config["waypoints"] == 0.5 and result.steps == 3 and np.isfinite(result.final_loss)
@@ -112,8 +112,8 @@ def test_logits_from_a_state_continue_the_teachers_own_forward(tiny_neox):
 
 def test_distillation_lowers_the_spliced_models_kl(tiny_neox, tiny_neox_dir):
     base = dict(model=str(tiny_neox_dir), span=(1, 3), steps=2, batch=2, seq_len=16, windows=6, heldout_windows=1,
-                eval_every=100, seed=3)
-    train_flow(TrainConfig(**base, name="obj-before"), teacher=tiny_neox, verbose=False)
+                eval_every=100, seed=3, corpus="builtin")  # text on which 2 flow steps leave a KL worth cutting
+    train_flow(TrainConfig(**base, distill_steps=0, name="obj-before"), teacher=tiny_neox, verbose=False)
     result = train_flow(TrainConfig(**base, distill_steps=12, distill_lr=3e-3, distill_batch=2, name="obj-after"),
                         teacher=tiny_neox, verbose=False)
     assert result.steps == 14
@@ -138,19 +138,21 @@ def result_key(name: str) -> str:
 
 def test_distillation_settings_are_checked(tiny_neox, tiny_neox_dir):
     base = dict(model=str(tiny_neox_dir), span=(1, 3), steps=2, batch=2, seq_len=16, windows=4)
+    # the default recipe distils: its distillation batch (4) fits these 4 windows
+    TrainConfig(**base).validate()
     for bad, match in (({"distill_steps": -1}, "distill steps"), ({"distill_lr": 0.0}, "distillation learning rate"),
                        ({"distill_steps": 1, "distill_batch": 5}, "distill batch"),
                        ({"distill_batch": 0}, "distill batch"), ({"waypoints": -1.0}, "waypoint weight")):
         with pytest.raises(LFTError, match=match):
             train_flow(TrainConfig(**base, **bad), teacher=tiny_neox, verbose=False)
     # without a distillation stage its batch is not checked against the windows
-    TrainConfig(**base, distill_batch=5).validate()
+    TrainConfig(**base, distill_steps=0, distill_batch=5).validate()
 
 
 def test_a_finished_flow_can_be_resumed_with_distillation_added(tiny_neox, tiny_neox_dir):
     base = dict(model=str(tiny_neox_dir), span=(1, 3), steps=2, batch=2, seq_len=16, windows=4, heldout_windows=1,
                 eval_every=100, name="obj-resume")
-    train_flow(TrainConfig(**base), teacher=tiny_neox, verbose=False)
+    train_flow(TrainConfig(**base, distill_steps=0), teacher=tiny_neox, verbose=False)
     result = train_flow(TrainConfig(**base, distill_steps=3, distill_batch=2), teacher=tiny_neox, resume=True,
                         verbose=False)
     assert result.steps == 5

@@ -12,7 +12,7 @@ from lft_core.training import TrainConfig, lr_at, train_flow
 
 def _cfg(model_dir, **kw):
     base = dict(model=str(model_dir), span=(1, 3), steps=6, batch=2, seq_len=16, windows=8, heldout_windows=2,
-                eval_every=3, checkpoint_every=3, lr=3e-3)
+                eval_every=3, checkpoint_every=3, lr=3e-3, distill_steps=0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -87,7 +87,7 @@ def test_flow_for_another_model_is_refused(tiny_neox, smol, tiny_neox_dir):
 
 
 def test_lr_schedule():
-    cfg = TrainConfig(steps=100, lr=1.0, warmup=0.1)
+    cfg = TrainConfig(steps=100, lr=1.0, warmup=0.1, distill_steps=0)
     assert lr_at(0, cfg) == pytest.approx(0.1)
     assert lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(99, cfg) == pytest.approx(0.1, abs=0.01)

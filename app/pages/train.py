@@ -27,28 +27,47 @@ st.page_link("pages/span.py", label="Change the span", icon=":material/grid_on:"
 
 METHOD_NAMES = {"fw": "Flow Walking (FW)", "sfm": "Standard flow matching (SFM)", "hybrid": "Hybrid (FW + α·SFM)"}
 
+D = TrainConfig()  # the default recipe: every input starts at the engine's default
+
 with st.form("train_form"):
     col1, col2, col3, col4 = st.columns(4)
-    method = col1.selectbox("Method", METHODS, index=METHODS.index("fw"), format_func=METHOD_NAMES.get, key="w_method")
-    k = col2.number_input("k (integration steps)", min_value=1, max_value=16, value=3, key="w_k")
-    steps = col3.number_input("Training steps", min_value=1, max_value=100_000, value=200, step=50, key="w_steps",
-                              help="200 steps take a few minutes on 2 CPU cores.")
-    batch = col4.number_input("Batch (windows)", min_value=1, max_value=256, value=8, key="w_batch")
-    col5, col6, col7 = st.columns([1, 1, 2])
-    lr = col5.number_input("Learning rate", min_value=1e-6, max_value=1.0, value=1e-3, step=1e-4, format="%.4f",
+    method = col1.selectbox("Method", METHODS, index=METHODS.index(D.method), format_func=METHOD_NAMES.get,
+                            key="w_method")
+    k = col2.number_input("k (integration steps)", min_value=1, max_value=16, value=D.k, key="w_k")
+    steps = col3.number_input("Flow steps", min_value=1, max_value=100_000, value=D.steps, step=50, key="w_steps",
+                              help="Flow-matching steps on (h_m, h_n) pairs.")
+    distill = col4.number_input("Distillation steps", min_value=0, max_value=100_000, value=D.distill_steps, step=50,
+                                key="w_distill_steps",
+                                help="Then fine-tune on KL(teacher ‖ spliced model) through the rest of the model: "
+                                     "the lever that lowers KL most (docs/RESULTS.md). 0: off.")
+    st.caption(f"The defaults are the project's default recipe: {D.steps} Flow Walking steps, then {D.distill_steps} "
+               "distillation steps, about 10 minutes for a 6-block span on 2 CPU cores.")
+    col5, col6, col7, col8 = st.columns(4)
+    batch = col5.number_input("Batch (windows)", min_value=1, max_value=256, value=D.batch, key="w_batch")
+    lr = col6.number_input("Learning rate", min_value=1e-6, max_value=1.0, value=D.lr, step=1e-4, format="%.4f",
                            key="w_lr")
-    init = col6.checkbox("Initialise from teacher block m", value=False, key="w_init",
+    init = col7.checkbox("Initialise from teacher block m", value=D.init_from_teacher, key="w_init",
                          help="Copy block m's attention and MLP weights into the velocity field.")
-    name = col7.text_input("Flow name (optional)", key="w_name", placeholder="derived from the settings",
+    name = col8.text_input("Flow name (optional)", key="w_name", placeholder="derived from the settings",
                            help="Letters, digits, '-', '_' and '.'.")
     with st.expander("More settings"):
         a1, a2, a3, a4, a5 = st.columns(5)
-        windows = a1.number_input("Training windows", min_value=1, max_value=4096, value=64, key="w_train_windows")
-        heldout = a2.number_input("Held-out windows", min_value=1, max_value=256, value=8, key="w_heldout_windows")
-        eval_every = a3.number_input("Evaluate every (steps)", min_value=1, max_value=10_000, value=25,
+        windows = a1.number_input("Training windows", min_value=1, max_value=65_536, value=D.windows,
+                                  key="w_train_windows")
+        heldout = a2.number_input("Held-out windows", min_value=1, max_value=256, value=D.heldout_windows,
+                                  key="w_heldout_windows")
+        eval_every = a3.number_input("Evaluate every (steps)", min_value=1, max_value=10_000, value=D.eval_every,
                                      key="w_eval_every")
-        alpha = a4.number_input("α (hybrid)", min_value=0.0, max_value=10.0, value=0.1, key="w_alpha")
-        seed = a5.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, key="w_seed")
+        alpha = a4.number_input("α (hybrid)", min_value=0.0, max_value=10.0, value=D.alpha, key="w_alpha")
+        seed = a5.number_input("Seed", min_value=0, max_value=2**31 - 1, value=D.seed, key="w_seed")
+        b1, b2, b3, _ = st.columns([1, 1, 1, 2])
+        waypoints = b1.number_input("Waypoint weight", min_value=0.0, max_value=100.0, value=D.waypoints, step=0.1,
+                                    key="w_waypoints",
+                                    help="Also match the teacher's own path through h_m+1 … h_n-1 (0: off).")
+        distill_lr = b2.number_input("Distillation lr", min_value=1e-7, max_value=1.0, value=D.distill_lr,
+                                     step=1e-5, format="%.5f", key="w_distill_lr")
+        distill_batch = b3.number_input("Distillation batch", min_value=1, max_value=256, value=D.distill_batch,
+                                        key="w_distill_batch")
         st.caption(f"Windows of {c.seq_len()} tokens from the corpus chosen on the Setup page.")
     submitted = st.form_submit_button("Start training", type="primary")
 
@@ -56,7 +75,9 @@ if submitted:
     cfg = TrainConfig(model=c.model_spec(), corpus=c.corpus_spec(), span=span, method=method, k=int(k),
                       alpha=float(alpha), steps=int(steps), batch=int(batch), seq_len=c.seq_len(),
                       windows=int(windows), heldout_windows=int(heldout), lr=float(lr), seed=int(seed),
-                      init_from_teacher=bool(init), eval_every=int(eval_every), name=name.strip() or None)
+                      init_from_teacher=bool(init), eval_every=int(eval_every), waypoints=float(waypoints),
+                      distill_steps=int(distill), distill_lr=float(distill_lr), distill_batch=int(distill_batch),
+                      name=name.strip() or None)
     try:
         cfg.validate(teacher.n_layers)
         flow_name = cfg.name or cfg.default_name()

@@ -1,0 +1,77 @@
+"""Markdown tables of a recipe grid (the JSON lines `scripts/recipe_grid.py` writes), one table per span.
+
+    .venv/bin/python scripts/render_recipes.py docs/raw/recipes_cpu.jsonl [--k 3] [--labels english=English,...]
+
+Columns are the evaluation corpora (KL of the LM logits, the end-point NMSE, the perplexity); rows are the recipes,
+then the affine replacement and skip-k (in the span and at the best position). The last row of a recipe wins
+when a file holds it twice.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _label(spec: str, labels: dict[str, str]) -> str:
+    return labels.get(spec) or labels.get(Path(spec).name) or Path(spec).name
+
+
+def render(rows: list[dict], k: int, labels: dict[str, str]) -> str:
+    out: list[str] = []
+    spans = list(dict.fromkeys(r["span"] for r in rows))
+    for span in spans:
+        mine = [r for r in rows if r["span"] == span]
+        corpora = list(dict.fromkeys(r["eval"] for r in mine))
+        cells: dict[tuple[str, str], dict] = {}
+        seconds: dict[str, float] = {}
+        for r in mine:
+            if r["model"] == "lft":
+                if r["k"] != k:
+                    continue
+                key = f"LFT {r['recipe']}"
+                seconds[key] = r.get("train_seconds")
+            elif r["model"] == "affine":
+                key = "affine (closed form)"
+            else:
+                key = f"skip-{r['k']}, " + ("first of the span" if r["where"] == "span" else "best position")
+            cells[(key, r["eval"])] = r
+        order = list(dict.fromkeys(key for key, _ in cells))
+        order.sort(key=lambda key: (not key.startswith("LFT"), key.startswith("skip"), key))
+        teacher = {r["eval"]: r["teacher_ppl"] for r in mine if r.get("teacher_ppl")}
+        head = " | ".join(f"{_label(c, labels)}: KL / NMSE / PPL"
+                          + (f" (teacher {teacher[c]:.1f})" if c in teacher else "") for c in corpora)
+        out += [f"**Span {span}** (LFT rows at k = {k}; train s = wall time of training on 2 CPU cores, or the "
+                "device named in the raw file)", "",
+                f"| model | train s | {head} |", "|---|---|" + "---|" * len(corpora)]
+        for key in order:
+            vals = []
+            for c in corpora:
+                r = cells.get((key, c))
+                if r is None:
+                    vals.append("")
+                else:
+                    nmse = f"{r['nmse']:.3f}" if r.get("nmse") is not None else "–"
+                    where = f" (from block {r['start']})" if r.get("where") == "best" else ""
+                    vals.append(f"{r['kl']:.3f} / {nmse} / {r['ppl']:.1f}{where}")
+            sec = seconds.get(key)
+            out.append(f"| {key} | {'' if sec is None else f'{sec:.0f}'} | " + " | ".join(vals) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("jsonl")
+    p.add_argument("--k", type=int, default=3)
+    p.add_argument("--labels", default="english=English (held out),english.jsonl=English (held out),"
+                                       "builtin=Python docs (held out),"
+                                       "licenses=Debian licences (never shipped)")
+    a = p.parse_args()
+    labels = dict(item.split("=", 1) for item in a.labels.split(",") if "=" in item)
+    rows = [json.loads(line) for line in Path(a.jsonl).read_text().splitlines() if line.strip()]
+    print(render(rows, a.k, labels))
+
+
+if __name__ == "__main__":
+    main()
