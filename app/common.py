@@ -3,8 +3,9 @@
 Session-state keys, all of them, by kind:
 
 * shared choices (set on the Setup page or by the span picker, read everywhere; constants below):
-  ``model_spec`` (the teacher, default the embedded smollm2-135m), ``corpus_spec`` ("english" by default, "builtin" for the Python docs, an uploaded file
-  under cache/uploads, or a path), ``seq_len`` and ``n_windows`` (the activation cache used for analysis),
+  ``model_spec`` (the teacher, default the embedded smollm2-135m), ``corpus_spec`` ("english" by default,
+  "builtin" for the Python docs, an uploaded file under cache/uploads, or a path), ``seq_len`` and ``n_windows``
+  (the activation cache used for analysis),
   ``span`` (a ``Span``, mirrored in the URL as ``?span=m:n`` so a link reproduces the view);
 * widget keys ``w_<page>_<input>``: each page's own inputs (Streamlit forgets a widget's value when the page
   is left; ``persistent_widget`` restores the shared ones);

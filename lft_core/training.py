@@ -63,7 +63,8 @@ class TrainConfig:
     output-level distillation; about 10 minutes for a 6-block span of the embedded model on 2 CPU cores."""
 
     model: str = setting("smollm2-135m", "smollm2-135m (embedded), an HF id or a folder")
-    corpus: str = setting(DEFAULT_CORPUS, "english (default), builtin (Python docs), a .txt/.jsonl file or folder, hf:NAME")
+    corpus: str = setting(DEFAULT_CORPUS, "english (default), builtin (Python docs), a .txt/.jsonl file or folder, "
+                                          "hf:NAME")
     span: Span = setting(Span(6, 12), "M:N, the blocks M..N-1 to replace", required=True)
     method: str = setting("fw", "training objective", choices=METHODS)
     k: int = setting(3, "integration steps (Flow Walking walks k steps)", type=int)
@@ -87,7 +88,8 @@ class TrainConfig:
     waypoints: float = setting(0.0, "weight of the teacher-path term: flow matching along the piecewise-linear "
                                     "path through h_{M+1}..h_{N-1} (0: off)")
     distill_steps: int = setting(200, "steps of output-level distillation after the flow steps: minimise "
-                                    "KL(teacher || spliced model) through blocks N.. and the LM head (0: off)", type=int)
+                                    "KL(teacher || spliced model) through blocks N.. and the LM head (0: off)",
+                                    type=int)
     distill_lr: float = setting(1e-4, "peak learning rate of the distillation steps")
     distill_batch: int = setting(4, "windows per distillation step", positive=True)
     eval_every: int = setting(50, "held-out NMSE every this many steps", positive=True)

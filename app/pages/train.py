@@ -40,8 +40,8 @@ with st.form("train_form"):
                                 key="w_distill_steps",
                                 help="Then fine-tune on KL(teacher ‖ spliced model) through the rest of the model: "
                                      "the lever that lowers KL most (docs/RESULTS.md). 0: off.")
-    st.caption(f"The defaults are the project's default recipe: {D.steps} Flow Walking steps, then {D.distill_steps} "
-               "distillation steps, about 10 minutes for a 6-block span on 2 CPU cores.")
+    st.caption(f"The defaults are the project's default recipe: {D.steps} steps of {METHOD_NAMES[D.method]}, then "
+               f"{D.distill_steps} distillation steps; about 10 minutes for a 6-block span on 2 CPU cores.")
     col5, col6, col7, col8 = st.columns(4)
     batch = col5.number_input("Batch (windows)", min_value=1, max_value=256, value=D.batch, key="w_batch")
     lr = col6.number_input("Learning rate", min_value=1e-6, max_value=1.0, value=D.lr, step=1e-4, format="%.4f",
