@@ -254,7 +254,7 @@ class SavedFlow:
     method: str = "?"
     k: int | None = None
     status: str | None = None
-    steps: int | None = None
+    steps: int | None = None  # all of the run's steps: flow steps, then distillation steps
     steps_done: int | None = None
     params: int = 0
     teacher_span_params: int = 0
@@ -273,10 +273,12 @@ class SavedFlow:
             return cls(name, directory, error=str(e))
         history = config.get("history")
         as_int = lambda v: v if isinstance(v, int) and not isinstance(v, bool) else None  # noqa: E731
+        flow_steps = as_int(config.get("steps"))
         return cls(
             name=name, dir=directory, span=span, model=config.get("model"), weights_hash=config.get("weights_hash"),
             method=str(config.get("method", "?")), k=as_int(config.get("k")), status=config.get("status"),
-            steps=as_int(config.get("steps")), steps_done=as_int(config.get("steps_done")),
+            steps=None if flow_steps is None else flow_steps + (as_int(config.get("distill_steps")) or 0),
+            steps_done=as_int(config.get("steps_done")),
             params=as_int(config.get("params")) or 0, teacher_span_params=as_int(config.get("teacher_span_params")) or 0,
             history=tuple(e for e in history if isinstance(e, dict)) if isinstance(history, list) else (),
             config=config,

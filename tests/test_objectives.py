@@ -156,6 +156,10 @@ def test_a_finished_flow_can_be_resumed_with_distillation_added(tiny_neox, tiny_
     result = train_flow(TrainConfig(**base, distill_steps=3, distill_batch=2), teacher=tiny_neox, resume=True,
                         verbose=False)
     assert result.steps == 5
+    from lft_core.store import list_flows
+
+    listed = next(f for f in list_flows() if f.name == "obj-resume")
+    assert (listed.steps_done, listed.steps) == (5, 5)  # the listing counts the distillation steps too
     # once distilling, its settings are part of the run
     with pytest.raises(LFTError, match="distill_lr"):
         train_flow(TrainConfig(**base, distill_steps=3, distill_batch=2, distill_lr=1e-3), teacher=tiny_neox,
