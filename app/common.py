@@ -32,12 +32,11 @@ import pandas as pd
 import streamlit as st
 
 from app import figures
-from lft_core.corpus import BUILTIN
 from lft_core.corpus import DEFAULT as DEFAULT_CORPUS
 from lft_core.errors import LFTError
 from lft_core.loading import DEFAULT_MODEL, load_teacher
 from lft_core.span import Span
-from lft_core.store import SavedFlow
+from lft_core.store import SavedFlow, trained_on
 from lft_core.teacher import Teacher
 
 MODEL, CORPUS, SEQ_LEN, WINDOWS, SPAN = "model_spec", "corpus_spec", "seq_len", "n_windows", "span"
@@ -252,7 +251,7 @@ def affine_settings(flow_config: dict | None) -> tuple[str, int, int, int]:
     """(corpus, seq_len, windows, held-out windows) the affine baseline is fitted on: a flow's own training data
     (its config.json), so that the two are compared fairly, or the chosen corpus and window length without one."""
     if flow_config is not None:
-        return (str(flow_config.get("corpus", BUILTIN)), int(flow_config.get("seq_len", 128)),
+        return (trained_on(flow_config), int(flow_config.get("seq_len", 128)),
                 int(flow_config.get("windows", 256)), int(flow_config.get("heldout_windows", 16)))
     return corpus_spec(), seq_len(), AFFINE_FIT_WINDOWS, AFFINE_FIT_HELDOUT
 

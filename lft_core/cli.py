@@ -19,7 +19,6 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .atomic import write_json
-from .corpus import BUILTIN
 from .corpus import DEFAULT as DEFAULT_CORPUS
 from .errors import LFTError
 from .loading import DEVICE_MAPS
@@ -180,7 +179,7 @@ def _progress_writer(path: Path) -> Callable[[dict], None]:
 def cmd_eval(a: argparse.Namespace) -> dict:
     from .evaluation import eval_windows, evaluate
     from .flow import MAX_K
-    from .store import open_flow, read_flow_config
+    from .store import open_flow, read_flow_config, trained_on
 
     if a.text and a.corpus_given:
         raise LFTError("give either --text or --corpus, not both")
@@ -200,16 +199,14 @@ def cmd_eval(a: argparse.Namespace) -> dict:
         from .corpus import read_text_file
 
         text = read_text_file(a.text)  # size limit, empty / binary / not-UTF-8 checks
-    # held-out windows of the flow's own training corpus unless told otherwise (a flow saved before the corpus
-    # was recorded was trained on the Python docs, the default of that time)
-    corpus = a.corpus or config.get("corpus", BUILTIN)
-    ids = eval_windows(teacher, corpus, text, a.windows, a.seq_len or config.get("seq_len", 128))
+    # held-out windows of the flow's own training corpus unless told otherwise
+    ids = eval_windows(teacher, a.corpus or trained_on(config), text, a.windows, a.seq_len or config.get("seq_len", 128))
     affine = None
     if "affine" in a.baselines:  # fitted on the flow's own training data
         from .baselines import fit_affine_for_span
 
         print("fitting the affine replacement of the flow's span", file=sys.stderr)
-        affine = fit_affine_for_span(teacher, flow.span, config.get("corpus", BUILTIN),
+        affine = fit_affine_for_span(teacher, flow.span, trained_on(config),
                                      int(config.get("seq_len", 128)), int(config.get("windows", 256)),
                                      int(config.get("heldout_windows", 16)), config.get("sink_weight"))
     result = evaluate(teacher, flow, None, ids, ks=a.k, skips=a.skip,

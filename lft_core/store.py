@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .atomic import DamagedRecord, atomic_folder, atomic_write, read_record, write_json, write_text
+from .corpus import BUILTIN
 from .errors import LFTError
 from .field import FieldSpec
 from .flow import LatentFlow
@@ -338,6 +339,12 @@ def flow_path(name: str) -> Path:
     if not path.is_dir():
         raise LFTError(f"no flow named {name!r} (see the flows in {flows_dir()})")
     return path
+
+
+def trained_on(config: dict) -> str:
+    """The corpus spec a flow was trained on, from its config.json. Flows saved before the corpus was recorded
+    were trained on the Python docs (``builtin``), the default of that time."""
+    return str(config.get("corpus", BUILTIN))
 
 
 def read_flow_config(name: str) -> dict:

@@ -120,3 +120,11 @@ def test_a_damaged_training_state_is_one_line_on_resume(tiny_neox, tiny_neox_dir
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("error: the training state of flow") and "Traceback" not in "\n".join(err)
     assert _digests(flows_dir() / name) == before
+
+
+def test_a_flows_corpus_is_read_from_its_config_and_old_flows_were_trained_on_the_python_docs():
+    from lft_core.store import trained_on
+
+    assert trained_on({"corpus": "english"}) == "english"
+    assert trained_on({"corpus": "/data/mine.txt"}) == "/data/mine.txt"
+    assert trained_on({}) == "builtin"  # saved before the corpus was recorded, when the Python docs were the default

@@ -54,11 +54,10 @@ uploads = cache_dir("uploads")
 
 
 def _source_of(spec: str) -> str:
+    spec = spec or DEFAULT_CORPUS
     for label, named in BUILT_IN.items():
         if spec == named:
             return label
-    if not spec:
-        return SOURCES[0]
     return SOURCES[2] if Path(spec).parent == uploads else SOURCES[3]
 
 
