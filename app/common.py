@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import pandas as pd
 import streamlit as st
@@ -73,6 +73,33 @@ def seq_len() -> int:
 
 def n_windows() -> int:
     return int(st.session_state.get(WINDOWS, DEFAULTS[WINDOWS]))
+
+
+KEEP = "session"
+"""Every input widget of every page is drawn with ``key="w_..."`` and ``persist_state=c.KEEP`` (Streamlit >= 1.67),
+so its value survives leaving the page and coming back; inputs that a link reproduces also get
+``bind="query-params"`` (the key is then the URL parameter's name)."""
+
+
+def valid_choice(key: str, options: Sequence, default=None, multi: bool = False) -> None:
+    """Before drawing a selectbox, radio, pills or multiselect ``key`` over ``options``: a kept value that is no
+    longer an option (a deleted flow, a flow of another span) is replaced by ``default`` (multi: filtered), and a
+    missing one is set to ``default``. Draw the widget without value/index/default arguments afterwards."""
+    options = list(options)
+    if key in st.session_state:
+        value = st.session_state[key]
+        if multi:
+            value = list(value or [])
+            kept = [v for v in value if v in options]
+            if len(kept) != len(value):
+                st.session_state[key] = kept
+            return
+        if value in options:
+            return
+    if multi:
+        st.session_state[key] = [v for v in (default or []) if v in options]
+    else:
+        st.session_state[key] = default if default in options else (options[0] if options else None)
 
 
 def persistent_widget(widget_key: str, state_key: str) -> None:
