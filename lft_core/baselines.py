@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
@@ -302,3 +303,91 @@ def affine_grid_for_model(teacher: Teacher, corpus_spec: str = DEFAULT_CORPUS, s
     train = ensure_activations(teacher, corpus, seq_len, windows, layers, "train", progress=progress)
     held = ensure_activations(teacher, corpus, seq_len, heldout_windows, layers, "heldout", progress=progress)
     return affine_grid(train.layer, held.layer, teacher.n_layers, spans=spans, progress=callback)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The persisted full grid: computed once per pair of all-layer cache entries (training, held-out), then read back
+# by every page, job and process (cache/grids/affine-<train key>-<held-out key>.json, written atomically).
+
+GRID_FILE_VERSION = 1
+
+
+def affine_grid_path(train_key: str, heldout_key: str) -> Path:
+    """Where the persisted full affine grid of these two all-layer cache entries lives."""
+    from .paths import cache_dir
+
+    return cache_dir("grids") / f"affine-{train_key}-{heldout_key}.json"
+
+
+def _matrix(rows: list) -> np.ndarray:
+    return np.array([[np.nan if v is None else float(v) for v in row] for row in rows], dtype=float)
+
+
+def read_affine_grid(train: ActivationCache, heldout: ActivationCache) -> AffineGrid | None:
+    """The persisted full grid of these entries, or None when there is none, it is damaged, it was computed with
+    other constants (ridge grid, massive-activation threshold) or from an earlier build of either entry (their
+    ``created`` stamps differ). Computes nothing."""
+    from .atomic import DamagedRecord, read_record
+
+    try:
+        data = read_record(affine_grid_path(train.key, heldout.key),
+                           {"version": int, "train_created": str, "heldout_created": str, "n_layers": int,
+                            "matrix": list, "ridge": list, "tokens": int, "heldout_tokens": int,
+                            "massive_dropped": int, "seconds": (int, float), "ridge_grid": list,
+                            "massive": (int, float)})
+        L = data["n_layers"]
+        if (data["version"] != GRID_FILE_VERSION or data["train_created"] != str(train.meta.get("created"))
+                or data["heldout_created"] != str(heldout.meta.get("created")) or L != train.meta.get("n_layers")
+                or [float(x) for x in data["ridge_grid"]] != [float(x) for x in RIDGE_GRID]
+                or float(data["massive"]) != MASSIVE):
+            return None
+        matrix, ridge = _matrix(data["matrix"]), _matrix(data["ridge"])
+    except (DamagedRecord, TypeError, ValueError):
+        return None
+    if matrix.shape != (L + 1, L + 1) or ridge.shape != matrix.shape:
+        return None
+    return AffineGrid(matrix=matrix, ridge=ridge, n_layers=L, tokens=data["tokens"],
+                      heldout_tokens=data["heldout_tokens"], massive_dropped=data["massive_dropped"],
+                      seconds=float(data["seconds"]))
+
+
+def affine_grid_from_caches(train: ActivationCache, heldout: ActivationCache,
+                            callback: Callable[[int, int], None] | None = None) -> AffineGrid:
+    """The affine grid of every span from an all-layer training entry and an all-layer held-out entry, as
+    ``affine_grid`` computes it, computed once and persisted (``affine_grid_path``); later calls, from any
+    process, read it back (equal values; ``seconds`` is the original computation's). Two processes asking at
+    once compute it once (a file lock); the file is written atomically."""
+    from filelock import FileLock
+
+    from .atomic import write_json
+    from .span import grid_json
+
+    grid = read_affine_grid(train, heldout)
+    if grid is not None:
+        return grid
+    path = affine_grid_path(train.key, heldout.key)
+    with FileLock(str(path.with_name(f".{path.name}.lock"))):
+        grid = read_affine_grid(train, heldout)  # computed by another process meanwhile
+        if grid is not None:
+            return grid
+        grid = affine_grid(train.layer, heldout.layer, train.meta["n_layers"], progress=callback)
+        write_json(path, {"version": GRID_FILE_VERSION, "kind": "affine", "train": train.key,
+                          "heldout": heldout.key, "train_created": str(train.meta.get("created")),
+                          "heldout_created": str(heldout.meta.get("created")), "model": train.meta.get("model"),
+                          "n_layers": grid.n_layers, "ridge_grid": list(RIDGE_GRID), "massive": MASSIVE,
+                          "tokens": grid.tokens, "heldout_tokens": grid.heldout_tokens,
+                          "massive_dropped": grid.massive_dropped, "seconds": round(grid.seconds, 4),
+                          "matrix": grid_json(grid.matrix), "ridge": grid_json(grid.ridge)})
+    return grid
+
+
+def affine_grid_cached(teacher: Teacher, corpus_spec: str = DEFAULT_CORPUS, seq_len: int = 128, windows: int = 16,
+                       heldout_windows: int = 4, progress: bool = True,
+                       callback: Callable[[int, int], None] | None = None) -> AffineGrid:
+    """``affine_grid_for_model`` of every span, persisted: the two all-layer caches are computed when missing,
+    the grid is read back when it was computed before (``affine_grid_from_caches``)."""
+    corpus = load_corpus(corpus_spec)
+    layers = range(teacher.n_layers + 1)
+    train = ensure_activations(teacher, corpus, seq_len, windows, layers, "train", progress=progress)
+    held = ensure_activations(teacher, corpus, seq_len, heldout_windows, layers, "heldout", progress=progress)
+    return affine_grid_from_caches(train, held, callback=callback)

@@ -176,6 +176,30 @@ def _progress_writer(path: Path) -> Callable[[dict], None]:
     return write
 
 
+def cmd_sweep(a: argparse.Namespace) -> dict:
+    """Train the grid spans × methods × k × seeds one flow after another (``lft_core.sweep``)."""
+    from .sweep import GRID, parse_grid, plan_sweep, run_sweep
+
+    grid = parse_grid(a.spans, a.methods, a.k, a.seeds)  # bad text fails before the model loads
+    base = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)
+                          if f.name not in (*GRID, "name", "sweep")})
+    stop_file = Path(a.stop_file) if a.stop_file else None
+    progress = _progress_writer(Path(a.progress_file)) if a.progress_file else None
+    teacher = _teacher(a)
+    plan = plan_sweep(base, *grid, prefix=a.name, teacher=teacher)  # the whole grid, before any training
+    result = run_sweep(plan, teacher, progress=progress,
+                       should_stop=(lambda: stop_file.exists()) if stop_file else None)
+    print(result.table())
+    out = result.to_json()
+    if result.failed:  # the JSON still lists every run
+        _write_json(a.json, out)
+        raise LFTError(f"{len(result.failed)} of {len(result.runs)} runs failed; first: {result.failed[0].name}: "
+                       f"{result.failed[0].error}")
+    if result.stopped:
+        print(f"stopped; run the same command again to continue the sweep {result.prefix}", file=sys.stderr)
+    return out
+
+
 def cmd_eval(a: argparse.Namespace) -> dict:
     from .evaluation import eval_windows, evaluate
     from .flow import MAX_K
@@ -344,16 +368,56 @@ def cmd_bench(a: argparse.Namespace) -> dict:
     return bench.run(a.what.split(","), a.model)
 
 
+def cmd_demo(a: argparse.Namespace) -> dict:
+    """Build the demo (cache, recoupling and affine grids, flows: ``lft_core.demo``), or with --status say how far
+    it is."""
+    from .demo import DemoSettings, demo_status, prepare_demo
+
+    train = {key: value for key, value in (("steps", a.steps), ("distill_steps", a.distill_steps),
+                                           ("windows", a.train_windows), ("heldout_windows", a.heldout_windows),
+                                           ("batch", a.batch)) if value is not None}
+    settings = DemoSettings(model=a.model, corpus=a.corpus, seq_len=a.seq_len, windows=a.windows, pairs=a.pairs,
+                            blocks=a.blocks, train=train)
+    if a.status:
+        status = demo_status(settings)
+        print(status.line)
+        for i, (label, state) in enumerate(status.steps, 1):
+            print(f"  {i}. [{state}] {label}")
+        return status.to_json()
+    stop_file = Path(a.stop_file) if a.stop_file else None
+    write = _progress_writer(Path(a.progress_file)) if a.progress_file else None
+    job_dir = Path(a.progress_file).parent if a.progress_file else None
+    job = job_dir.name if job_dir is not None and (job_dir / "job.json").is_file() else None
+
+    def progress(event: dict) -> None:
+        if write is not None:
+            write(event)
+        state, where = event.get("state"), f"[{event['step']}/{event['steps']}] {event['label']}"
+        if state == "start" and event.get("detail"):
+            print(f"{where}: {event['detail']}", file=sys.stderr)
+        elif state == "start":
+            print(f"{where} ...", file=sys.stderr)
+        elif state in ("done", "skipped", "stopped", "failed"):
+            what = {"done": f"done in {event.get('seconds', 0):.1f} s", "skipped": "done already",
+                    "stopped": "stopped", "failed": f"failed: {event.get('error')}"}[state]
+            print(f"{where}: {what}", file=sys.stderr)
+
+    result = prepare_demo(settings, progress=progress, should_stop=(lambda: stop_file.exists()) if stop_file else None,
+                          verbose=True, job=job)
+    print(result.summary())
+    return result.to_json()
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "cache": cmd_cache, "train": cmd_train, "eval": cmd_eval, "recoupling": cmd_recoupling, "toy": cmd_toy,
-    "flows": cmd_flows, "bench": cmd_bench, "baselines": cmd_baselines,
+    "flows": cmd_flows, "bench": cmd_bench, "baselines": cmd_baselines, "sweep": cmd_sweep, "demo": cmd_demo,
 }
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config: type) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, config: type, skip: tuple[str, ...] = ()) -> None:
     """One flag per field of a settings dataclass (``training.setting``): ``--seq-len`` for ``seq_len``, help,
     default, type and choices from the field, ``--x/--no-x`` for booleans. The settings are spelt once."""
-    for f in dataclasses.fields(config):
+    for f in (f for f in dataclasses.fields(config) if f.name not in skip):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         kw: dict = {"help": meta.get("help"), "default": f.default}
         if isinstance(f.default, bool):
@@ -405,6 +469,22 @@ def build_parser() -> argparse.ArgumentParser:
     placement(t)
     t.add_argument("--progress-file", help=argparse.SUPPRESS)
     t.add_argument("--stop-file", help=argparse.SUPPRESS)
+
+    w = sub.add_parser("sweep", help="train the grid spans x methods x k x seeds, one flow after another "
+                                     "(resumable: run it again to continue)")
+    w.add_argument("--spans", required=True, help="comma list of spans, e.g. 6:12,12:18")
+    w.add_argument("--methods", default="fw", help="comma list of methods: fw, sfm, hybrid (default fw)")
+    w.add_argument("--k", default="3", help="comma list of integration steps, e.g. 1,3 (default 3)")
+    w.add_argument("--seeds", default="0", help="comma list of seeds, e.g. 0,1,2 (default 0)")
+    w.add_argument("--name", default=None, metavar="PREFIX",
+                   help="sweep name; flows are PREFIX-M-N-METHOD-kK-sSEED (default: from the model and steps)")
+    add_config_arguments(w, TrainConfig, skip=("span", "method", "k", "seed", "name", "sweep"))
+    w.add_argument("--json", metavar="PATH", help="write the runs (name, span, method, k, seed, status, final "
+                                                  "loss, held-out NMSE, seconds) as JSON here")
+    w.add_argument("--trust-remote-code", action="store_true", help="allow a model's own code to run")
+    placement(w)
+    w.add_argument("--progress-file", help=argparse.SUPPRESS)
+    w.add_argument("--stop-file", help=argparse.SUPPRESS)
 
     e = sub.add_parser("eval", help="KL / NMSE / PPL of a flow against the teacher and layer skipping")
     e.add_argument("--flow", required=True, help="flow name (in cache/flows) or folder")
@@ -463,6 +543,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of benchmarks: cache, train, recoupling, umap, baselines")
     b.add_argument("--model", default="smollm2-135m")
     b.add_argument("--json", metavar="PATH")
+
+    d = sub.add_parser("demo", help="build everything the pages need for a ready-made story: the all-layer cache, "
+                                    "the recoupling and affine grids, and SFM and FW flows on a low-R and a high-R "
+                                    "span (idempotent: a second run does nothing; resumable after a kill)")
+    d.add_argument("--status", action="store_true", help="only say how far the demo of these settings is")
+    d.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded), an HF id or a folder")
+    d.add_argument("--corpus", default=DEFAULT_CORPUS, help="english (default), builtin, a .txt/.jsonl file or folder")
+    d.add_argument("--seq-len", type=_positive, default=128, help="tokens per window (the cache's and the flows')")
+    d.add_argument("--windows", type=_positive, default=16, help="windows of the all-layer cache the grids use")
+    d.add_argument("--pairs", type=_pairs, default=256, help="token pairs per span of the recoupling grid")
+    d.add_argument("--blocks", type=_positive, default=6, help="blocks in each of the two demo spans")
+    d.add_argument("--steps", type=_positive, default=None, help="flow steps per flow (default: the recipe's)")
+    d.add_argument("--distill-steps", type=int, default=None,
+                   help="distillation steps per flow (default: the recipe's)")
+    d.add_argument("--train-windows", type=_positive, default=None,
+                   help="training windows per flow (default: the recipe's)")
+    d.add_argument("--heldout-windows", type=_positive, default=None,
+                   help="held-out windows per flow (default: the recipe's)")
+    d.add_argument("--batch", type=_positive, default=None, help="windows per training step (default: the recipe's)")
+    d.add_argument("--json", metavar="PATH", help="write the result (steps with state and seconds, spans, flows) here")
+    d.add_argument("--progress-file", help=argparse.SUPPRESS)
+    d.add_argument("--stop-file", help=argparse.SUPPRESS)
     return p
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
@@ -459,6 +460,71 @@ def recoupling_for_model(teacher: Teacher, corpus_spec: str = DEFAULT_CORPUS, pa
     return recoupling_for_cache(cache, pairs, spans, drop_first, seed, progress)
 
 
+# Persisted grids: the full grid of an all-layer cache entry, computed once and read back by every page, job and
+# process (cache/grids/recoupling-<entry key>-p<pairs>-s<seed>-<drop|keep>.json, written atomically).
+
+GRID_FILE_VERSION = 1
+
+
+def recoupling_grid_path(key: str, pairs: int, seed: int = 0, drop_first: bool = True) -> Path:
+    """Where the persisted full recoupling grid of cache entry ``key`` with these settings lives."""
+    from .paths import cache_dir
+
+    return cache_dir("grids") / f"recoupling-{key}-p{int(pairs)}-s{int(seed)}-{'drop' if drop_first else 'keep'}.json"
+
+
+def read_recoupling_grid(entry: ActivationCache, pairs: int, seed: int = 0,
+                         drop_first: bool = True) -> RecouplingGrid | None:
+    """The persisted full grid of ``entry`` with these settings, or None when there is none, it is damaged, or it
+    was computed from an earlier build of the entry (the entry's ``created`` stamp differs). Computes nothing."""
+    from .atomic import DamagedRecord, read_record
+
+    path = recoupling_grid_path(entry.key, pairs, seed, drop_first)
+    try:
+        data = read_record(path, {"version": int, "entry_created": str, "n_layers": int, "pairs": int,
+                                  "matrix": list, "token_index": list, "seconds": (int, float)})
+        L = data["n_layers"]
+        if (data["version"] != GRID_FILE_VERSION or data["entry_created"] != str(entry.meta.get("created"))
+                or L != entry.meta.get("n_layers") or data["pairs"] != int(pairs)
+                or data.get("seed") != int(seed) or data.get("drop_first") != bool(drop_first)):
+            return None
+        matrix = np.array([[np.nan if v is None else float(v) for v in row] for row in data["matrix"]], dtype=float)
+        token_index = np.asarray(data["token_index"], dtype=np.int64).reshape(-1, 2)
+    except (DamagedRecord, TypeError, ValueError):
+        return None
+    if matrix.shape != (L + 1, L + 1) or len(token_index) != int(pairs):
+        return None
+    return RecouplingGrid(matrix=matrix, n_layers=L, pairs=int(pairs), token_index=token_index,
+                          drop_first=bool(drop_first), seconds=float(data["seconds"]))
+
+
+def recoupling_grid_cached(entry: ActivationCache, pairs: int = 512, seed: int = 0, drop_first: bool = True,
+                           progress: Callable[[int, int], None] | None = None) -> RecouplingGrid:
+    """R of every span of an all-layer cache entry, as ``recoupling_for_cache`` computes it, computed once and
+    persisted (``recoupling_grid_path``): later calls, from any process, read the file back (equal values,
+    ``seconds`` is the original computation's). Two processes asking at once compute it once (a file lock);
+    the file is written atomically, so a killed computation leaves nothing half-written."""
+    from filelock import FileLock
+
+    from .atomic import write_json
+
+    grid = read_recoupling_grid(entry, pairs, seed, drop_first)
+    if grid is not None:
+        return grid
+    path = recoupling_grid_path(entry.key, pairs, seed, drop_first)
+    with FileLock(str(path.with_name(f".{path.name}.lock"))):
+        grid = read_recoupling_grid(entry, pairs, seed, drop_first)  # computed by another process meanwhile
+        if grid is not None:
+            return grid
+        grid = recoupling_for_cache(entry, pairs=pairs, drop_first=drop_first, seed=seed, progress=progress)
+        write_json(path, {"version": GRID_FILE_VERSION, "kind": "recoupling", "entry": entry.key,
+                          "entry_created": str(entry.meta.get("created")), "model": entry.meta.get("model"),
+                          "n_layers": grid.n_layers, "pairs": grid.pairs, "seed": int(seed),
+                          "drop_first": bool(drop_first), "seconds": round(grid.seconds, 4),
+                          "matrix": grid.to_json_matrix(), "token_index": grid.token_index.tolist()})
+    return grid
+
+
 @dataclass
 class SpanCoupling:
     """Sampled token pairs of one span and what the coupling maths says about them.
@@ -557,6 +623,7 @@ class CouplingView:
     cost: np.ndarray
     recoupled_in_crossing: float | None
     recoupled_elsewhere: float | None
+    explained_variance: tuple[float, ...] | None = None  # of the two PCA axes
 
     @property
     def in_crossing(self) -> np.ndarray:
@@ -594,7 +661,8 @@ def coupling_view(sc: SpanCoupling) -> CouplingView:
     from .projection import project
 
     pooled = np.concatenate([sc.x0, sc.x1] + ([sc.x_hat] if sc.x_hat is not None else []))
-    coords = project(pooled.astype(np.float32), method="pca").coords
+    projection = project(pooled.astype(np.float32), method="pca")
+    coords = projection.coords
     N = len(sc.x0)
     involved = sc.crossings.involved
     share = lambda mask: float(sc.flow_recoupled[mask].mean()) if mask.any() else None  # noqa: E731
@@ -603,4 +671,6 @@ def coupling_view(sc: SpanCoupling) -> CouplingView:
         cost=cost_matrix(sc.x0, sc.x1),
         recoupled_in_crossing=share(involved) if sc.flow_recoupled is not None else None,
         recoupled_elsewhere=share(~involved) if sc.flow_recoupled is not None else None,
+        explained_variance=tuple(projection.explained_variance) if projection.explained_variance is not None
+        else None,
     )

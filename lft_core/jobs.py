@@ -3,7 +3,8 @@
 A job lives in ``cache/jobs/<id>/``::
 
     job.json         what was asked: kind, CLI arguments, label, created, pid of the runner
-    progress.jsonl   one JSON event per line, appended by the command (training: step, loss, ...)
+    progress.jsonl   one JSON event per line, appended by the command (training: step, loss, ...; a sweep: run
+                     ``step`` of ``steps``, its flow ``label``, ``flow_step`` of ``flow_steps``, loss, ...)
     log.txt          the command's stdout and stderr
     result.json      the command's --json output (written atomically at the end)
     exit_code        written by the runner when the command ends
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -30,7 +32,9 @@ from .atomic import DamagedRecord, read_record, write_json, write_text
 from .errors import LFTError
 from .paths import REPO_ROOT, cache_dir
 
-KINDS = ("cache", "train", "eval", "recoupling", "toy")
+KINDS = ("cache", "train", "eval", "recoupling", "toy", "sweep", "demo")
+INTERNAL_FLAGS = ("--json", "--progress-file", "--stop-file")
+"""Flags ``start_job`` adds for the job's own files; ``Job.command`` leaves them out."""
 
 
 @dataclass
@@ -49,6 +53,20 @@ class Job:
     @property
     def last(self) -> dict:
         return self.events[-1] if self.events else {}
+
+    @property
+    def command(self) -> str:
+        """The shell command that reproduces the job: ``python -m lft_core <kind> <args>`` without the job's own
+        files (``INTERNAL_FLAGS``)."""
+        args, skip = [], False
+        for arg in self.args:
+            if skip:
+                skip = False
+            elif arg in INTERNAL_FLAGS:
+                skip = True
+            elif not arg.startswith(tuple(f + "=" for f in INTERNAL_FLAGS)):
+                args.append(arg)
+        return shlex.join(["python", "-m", "lft_core", *args])
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -76,7 +94,7 @@ def start_job(kind: str, cli_args: list[str], label: str = "") -> Job:
     d = jobs_dir() / job_id
     d.mkdir(parents=True)
     args = [kind, *cli_args, "--json", str(d / "result.json")]
-    if kind == "train":
+    if kind in ("train", "sweep", "demo"):
         args += ["--progress-file", str(d / "progress.jsonl"), "--stop-file", str(d / "STOP")]
     meta = {"id": job_id, "kind": kind, "label": label or " ".join(cli_args), "args": args,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "pid": None}
@@ -108,8 +126,12 @@ def _alive(pid: int | None) -> bool:
 
 JOB_FIELDS = {"kind": str, "args": list, "created": str}
 EVENT_FIELDS = {"step": int, "steps": int, "loss": (int, float)}  # one training progress event
+KIND_EVENT_FIELDS = {"sweep": {"step": int, "steps": int, "label": str}}  # run i of N: flow; others: EVENT_FIELDS
+KIND_EVENT_FIELDS["demo"] = {"step": int, "steps": int}  # step i of N of the demo (lft_core.demo), label, eta_s
 RESULT_FIELDS = {"train": {"name": str, "final_loss": (int, float), "heldout_nmse": (int, float),
-                           "seconds": (int, float), "device": str}}
+                           "seconds": (int, float), "device": str},
+                 "sweep": {"sweep": str, "runs": list, "stopped": bool},
+                 "demo": {"ready": bool, "stopped": bool, "steps": list}}
 
 
 def read_job(job_id: str) -> Job:
@@ -129,8 +151,8 @@ def read_job(job_id: str) -> Job:
                 event = json.loads(line)
             except (ValueError, RecursionError):
                 continue  # a line being written right now, or damaged
-            if isinstance(event, dict) and all(
-                    isinstance(event.get(k), t) and not isinstance(event.get(k), bool) for k, t in EVENT_FIELDS.items()):
+            if isinstance(event, dict) and all(isinstance(event.get(k), t) and not isinstance(event.get(k), bool)
+                                               for k, t in KIND_EVENT_FIELDS.get(meta["kind"], EVENT_FIELDS).items()):
                 events.append(event)
     except OSError:
         pass

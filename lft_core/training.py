@@ -9,7 +9,7 @@ DistributedDataParallel averages the gradients, rank 0 alone writes; see ``distr
 
 Optimisation: AdamW, linear warm-up then cosine decay, gradient clipping, seeded. CUDA with bf16 autocast when
 available, else CPU in float32. ``progress(event)`` gets a dict per step (step, steps, loss, lr,
-tokens_per_s, eta_s, and heldout_nmse on evaluation steps); ``should_stop()`` is checked before every step.
+tokens_per_s, eta_s, elapsed_s, and heldout_nmse on evaluation steps); ``should_stop()`` is checked before every step.
 Checkpoints (``cache/flows/<name>/``: model.safetensors + config.json, plus training_state.safetensors/.json
 for resuming) are written every ``checkpoint_every`` steps and at the end, atomically, by ``store``. Every
 setting is a field of ``TrainConfig``; the CLI flags and the app's job launcher are derived from it.
@@ -95,6 +95,7 @@ class TrainConfig:
     eval_every: int = setting(50, "held-out NMSE every this many steps", positive=True)
     checkpoint_every: int = setting(100, "checkpoint every this many steps", positive=True)
     name: str | None = setting(None, "flow name (default: derived from the settings)", type=str)
+    sweep: str | None = setting(None, "the sweep this flow belongs to (set by `python -m lft_core sweep`)", type=str)
 
     def __post_init__(self) -> None:
         self.span = Span.of(self.span)
@@ -567,6 +568,7 @@ def _train_locked(cfg: TrainConfig, teacher: Teacher, name: str, progress, shoul
                          noise.path)
 
     t0 = time.perf_counter()
+    elapsed0 = float(history[-1].get("elapsed_s", 0.0)) if history else 0.0  # wall time of earlier runs (resume)
     loss_value, stopped, step = float("nan"), False, start_step
     bar = tqdm(total=total, initial=start_step, desc=f"{cfg.method} {m}:{n}", disable=not verbose)
     flow.train()
@@ -599,8 +601,9 @@ def _train_locked(cfg: TrainConfig, teacher: Teacher, name: str, progress, shoul
             flow.eval()
             event["heldout_nmse"] = heldout_nmse(flow, data.held_x0, data.held_x1, cfg.k)
             flow.train()
+        event["elapsed_s"] = elapsed0 + time.perf_counter() - t0  # training wall time so far (compare at equal time)
         history.append({k: (round(v, 6) if isinstance(v, float) else v) for k, v in event.items()
-                        if k in ("step", "loss", "lr", "tokens_per_s", "heldout_nmse")
+                        if k in ("step", "loss", "lr", "tokens_per_s", "heldout_nmse", "elapsed_s")
                         or (k == "stage" and v != "flow")})
         if progress is not None and dist.main:
             progress(event)
@@ -613,6 +616,8 @@ def _train_locked(cfg: TrainConfig, teacher: Teacher, name: str, progress, shoul
     bar.close()
     flow.eval()
     nmse_value = agree(lambda: heldout_nmse(flow, data.held_x0, data.held_x1, cfg.k), dist)
+    if history and history[-1].get("heldout_nmse") is None:  # stopped between evaluations: keep the last NMSE
+        history[-1]["heldout_nmse"] = round(nmse_value, 6)
     checkpoint(step, "stopped" if stopped else "complete")
     dist.barrier()  # no rank reports the run done before rank 0's checkpoint is written
     return TrainResult(

@@ -1,0 +1,445 @@
+"""Sweeps: one training per cell of the grid spans × methods × k × seeds, one after another in one process
+(the teacher loaded once), so that every number gets an error bar over seeds.
+
+Every cell is a flow of its own with a deterministic name, ``<prefix>-<m>-<n>-<method>-k<k>-s<seed>``, and its
+config.json records the sweep (``sweep: <prefix>``). Every other setting is the sweep's base ``TrainConfig``.
+
+A sweep is idempotent and resumable: ``plan_sweep`` checks the whole grid before anything is trained (spans
+against the model, settings, and every name: free, or taken by a flow of exactly this cell's settings), and
+decides per cell: ``train`` (new), ``resume`` (a stopped, interrupted or failed flow: ``train_flow(resume=True)``)
+or ``skip`` (complete). ``run_sweep`` then trains cell after cell; a stop request (``should_stop``) stops the
+current flow at its next step, which saves, and the sweep there; the cells not reached are ``pending`` and a
+second run of the same command continues where it stopped.
+
+Progress events (``progress(event)``, the job's progress.jsonl) speak in runs: ``step`` / ``steps`` are the run
+i of N, ``label`` its flow, ``flow_step`` / ``flow_steps`` the step inside it, ``eta_s`` the whole sweep's time
+left (estimated from the current run's pace), ``event`` one of ``start``, ``step``, ``done``.
+"""
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from .errors import LFTError
+from .span import Span
+from .store import NAME_RE, being_trained, flows_dir, has_training_state, read_flow_config
+from .training import METHODS, MAX_SEED, TrainConfig
+
+if TYPE_CHECKING:
+    from .teacher import Teacher
+
+GRID = ("span", "method", "k", "seed")
+"""The TrainConfig settings a sweep varies; ``name`` and ``sweep`` are set per cell, the rest is the base."""
+MAX_RUNS = 1024
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The grid
+
+
+def _items(text: str | Sequence, what: str) -> list[str]:
+    parts = [p.strip() for p in (text.split(",") if isinstance(text, str) else map(str, text))]
+    parts = [p for p in parts if p]
+    if not parts:
+        raise LFTError(f"give at least one {what}")
+    return list(dict.fromkeys(parts))  # duplicates once, order kept
+
+
+def parse_spans_list(text: str | Sequence) -> list[Span]:
+    """``"6:12, 12:18"`` -> [Span(6, 12), Span(12, 18)] (duplicates once); LFTError naming a bad item."""
+    return list(dict.fromkeys(Span.parse(p) for p in _items(text, "span (M:N)")))
+
+
+def parse_methods(text: str | Sequence) -> list[str]:
+    methods = [m.lower() for m in _items(text, "method")]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise LFTError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+    return list(dict.fromkeys(methods))
+
+
+def parse_ints(text: str | Sequence, what: str, low: int, high: int) -> list[int]:
+    """A comma list of integers in [low, high], e.g. seeds ``"0, 1, 2"``."""
+    values = []
+    for part in _items(text, what):
+        try:
+            v = int(part)
+        except ValueError:
+            raise LFTError(f"{what} must be a comma list of integers, got {part!r}") from None
+        if not low <= v <= high:
+            raise LFTError(f"{what} must be between {low} and {high}, got {v}")
+        values.append(v)
+    return list(dict.fromkeys(values))
+
+
+def parse_grid(spans, methods, ks, seeds) -> tuple[list[Span], list[str], list[int], list[int]]:
+    """The four axes from text (CLI flags, the app's inputs) or lists; LFTError with one line on bad input."""
+    from .flow import MAX_K
+
+    return (parse_spans_list(spans), parse_methods(methods), parse_ints(ks, "k", 1, MAX_K),
+            parse_ints(seeds, "seeds", 0, MAX_SEED))
+
+
+def _model_stem(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model.rstrip("/")).name).lstrip("._-") or "model"
+
+
+def default_prefix(base: TrainConfig) -> str:
+    """``sw-<model>-st<steps>[-kl<distill steps>]``: sweeps of another recipe get other names."""
+    tail = f"-st{base.steps}" + (f"-kl{base.distill_steps}" if base.distill_steps else "")
+    return "sw-" + _model_stem(base.model)[: 40 - len(tail)] + tail
+
+
+def cell_name(prefix: str, span: Span, method: str, k: int, seed: int) -> str:
+    """The flow name of one cell: ``<prefix>-<m>-<n>-<method>-k<k>-s<seed>``."""
+    return f"{prefix}-{span.m}-{span.n}-{method}-k{k}-s{seed}"
+
+
+def expand(base: TrainConfig, spans: Sequence[Span], methods: Sequence[str], ks: Sequence[int],
+           seeds: Sequence[int], prefix: str) -> list[TrainConfig]:
+    """One TrainConfig per cell, in the order spans, then methods, then k, then seeds (seeds innermost, so the
+    seeds of one setting run back to back)."""
+    out = []
+    for span in spans:
+        for method in methods:
+            for k in ks:
+                for seed in seeds:
+                    cfg = TrainConfig(**{f.name: getattr(base, f.name) for f in fields(TrainConfig)})
+                    cfg.span, cfg.method, cfg.k, cfg.seed = Span.of(span), method, int(k), int(seed)
+                    cfg.name, cfg.sweep = cell_name(prefix, cfg.span, method, int(k), int(seed)), prefix
+                    out.append(cfg)
+    return out
+
+
+def cli_args(plan: SweepPlan, base: TrainConfig) -> list[str]:
+    """The ``python -m lft_core sweep`` arguments of a plan over ``base`` (what the app's sweep job runs)."""
+    args = ["--spans", ",".join(map(str, plan.spans)), "--methods", ",".join(plan.methods),
+            "--k", ",".join(map(str, plan.ks)), "--seeds", ",".join(map(str, plan.seeds)), "--name", plan.prefix]
+    per_cell = {"--" + name for name in (*GRID, "name", "sweep")}  # flags that take a value, set per cell
+    given = iter(base.cli_args())
+    for flag in given:
+        if flag in per_cell:
+            next(given)
+        else:
+            args.append(flag)
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The plan: the whole grid checked before anything is trained
+
+
+@dataclass
+class Cell:
+    index: int  # 1-based: run i of N
+    config: TrainConfig
+    action: str  # "train" | "resume" | "skip"
+    saved: dict | None = None  # the existing flow's config.json
+
+    @property
+    def name(self) -> str:
+        return str(self.config.name)
+
+    @property
+    def steps_done(self) -> int:
+        done = (self.saved or {}).get("steps_done")
+        return done if isinstance(done, int) and not isinstance(done, bool) else 0
+
+    @property
+    def steps_left(self) -> int:
+        return 0 if self.action == "skip" else max(0, self.config.total_steps - self.steps_done)
+
+
+@dataclass
+class SweepPlan:
+    prefix: str
+    spans: list[Span]
+    methods: list[str]
+    ks: list[int]
+    seeds: list[int]
+    cells: list[Cell]
+
+    def count(self, action: str) -> int:
+        return sum(c.action == action for c in self.cells)
+
+    def summary(self) -> str:
+        return (f"sweep {self.prefix}: {len(self.cells)} runs ({len(self.spans)} span(s) × {len(self.methods)} "
+                f"method(s) × {len(self.ks)} k × {len(self.seeds)} seed(s)): {self.count('train')} to train, "
+                f"{self.count('resume')} to resume, {self.count('skip')} complete already")
+
+
+def _mismatch(saved: dict, cfg: TrainConfig, teacher: Teacher | None) -> str | None:
+    """The first setting in which an existing flow differs from the cell (None: it is this cell's flow)."""
+    if teacher is not None and (saved.get("model") != teacher.model_id
+                                or saved.get("weights_hash") != teacher.weights_hash):
+        return f"it was trained for model {saved.get('model')!r}"
+    for f in fields(TrainConfig):
+        if f.name in ("name", "model"):
+            continue
+        want = getattr(cfg, f.name)
+        want = list(want) if f.name == "span" else want
+        if f.name in saved and saved[f.name] != want:
+            return f"it has {f.name} = {saved[f.name]!r}, not {want!r}"
+    return None
+
+
+def plan_sweep(base: TrainConfig, spans, methods, ks, seeds, prefix: str | None = None,
+               teacher: Teacher | None = None) -> SweepPlan:
+    """Check the whole grid and decide what each cell does; LFTError (one line) on the first problem, before
+    anything is trained. ``teacher`` (or anything with ``n_layers``, ``model_id`` and ``weights_hash``) checks the
+    spans against the model and existing flows against its weights."""
+    spans, methods, ks, seeds = parse_grid(spans, methods, ks, seeds)
+    prefix = (prefix or "").strip() or default_prefix(base)
+    if not NAME_RE.match(prefix):
+        raise LFTError(f"sweep name {prefix!r}: use letters, digits, '-', '_' or '.'")
+    runs = len(spans) * len(methods) * len(ks) * len(seeds)
+    if runs > MAX_RUNS:
+        raise LFTError(f"the sweep has {runs} runs; at most {MAX_RUNS} (fewer spans, methods, k or seeds)")
+    n_layers = getattr(teacher, "n_layers", None)
+    for span in spans:
+        span.check(n_layers, where=f" for {teacher.model_id}" if teacher is not None else "")
+    configs = expand(base, spans, methods, ks, seeds, prefix)
+    longest = max(configs, key=lambda c: len(str(c.name)))
+    if not NAME_RE.match(str(longest.name)):
+        raise LFTError(f"flow names of this sweep would be too long (e.g. {longest.name!r}, at most 80 "
+                       f"characters): give a shorter sweep name")
+    cells = []
+    for i, cfg in enumerate(configs, 1):
+        cfg.validate(n_layers)
+        cells.append(_cell(i, cfg, teacher))
+    return SweepPlan(prefix, spans, methods, ks, seeds, cells)
+
+
+def _cell(index: int, cfg: TrainConfig, teacher: Teacher | None) -> Cell:
+    name = str(cfg.name)
+    folder = flows_dir() / name
+    if not folder.exists():
+        return Cell(index, cfg, "train")
+    if being_trained(name):
+        raise LFTError(f"flow {name!r} of this sweep is being trained by another job right now; wait for it or "
+                       f"stop it first")
+    try:
+        saved = read_flow_config(name)
+    except LFTError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise LFTError(f"flow {name!r} exists but its config.json cannot be read: delete it "
+                       f"(`python -m lft_core flows --delete {name}`) or give the sweep another name")
+    problem = _mismatch(saved, cfg, teacher)
+    if problem:
+        raise LFTError(f"a flow named {name!r} exists with other settings ({problem}): give the sweep another "
+                       f"name (--name) or delete that flow")
+    if saved.get("status") == "complete":
+        return Cell(index, cfg, "skip", saved)
+    if not has_training_state(folder):
+        raise LFTError(f"flow {name!r} is unfinished and has no training state to resume from: delete it "
+                       f"(`python -m lft_core flows --delete {name}`)")
+    return Cell(index, cfg, "resume", saved)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running it
+
+
+@dataclass
+class RunRecord:
+    """One cell's outcome. ``status``: complete, stopped, failed, or pending (not reached)."""
+
+    name: str
+    span: Span
+    method: str
+    k: int
+    seed: int
+    action: str
+    status: str
+    steps_done: int | None = None
+    final_loss: float | None = None
+    heldout_nmse: float | None = None
+    seconds: float | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["span"] = list(self.span)
+        for key in ("final_loss", "heldout_nmse", "seconds"):
+            v = d[key]
+            d[key] = None if v is None or not math.isfinite(v) else round(float(v), 6)
+        return d
+
+
+@dataclass
+class SweepResult:
+    prefix: str
+    runs: list[RunRecord]
+    stopped: bool
+    seconds: float
+    grid: dict = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[RunRecord]:
+        return [r for r in self.runs if r.status == "failed"]
+
+    def to_json(self) -> dict:
+        return {"sweep": self.prefix, "grid": self.grid, "stopped": self.stopped, "seconds": round(self.seconds, 3),
+                "runs": [r.to_json() for r in self.runs], "summary": summarise(self.runs)}
+
+    def table(self) -> str:
+        """The runs, one line each, then mean ± std over seeds per setting."""
+        fmt = lambda v, p: "–" if v is None or not math.isfinite(v) else f"{v:.{p}f}"  # noqa: E731
+        lines = [f"{'run':<48} {'status':<9} {'loss':>9} {'NMSE':>8} {'s':>7}"]
+        for r in self.runs:
+            lines.append(f"{r.name:<48} {r.status:<9} {fmt(r.final_loss, 5):>9} {fmt(r.heldout_nmse, 4):>8} "
+                         f"{fmt(r.seconds, 1):>7}")
+        summary = summarise(self.runs)
+        if summary:
+            lines += ["", f"{'span':<7} {'method':<7} {'k':>2} {'seeds':>5}  held-out NMSE (mean ± std)"]
+            for s in summary:
+                std = f" ± {s['nmse_std']:.4f}" if s["nmse_std"] is not None else ""
+                lines.append(f"{s['span']:<7} {s['method']:<7} {s['k']:>2} {s['seeds']:>5}  {s['nmse_mean']:.4f}{std}")
+        return "\n".join(lines)
+
+
+def summarise(runs: Sequence[RunRecord]) -> list[dict]:
+    """Per (span, method, k): the number of seeds with a held-out NMSE and its mean and sample std over them
+    (std None with one seed); complete runs only."""
+    groups: dict[tuple, list[RunRecord]] = {}
+    for r in runs:
+        if r.status == "complete" and r.heldout_nmse is not None and math.isfinite(r.heldout_nmse):
+            groups.setdefault((str(r.span), r.method, r.k), []).append(r)
+    out = []
+    for (span, method, k), rs in groups.items():
+        nmse = [r.heldout_nmse for r in rs]
+        loss = [r.final_loss for r in rs if r.final_loss is not None and math.isfinite(r.final_loss)]
+        out.append({"span": span, "method": method, "k": k, "seeds": len(rs),
+                    "nmse_mean": round(statistics.fmean(nmse), 6),
+                    "nmse_std": round(statistics.stdev(nmse), 6) if len(nmse) > 1 else None,
+                    "loss_mean": round(statistics.fmean(loss), 6) if loss else None,
+                    "loss_std": round(statistics.stdev(loss), 6) if len(loss) > 1 else None})
+    return out
+
+
+def _saved_numbers(saved: dict) -> tuple[float | None, float | None]:
+    """(last loss, last held-out NMSE) of a saved flow's history."""
+    history = [e for e in saved.get("history", []) if isinstance(e, dict)] if isinstance(saved.get("history"), list) \
+        else []
+    losses = [e["loss"] for e in history if isinstance(e.get("loss"), (int, float))]
+    nmse = [e["heldout_nmse"] for e in history if isinstance(e.get("heldout_nmse"), (int, float))]
+    return (losses[-1] if losses else None), (nmse[-1] if nmse else None)
+
+
+def _record(cell: Cell, status: str, **kw) -> RunRecord:
+    cfg = cell.config
+    return RunRecord(cell.name, cfg.span, cfg.method, cfg.k, cfg.seed, cell.action, status, **kw)
+
+
+def precache(teacher: Teacher, cells: Sequence[Cell], verbose: bool = True) -> None:
+    """Cache the hidden states every cell to train needs in one pass per split (instead of one per span)."""
+    from .activations import ensure_activations
+    from .corpus import load_corpus
+
+    todo = [c.config for c in cells if c.action != "skip"]
+    if len({c.span for c in todo}) < 2:
+        return  # one span: train_flow caches exactly what it needs
+    base = todo[0]
+    inner = {i for c in todo if c.waypoints > 0 for i in range(c.span.m + 1, c.span.n)}
+    ends = {i for c in todo for i in c.span}
+    corpus = load_corpus(base.corpus)
+    ensure_activations(teacher, corpus, base.seq_len, base.windows, sorted(ends | inner), "train", progress=verbose)
+    ensure_activations(teacher, corpus, base.seq_len, base.heldout_windows, sorted(ends), "heldout", progress=verbose)
+
+
+def run_sweep(plan: SweepPlan, teacher: Teacher, progress: Callable[[dict], None] | None = None,
+              should_stop: Callable[[], bool] | None = None, verbose: bool = True) -> SweepResult:
+    """Train the plan's cells one after another (see the module doc); a run that fails (diverges) is recorded
+    as failed and the sweep goes on."""
+    from .training import train_flow
+
+    emit = progress or (lambda event: None)
+    stop = should_stop or (lambda: False)
+    N = len(plan.cells)
+    t_sweep = time.perf_counter()
+    records: list[RunRecord] = []
+    stopped = False
+    pace = {"per_step": None}  # seconds per step, measured on the current run
+
+    def say(text: str) -> None:
+        if verbose:
+            print(text, file=sys.stderr, flush=True)
+
+    say(plan.summary())
+    if any(c.action != "skip" for c in plan.cells) and not stop():
+        precache(teacher, plan.cells, verbose)
+    for pos, cell in enumerate(plan.cells):
+        base = {"step": cell.index, "steps": N, "label": cell.name, "flow_steps": cell.config.total_steps}
+        if cell.action != "skip" and (stopped or stop()):  # a complete cell is reported as such, also after a stop
+            stopped = True
+            records.append(_record(cell, "pending", steps_done=cell.steps_done if cell.saved else None))
+            continue
+        later = sum(c.steps_left for c in plan.cells[pos + 1:])
+
+        def sweep_eta(run_left: float | None) -> float | None:
+            per = pace["per_step"]
+            if per is None:
+                return None
+            return (run_left if run_left is not None else per * cell.steps_left) + per * later
+
+        emit({**base, "event": "start", "action": cell.action, "flow_step": cell.steps_done,
+              "eta_s": sweep_eta(None)})
+        if cell.action == "skip":
+            loss, nmse = _saved_numbers(cell.saved or {})
+            say(f"run {cell.index} of {N}: {cell.name} is complete already (skipped)")
+            rec = _record(cell, "complete", steps_done=cell.steps_done, final_loss=loss, heldout_nmse=nmse)
+        else:
+            say(f"run {cell.index} of {N}: {'resuming' if cell.action == 'resume' else 'training'} {cell.name}")
+
+            def on_step(event: dict, base=base) -> None:
+                left = event["steps"] - event["step"]
+                if left > 0 and event.get("eta_s") is not None:
+                    pace["per_step"] = event["eta_s"] / left
+                emit({**{k: v for k, v in event.items() if k not in ("step", "steps", "eta_s")}, **base,
+                      "event": "step", "flow_step": event["step"], "flow_steps": event["steps"],
+                      "flow_eta_s": event.get("eta_s"), "eta_s": sweep_eta(event.get("eta_s"))})
+
+            t0 = time.perf_counter()
+            try:
+                result = train_flow(cell.config, teacher=teacher, progress=on_step, should_stop=stop,
+                                    resume=cell.action == "resume", verbose=verbose)
+            except LFTError as e:
+                say(f"run {cell.index} of {N}: {cell.name} failed: {e}")
+                rec = _record(cell, "failed", seconds=time.perf_counter() - t0, error=str(e))
+            else:
+                stopped = result.stopped
+                rec = _record(cell, "stopped" if result.stopped else "complete", steps_done=result.steps,
+                              final_loss=result.final_loss, heldout_nmse=result.heldout_nmse,
+                              seconds=time.perf_counter() - t0)
+        records.append(rec)
+        emit({**base, "event": "done", "status": rec.status, "flow_step": rec.steps_done,
+              "final_loss": rec.to_json()["final_loss"], "heldout_nmse": rec.to_json()["heldout_nmse"],
+              "seconds": rec.to_json()["seconds"], "eta_s": sweep_eta(0.0)})
+    grid = {"spans": [str(s) for s in plan.spans], "methods": plan.methods, "k": plan.ks, "seeds": plan.seeds}
+    return SweepResult(plan.prefix, records, stopped, time.perf_counter() - t_sweep, grid)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A saved flow's own settings (the app's "Resume a flow")
+
+
+def saved_train_config(config: dict, model: str | None = None) -> TrainConfig:
+    """The TrainConfig a saved flow was trained with (its config.json), named after it, to resume it with
+    ``cli_args() + ["--resume"]``. ``model``: the spec to load its teacher by (config.json holds the model id).
+    Settings an old flow did not record keep their defaults, except distillation (then off: it predates it)."""
+    kw = {f.name: config[f.name] for f in fields(TrainConfig) if f.name in config}
+    kw.setdefault("distill_steps", 0)
+    kw["name"] = config.get("name")
+    if model is not None:
+        kw["model"] = model
+    try:
+        return TrainConfig(**kw)
+    except (TypeError, ValueError) as e:
+        raise LFTError(f"flow {config.get('name')!r}: its settings cannot be read back ({e})") from None
