@@ -4,6 +4,9 @@
 * UMAP: umap-learn on X, or on PCA_{pca_dims}(X) first when d > pca_dims ("PCA-then-UMAP": faster, and the
   neighbour graph is less noisy in 50 dims than in 576). With random_state=seed UMAP is reproducible but runs
   single-threaded.
+* Explained variance (PCA only): ``Projection.explained_variance[j]`` = var(coords[:, j]) / Σ_f var(X[:, f]), the share
+  of the points' total variance along component j (sklearn's ``explained_variance_ratio_``). It is computed
+  from the points and the coordinates, so a cache hit reports it too, without a second file.
 
 Results are cached as ``<cache_dir>/<key>.npy`` where key = sha256 of the points (as float32, C order), their
 shape and every parameter that changes the answer. Writes are atomic (temp file + os.replace); an unreadable
@@ -23,7 +26,8 @@ from .atomic import save_npy
 from .errors import LFTError
 from .paths import cache_dir
 
-__all__ = ["ProjectionError", "Projection", "METHODS", "default_cache_dir", "projection_key", "project"]
+__all__ = ["ProjectionError", "Projection", "METHODS", "default_cache_dir", "projection_key", "project",
+           "explained_variance"]
 
 METHODS: tuple[str, ...] = ("pca", "umap")
 
@@ -41,6 +45,8 @@ class Projection:
     key:     the cache key (sha256 hex) of the input points and parameters.
     cached:  True when read from the disk cache.
     seconds: wall time of this call.
+    explained_variance: PCA only, one share of the total variance (0..1) per component, e.g. (0.41, 0.22);
+             None for UMAP (its axes have no such meaning).
     """
 
     coords: np.ndarray
@@ -48,6 +54,7 @@ class Projection:
     key: str
     cached: bool
     seconds: float
+    explained_variance: tuple[float, ...] | None = None
 
 
 def default_cache_dir() -> Path:
@@ -91,7 +98,8 @@ def _pca(x: np.ndarray, k: int, seed: int) -> np.ndarray:
 
     k_fit = min(k, x.shape[0], x.shape[1])
     out = np.zeros((x.shape[0], k))
-    out[:, :k_fit] = PCA(n_components=k_fit, random_state=seed).fit_transform(x)
+    with np.errstate(divide="ignore", invalid="ignore"):  # identical points: sklearn's variance ratio is 0/0
+        out[:, :k_fit] = PCA(n_components=k_fit, random_state=seed).fit_transform(x)
     return out
 
 
@@ -111,6 +119,24 @@ def _umap(x: np.ndarray, k: int, seed: int, pca_dims: int, n_neighbors: int, min
             return reducer.fit_transform(x)
         except (ValueError, TypeError) as e:
             raise ProjectionError(f"UMAP failed on {n} points ({e}); try PCA or more points") from e
+
+
+def explained_variance(points: np.ndarray, coords: np.ndarray, chunk: int = 4096) -> tuple[float, ...]:
+    """The share of the total variance of ``points`` (n, d) along each column of PCA ``coords`` (n, k).
+
+    Both variances with ddof = 0 (the ratio equals sklearn's ``explained_variance_ratio_``); the points are
+    read in row chunks, so no float64 copy of a large input is made. Zero-variance input gives zeros."""
+    points = np.asarray(points)
+    mean = points.mean(axis=0, dtype=np.float64)
+    total = 0.0
+    for start in range(0, points.shape[0], chunk):
+        block = points[start:start + chunk].astype(np.float64) - mean
+        total += float(np.einsum("ij,ij->", block, block))
+    total /= points.shape[0]
+    spread = np.asarray(coords, dtype=np.float64).var(axis=0)
+    if not total > 0:
+        return tuple(0.0 for _ in spread)
+    return tuple(float(min(1.0, v / total)) for v in spread)
 
 
 def _read_cache(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
@@ -140,7 +166,7 @@ def project(
     points: shape (n, d), 3 ≤ n ≤ max_points, finite. method: "pca" or "umap" (case-insensitive).
     UMAP uses random_state=seed (reproducible, single-threaded), PCA to pca_dims first when d > pca_dims,
     n_neighbors clamped to n − 1. cache_dir defaults to default_cache_dir().
-    Raises ProjectionError for bad input.
+    PCA results carry ``explained_variance`` (cache hits included). Raises ProjectionError for bad input.
     """
     start = time.perf_counter()
     method = str(method).lower()
@@ -152,7 +178,9 @@ def project(
 
     coords = _read_cache(path, shape) if path.exists() else None
     if coords is not None:
-        return Projection(coords=coords, method=method, key=key, cached=True, seconds=time.perf_counter() - start)
+        variance = explained_variance(points, coords) if method == "pca" else None
+        return Projection(coords=coords, method=method, key=key, cached=True, seconds=time.perf_counter() - start,
+                          explained_variance=variance)
 
     x = np.asarray(points, dtype=np.float64)
     if method == "pca":
@@ -164,4 +192,6 @@ def project(
         raise ProjectionError(f"{method} produced {'non-finite' if coords.shape == shape else 'misshaped'} coordinates")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_npy(path, coords)
-    return Projection(coords=coords, method=method, key=key, cached=False, seconds=time.perf_counter() - start)
+    variance = explained_variance(points, coords) if method == "pca" else None
+    return Projection(coords=coords, method=method, key=key, cached=False, seconds=time.perf_counter() - start,
+                      explained_variance=variance)

@@ -9,7 +9,8 @@ Path kinds, for a token at position p of a window and a span [m, n):
 * an end-point replacement (the closed-form affine baseline): h_m at t = 0 and its estimate of h_n at t = 1.
 
 The flow sees the whole window (its attention is causal over the sequence), then the chosen positions are
-selected. ``project_table`` adds 2-D coordinates fitted on the pooled states of every row.
+selected. ``project_table`` adds 2-D coordinates fitted on the pooled states of every row (and, for PCA, the
+share of variance each axis shows, in ``attrs``).
 """
 from __future__ import annotations
 
@@ -98,11 +99,18 @@ def centred(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def project_table(df: pd.DataFrame, method: str = "pca", seed: int = 0) -> pd.DataFrame:
-    """A copy of ``df`` with columns x, y: one projection fitted on the pooled states of all rows (cached)."""
+    """A copy of ``df`` with columns x, y: one projection fitted on the pooled states of all rows (cached).
+
+    ``attrs["projection"]`` names the method ("pca" or "umap"); for PCA ``attrs["explained_variance"]`` is the
+    share of the pooled states' variance along x and along y, e.g. [0.41, 0.22] (pandas keeps attrs through
+    copies, column drops, row filters and pickling, so a figure can title its axes with them)."""
     if df.empty:
         raise LFTError("nothing to project")
     points = np.stack(df["state"].to_numpy()).astype(np.float32)
-    coords = project(points, method=method, seed=seed).coords
+    proj = project(points, method=method, seed=seed)
     out = df.copy()
-    out["x"], out["y"] = coords[:, 0], coords[:, 1]
+    out["x"], out["y"] = proj.coords[:, 0], proj.coords[:, 1]
+    out.attrs["projection"] = proj.method
+    if proj.explained_variance is not None:
+        out.attrs["explained_variance"] = [float(v) for v in proj.explained_variance[:2]]
     return out

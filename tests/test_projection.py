@@ -113,3 +113,30 @@ def test_default_cache_dir_honours_env(monkeypatch, tmp_path):
     proj = project(points)
     assert (tmp_path / "elsewhere" / "projections" / f"{proj.key}.npy").is_file()
     assert isinstance(default_cache_dir(), Path)
+
+
+def test_pca_reports_explained_variance_also_on_a_cache_hit(tmp_path):
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal(12), rng.standard_normal(12)
+    points = (4.0 * rng.standard_normal((80, 1)) * a + 1.5 * rng.standard_normal((80, 1)) * b
+              + 0.2 * rng.standard_normal((80, 12)))
+    expected = PCA(n_components=3).fit(points).explained_variance_ratio_
+    fresh = project(points, "pca", n_components=3, cache_dir=tmp_path)
+    assert not fresh.cached and fresh.explained_variance is not None and len(fresh.explained_variance) == 3
+    np.testing.assert_allclose(fresh.explained_variance, expected, rtol=1e-4)
+    assert fresh.explained_variance[0] > 0.7 > fresh.explained_variance[1] > fresh.explained_variance[2]
+    hit = project(points, "pca", n_components=3, cache_dir=tmp_path)
+    assert hit.cached and hit.explained_variance == pytest.approx(fresh.explained_variance, rel=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{fresh.key}.npy"]  # nothing stored beside it
+    # zero-padded components explain nothing; identical points have no variance to explain
+    padded = project(rng.standard_normal((10, 2)), "pca", n_components=3, cache_dir=tmp_path)
+    assert padded.explained_variance[2] == 0.0 and sum(padded.explained_variance) == pytest.approx(1.0)
+    flat = project(np.ones((5, 4)), "pca", cache_dir=tmp_path)
+    assert flat.explained_variance == (0.0, 0.0)
+
+
+def test_umap_has_no_explained_variance(tmp_path):
+    points = np.random.default_rng(6).standard_normal((12, 5))
+    assert project(points, "umap", cache_dir=tmp_path).explained_variance is None
