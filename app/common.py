@@ -7,18 +7,28 @@ Session-state keys, all of them, by kind:
   "builtin" for the Python docs, an uploaded file under cache/uploads, or a path), ``seq_len`` and ``n_windows``
   (the activation cache used for analysis),
   ``span`` (a ``Span``, mirrored in the URL as ``?span=m:n`` so a link reproduces the view);
-* widget keys ``w_<page>_<input>``: each page's own inputs (Streamlit forgets a widget's value when the page
-  is left; ``persistent_widget`` restores the shared ones);
-* background jobs this session started: ``cache_job``, ``train_job`` (job ids), and the frame's bookkeeping of
-  running jobs ``_cache_running``, ``_train_running``; the span link's ``_span_qp``, ``_span_error`` and the
-  heatmaps' last clicks ``_last_click_r``, ``_last_click_affine``;
+* the story a link reproduces (besides the span): ``w_text`` (one text for Trajectories, Crossings and Per-token
+  KL; saved by lft_core.texts and named in the URL as ``?text=<id>``), ``k`` and ``proj`` (widgets bound to
+  ``?k=`` and ``?proj=``), the flows a page shows (``?flows=a,b``, handed to the page once as ``_link_flows``),
+  ``presenter`` (the sidebar's presenter-mode toggle, bound to ``?presenter=``); bookkeeping ``_span_qp``,
+  ``_span_error``, ``_text_qp``, ``_text_error``, ``_flows_qp``, ``_visited`` (page titles opened);
+* widget keys ``w_<page>_<input>``: each page's own inputs, all drawn with ``persist_state=KEEP`` so they survive
+  leaving the page; a page resets the ones that follow the span when the span changed (``_traj_flows_span``,
+  ``_cross_flow_span``, ``_kl_span``, ``_traj_path_options``); the Train page's sweep form keeps
+  ``_sweep_spans_default``;
+* background jobs this session started: ``cache_job``, ``train_job``, ``sweep_job``, ``demo_job`` (job ids), and
+  the bookkeeping of running jobs ``_cache_running``, ``_train_running``, ``_sweep_runs``; the heatmaps' last
+  clicks ``_last_click_r``, ``_last_click_affine``;
 * "show this result" gates, holding the inputs of the last request: ``skip_shown``, ``cmp_params``,
   ``toy_params``; ``flow_deleted`` / ``flow_delete_problem`` carry a deletion's outcome from the Delete button's
   callback to the page;
 * results each page publishes for its tests (AppTest reads them; pages never read another page's):
   ``recoupling_matrix``, ``affine_matrix``, ``skip_table``, ``flows_table``, ``trajectory_table``, ``crossings_result``,
-  ``kl_result``, ``compare_table``, ``compare_eval``, ``toy_runs``.
+  ``kl_result``, ``compare_table``, ``compare_eval``, ``compare_groups``, ``compare_curve_table``,
+  ``compare_eval_table``, ``compare_eval_groups``, ``compare_kl_points``, ``toy_runs``, ``sweep_results``.
 
+Every wait longer than a moment goes through :func:`with_progress` (a progress bar with the time the same work
+took here before, from lft_core.timings), never a bare spinner.
 Engine errors (``LFTError``) are shown with ``st.error`` by :func:`engine_errors`; pages never show a traceback.
 """
 from __future__ import annotations
@@ -29,6 +39,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
 from app import figures
@@ -128,6 +139,19 @@ def default_span(n_layers: int) -> Span:
     return Span(m, min(n_layers, m + max(1, n_layers // 5)))
 
 
+def story_span(teacher: Teacher) -> Span | None:
+    """The span the demo tells its story on (its high-R span, where FW and SFM differ), when the demo is ready
+    for the chosen model and corpus."""
+    demo = demo_status()
+    if demo is None or not demo.ready or not demo.spans or model_spec() != demo.model or \
+            corpus_spec() != demo.corpus:
+        return None
+    try:
+        return teacher.check_span(*demo.spans[-1])
+    except LFTError:
+        return None
+
+
 def set_span(span: Span | tuple[int, int]) -> None:
     span = Span.of(span)
     st.session_state[SPAN] = span
@@ -154,8 +178,9 @@ def sync_span_query() -> None:
 
 
 def current_span(teacher: Teacher) -> Span:
-    """The shared span checked against the teacher; a bad one is reported and replaced by the default."""
-    fallback = default_span(teacher.n_layers)
+    """The shared span checked against the teacher; a bad one is reported and replaced by the default (the
+    demo's story span once the demo is prepared for this model, else a middle span)."""
+    fallback = story_span(teacher) or default_span(teacher.n_layers)
     problem = st.session_state.pop("_span_error", None)
     span = st.session_state.get(SPAN)
     if problem:
@@ -186,17 +211,19 @@ def engine_errors(stop: bool = True) -> Iterator[None]:
             st.stop()
 
 
-@st.cache_resource(show_spinner="Loading the model (the first time converts the embedded GGUF, ~20 s)...",
-                   max_entries=3)
+@st.cache_resource(show_spinner=False, max_entries=3)
 def get_teacher(spec: str) -> Teacher:
     """One teacher per model spec per server process; never mutated by pages."""
     return load_teacher(spec)
 
 
 def teacher_or_error() -> Teacher | None:
-    """The chosen teacher, or None after showing a clear error in the page."""
+    """The chosen teacher (with a progress bar while it loads), or None after showing a clear error."""
+    spec = model_spec()
     try:
-        return get_teacher(model_spec())
+        return with_progress(f"Loading the model {spec}", f"load {spec}", get_teacher, spec,
+                             first_time="the first load on a machine converts and saves the model; later loads "
+                                        "read the saved copy")
     except LFTError as e:
         st.error(str(e))
         return None
@@ -206,7 +233,7 @@ def require_teacher() -> Teacher:
     """The chosen teacher, or stop the page after an error that says what to do."""
     teacher = teacher_or_error()
     if teacher is None:
-        st.page_link("pages/setup.py", label="Choose another model on the Setup page", icon=":material/settings:")
+        st.page_link("views/setup.py", label="Choose another model on the Setup page", icon=":material/settings:")
         st.stop()
     return teacher
 
@@ -284,11 +311,259 @@ def affine_settings(flow_config: dict | None) -> tuple[str, int, int, int]:
 
 
 def get_affine(span: Span, flow_config: dict | None = None):
-    """The affine baseline of ``span`` for the current model (fitted once, with a spinner that says on what)."""
+    """The affine baseline of ``span`` for the current model (fitted once, with a progress bar that says on what)."""
     corpus, length, windows, heldout = affine_settings(flow_config)
-    with st.spinner(f"Fitting the affine baseline of span {span} on {windows} windows × {length} tokens (caching "
-                    "their hidden states first if needed)..."):
-        return load_affine(model_spec(), corpus, Span.of(span), length, windows, heldout)
+    return with_progress(f"Fitting the affine baseline of span {span} on {windows} windows × {length} tokens "
+                         "(caching their hidden states first if needed)", f"affine {windows}x{length}", load_affine,
+                         model_spec(), corpus, Span.of(span), length, windows, heldout)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Progress: every wait longer than a moment shows what runs, how long it has run and how long it took last time
+
+
+def with_progress(label: str, op: str, fn: Callable, *args, first_time: str = "", **kwargs):
+    """``fn(*args, **kwargs)`` in a worker thread while a progress bar shows ``label``, the seconds elapsed and the
+    time ``op`` took the last times on this machine (lft_core.timings); an answer within a moment (a cached
+    result) shows nothing. The duration is recorded for next time; exceptions are raised here as usual."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
+
+    from lft_core import timings
+
+    ctx = get_script_run_ctx()
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=1, initializer=lambda: add_script_run_ctx(ctx=ctx)) as pool:
+        future = pool.submit(fn, *args, **kwargs)
+        bar = None
+        estimate = None
+        while True:
+            try:
+                result = future.result(timeout=0.25)
+                break
+            except TimeoutError:
+                pass
+            elapsed = time.perf_counter() - start
+            if bar is None:
+                estimate = timings.estimate(op)
+                bar = st.progress(0.0, text=label)
+            if estimate:
+                text = (f"{label}: {elapsed:.0f} s of about {estimate:.0f} s (its time here before)" if elapsed < estimate
+                        else f"{label}: {elapsed:.0f} s, longer than the {estimate:.0f} s it took here before")
+                bar.progress(min(0.99, elapsed / estimate), text=text)
+            else:
+                text = f"{label}: {elapsed:.0f} s (first time on this machine{': ' + first_time if first_time else ''})"
+                bar.progress(min(0.95, 1 - 1 / (1 + elapsed / 30)), text=text)
+    if bar is not None:
+        bar.empty()
+        timings.record(op, time.perf_counter() - start)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Presenter mode, the glossary, the story text and the path through the pages
+
+PRESENTER = "presenter"  # the sidebar toggle's key, also a URL parameter (?presenter=true)
+
+
+def presenter() -> bool:
+    """True in presenter mode: larger text and plots, technical controls hidden, the story (span, flows, text)
+    fixed."""
+    return bool(st.session_state.get(PRESENTER, False))
+
+
+PRESENTER_CSS = """<style>
+.stMainBlockContainer p, .stMainBlockContainer li, .stMainBlockContainer label p { font-size: 1.3rem !important; }
+.stMainBlockContainer h1 { font-size: 3rem !important; }
+.stMainBlockContainer h2, .stMainBlockContainer h3 { font-size: 2rem !important; }
+[data-testid="stMetricValue"] { font-size: 2.6rem !important; }
+[data-testid="stMetricLabel"] p { font-size: 1.2rem !important; }
+</style>"""
+
+GLOSSARY = {
+    "span [m, n)": "the blocks m … n−1 of the model that one learned layer replaces; h_m goes in, h_n should come out.",
+    "k": "the number of integration (Euler) steps the learned flow takes from h_m to h_n.",
+    "SFM": "standard flow matching: the velocity field is trained to point along the straight path from h_m to h_n.",
+    "FW": "Flow Walking: the field is trained through k integration steps so that their end point lands on h_n.",
+    "crossing": "two tokens whose straight paths would be cheaper with their targets swapped; near such a pair flow "
+                "matching sees two velocities at one point and learns their average.",
+    "recoupling ratio R": "the share of tokens that optimal transport pairs with another token's target; 0 means the "
+                          "straight paths keep every token's own pairing. A property of the data, before any training.",
+    "misrouted": "a token that a trained flow delivers nearer another token's h_n than its own.",
+    "NMSE": "‖x̂ − h_n‖² / ‖h_n‖² on held-out tokens: how far the replacement lands from the true h_n (0 is perfect).",
+    "KL": "KL(P_teacher ‖ P_model) in nats between next-token distributions: what the replacement costs the "
+          "predictions (0: the same predictions).",
+    "skip-k": "the cheapest baseline: simply remove k blocks (no training).",
+    "affine baseline": "one linear map h_m ↦ h_n fitted in closed form (no training): a flow must beat it.",
+}
+
+
+def glossary() -> None:
+    """The glossary as a compact list (the frame puts it in the sidebar of every page)."""
+    st.markdown("\n".join(f"- **{term}**: {meaning}" for term, meaning in GLOSSARY.items()))
+
+
+TEXT = "w_text"  # the text the Trajectories, Crossings and Per-token KL pages analyse (one text for the story)
+
+
+def sync_text_query() -> None:
+    """Frame, every run: a new ``?text=<id>`` in the URL loads that saved text into the shared text."""
+    from lft_core.texts import load_text
+
+    given = st.query_params.get("text")
+    if given is not None and given != st.session_state.get("_text_qp"):
+        st.session_state["_text_qp"] = given
+        try:
+            st.session_state[TEXT] = load_text(given)
+        except LFTError as e:
+            st.session_state["_text_error"] = f"the link's text: {e}"
+
+
+def sync_flows_query() -> None:
+    """Frame, every run: a new ``?flows=a,b`` in the URL is handed to the page (``linked_flows``)."""
+    given = st.query_params.get("flows")
+    if given is not None and given != st.session_state.get("_flows_qp"):
+        st.session_state["_flows_qp"] = given
+        st.session_state["_link_flows"] = [name for name in given.split(",") if name]
+
+
+def linked_flows() -> list[str] | None:
+    """The flow names a just-opened link asks for (once), or None."""
+    return st.session_state.pop("_link_flows", None)
+
+
+def link_flows(names: Sequence[str]) -> None:
+    """Put the flows a page shows into its link (``?flows=a,b``)."""
+    text = ",".join(names)
+    st.session_state["_flows_qp"] = text
+    if st.query_params.get("flows", "") != text:
+        if text:
+            st.query_params["flows"] = text
+        elif "flows" in st.query_params:
+            del st.query_params["flows"]
+
+
+def story_text(label: str = "Text", height: int = 100, help: str | None = None) -> str:
+    """The shared text area (kept across pages; fixed in presenter mode); its id goes into the page link."""
+    from lft_core.texts import save_text
+
+    if problem := st.session_state.pop("_text_error", None):
+        st.warning(problem)
+    st.session_state.setdefault(TEXT, DEFAULT_PARAGRAPH)
+    text = st.text_area(label, key=TEXT, height=height, help=help, persist_state=KEEP, disabled=presenter())
+    if text.strip():
+        try:
+            tid = save_text(text)
+        except LFTError as e:
+            st.error(str(e))
+            st.stop()
+        st.session_state["_text_qp"] = tid
+        if st.query_params.get("text") != tid:
+            st.query_params["text"] = tid
+    return text
+
+
+PATH = [  # the path through the pages: (page file, its title in the navigation, the step's words)
+    ("views/setup.py", "Setup & cache", "Set up the model and cache its hidden states"),
+    ("views/span.py", "Choose a span", "Choose a span"),
+    ("views/train.py", "Train", "Train flows for it"),
+    ("views/trajectories.py", "Latent trajectories", "Look at the latent trajectories"),
+    ("views/crossings.py", "Coupling crossings", "See where token paths cross"),
+    ("views/kl.py", "Per-token KL", "Measure the cost per token (KL)"),
+    ("views/compare.py", "Compare spans", "Compare spans and baselines"),
+    ("views/toy.py", "Teaching lab (2-D)", "Replay the lesson in 2-D (teaching lab)"),
+]
+HOME = "Start here"
+
+
+def visited(title: str) -> None:
+    """The frame, every run: remember the pages (by title) this session has opened (the start page shows them)."""
+    st.session_state.setdefault("_visited", set()).add(title)
+
+
+def next_page_link(title: str) -> None:
+    """The frame, after every page: a link to the next page of the path."""
+    titles = [HOME] + [t for _, t, _ in PATH]
+    if title in titles and titles.index(title) < len(PATH):
+        target, _, words = PATH[titles.index(title)]
+        st.divider()
+        st.page_link(target, label=f"Next: {words[0].lower() + words[1:]}", icon=":material/arrow_forward:")
+
+
+def demo_status():
+    """The demo's state (cheap: reads its manifest and checks its files), or None when it cannot be read."""
+    from lft_core.demo import demo_status as status
+
+    try:
+        return status()
+    except LFTError:
+        return None
+
+
+def job_progress(job) -> tuple[float | None, str]:
+    """(fraction done or None, one line) for a running job of any kind, from its progress events or log."""
+    last = job.last
+    if job.kind == "train" and last.get("steps"):
+        eta = last.get("eta_s")
+        return (min(1.0, last["step"] / last["steps"]),
+                f"step {last['step']} / {last['steps']}" + (f" · ETA {fmt_seconds(eta)}" if eta is not None else ""))
+    if job.kind in ("demo", "sweep") and last.get("steps"):
+        line = f"{'step' if job.kind == 'demo' else 'run'} {last['step']} of {last['steps']}"
+        if last.get("label"):
+            line += f": {last['label']}"
+        if last.get("flow_steps"):
+            line += f" ({last.get('flow_step', 0)} / {last['flow_steps']})"
+        if last.get("eta_s") is not None:
+            line += f" · ETA {fmt_seconds(last['eta_s'])}"
+        return max(0.0, (last["step"] - 1) / last["steps"]), line
+    done = tqdm_progress(job.log_tail(5), "caching")
+    if done:
+        return done[0] / max(done[1], 1), f"{done[0]}/{done[1]} windows"
+    return None, "starting (loading the model and the data)"
+
+
+def fmt_seconds(seconds: float | None) -> str:
+    """``42 s``, ``3 min 05 s``, ``1 h 02 min``; ``?`` for an unknown time."""
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def sidebar_status() -> None:
+    """The sidebar of every page: the choices, the demo's state and every running job, kept current."""
+    from lft_core.jobs import list_jobs
+
+    span = st.session_state.get(SPAN)
+    named = {"builtin": "built-in Python docs", "english": "built-in everyday English"}
+    corpus = named.get(corpus_spec()) or Path(corpus_spec()).name
+    st.caption(f"**Model** `{model_spec()}`  \n**Corpus** {corpus}  \n"
+               f"**Windows** {n_windows()} × {seq_len()} tokens  \n**Span** {span if span else 'not chosen yet'}")
+    running = [j for j in list_jobs() if j.status in ("running", "stopping")]
+
+    @st.fragment(run_every=3 if running else None)
+    def live() -> None:
+        demo = demo_status()
+        if demo is not None:
+            icon = ":green[:material/check_circle:]" if demo.ready else ":material/hourglass_top:" if demo.running \
+                else ":material/radio_button_unchecked:"
+            st.caption(f"{icon} Demo: {demo.line}")
+        jobs = [j for j in list_jobs() if j.status in ("running", "stopping")]
+        if not jobs:
+            st.caption("No background job is running.")
+        for job in jobs[:6]:
+            fraction, line = job_progress(job)
+            st.caption(f":material/hourglass_top: **{job.label}** ({job.kind}{', stopping' if job.status == 'stopping' else ''}): {line}")
+        if len(jobs) > 6:
+            st.caption(f"… and {len(jobs) - 6} more (all on the Train page)")
+        if running and not jobs:
+            st.rerun(scope="app")  # the last job ended: redraw the page with its results
+
+    live()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -297,6 +572,8 @@ def get_affine(span: Span, flow_config: dict | None = None):
 
 def show_figure(fig, name: str, key: str | None = None, **kwargs):
     """Draw a plotly figure (PNG export is in its modebar) with a 'Download HTML' button under it."""
+    if presenter():
+        fig = go.Figure(fig).update_layout(font=dict(size=17), title_font=dict(size=22))
     event = st.plotly_chart(fig, key=key, theme=None, config={"displaylogo": False,
                                                                 "toImageButtonOptions": {"filename": name}}, **kwargs)
     st.download_button("Download HTML", data=lambda: figures.to_html(fig), file_name=f"{name}.html",

@@ -889,7 +889,8 @@ def recipe_curves(curves: pd.DataFrame, x_title: str = "training step", height: 
             part = curves[(curves["recipe"] == recipe) & (curves["metric"] == metric)].sort_values("x")
             if part.empty or (col == 2 and not with_nmse):
                 continue
-            x, mean, std, n = part["x"].to_numpy(), part["mean"].to_numpy(), part["std"].to_numpy(), int(part["n"].max())
+            x, mean, std = part["x"].to_numpy(), part["mean"].to_numpy(), part["std"].to_numpy()
+            n = int(part["n"].max())
             if metric == "loss":
                 losses.extend(mean[np.isfinite(mean)].tolist())
             seeds = f"{n} seeds" if n > 1 else "1 seed"
@@ -911,8 +912,9 @@ def recipe_curves(curves: pd.DataFrame, x_title: str = "training step", height: 
                               "%{y:.4g} ± %{customdata[0]:.2g}<extra></extra>"),
                 row=1, col=col)
     rows = max(1, len(recipes))
-    _finish(fig, None, height + 22 * (rows - 1), legend=_legend_below(rows), showlegend=True)
-    fig.update_layout(margin=dict(b=_bottom_margin(rows)))
+    _finish(fig, "Training curves of each recipe (mean ± std over its seeds)", height + 22 * (rows - 1),
+            legend=_legend_below(rows), showlegend=True)
+    fig.update_layout(margin=dict(b=_bottom_margin(rows), t=fig.layout.margin.t + 26))  # room for the panel titles
     ticks = _log_ticks(losses)
     fig.update_yaxes(type="log", title="training loss (log scale)", tickvals=ticks or None,
                      ticktext=[f"{t:g}" for t in ticks] or None, row=1, col=1)
@@ -962,7 +964,7 @@ def kl_vs_blocks_figure(points: pd.DataFrame, height: int = 460) -> go.Figure:
 
     ``points``: columns series, kind, x, KL, err, n, text, reference (``comparison.kl_vs_blocks``)."""
     fig = go.Figure()
-    flow_series = [s for s in dict.fromkeys(points["series"]) if (points[points["series"] == s]["kind"] == "flow").all()]
+    flow_series = list(dict.fromkeys(points[points["kind"] == "flow"]["series"]))
     for series in dict.fromkeys(points["series"]):
         part = points[points["series"] == series].sort_values("x")
         kind = part["kind"].iloc[0]
@@ -973,14 +975,17 @@ def kl_vs_blocks_figure(points: pd.DataFrame, height: int = 460) -> go.Figure:
                                       thickness=1.5, width=6, color=colour))
         elif kind == "paper":
             skip = "skip" in series
-            style = dict(mode="markers+text", text=[f"  {t.split(': ', 1)[-1]}" for t in part["text"]],
-                         textposition="middle right", textfont=dict(size=10, color=CMP_PAPER_COLOUR),
+            right = float(points["x"].max())  # the rightmost label goes to the left of its marker
+            style = dict(mode="markers+text", text=[f"  {t.split(': ', 1)[-1]}  " for t in part["text"]],
+                         textposition=["middle left" if x >= right else "middle right" for x in part["x"]],
+                         textfont=dict(size=10, color=CMP_PAPER_COLOUR),
                          marker=dict(symbol="square-open" if skip else "star-open", size=12, color=CMP_PAPER_COLOUR,
                                      line=dict(width=2)))
         else:
             style = _CMP_STYLE[kind]
         fig.add_trace(go.Scatter(
-            x=part["x"], y=part["KL"], name=series, customdata=np.stack([part["text"], part["err"].fillna(0.0)], axis=1),
+            x=part["x"], y=part["KL"], name=series,
+            customdata=np.stack([part["text"], part["err"].fillna(0.0)], axis=1),
             hovertemplate="%{customdata[0]}<br>blocks %{x}<br>KL %{y:.4f}"
                           + (" ± %{customdata[1]:.4f}" if kind == "flow" else "") + "<extra></extra>",
             **style))

@@ -1,6 +1,7 @@
-"""LFT Explorer: the Streamlit frame (page config, shared state, sidebar summary, navigation).
+"""LFT Explorer: the Streamlit frame (page config, shared state, sidebar, navigation, the path's next link).
 
-Pages live in app/pages/ and read the shared choices (model, corpus, windows, span) from st.session_state;
+Pages live in app/views/ (not pages/: that folder name would switch Streamlit to its older multipage mode, where
+AppTest runs a page without this frame) and read the shared choices (model, corpus, windows, span, text) from st.session_state;
 see app/common.py for the keys. Run with ``streamlit run app/streamlit_app.py``.
 """
 from __future__ import annotations
@@ -15,37 +16,40 @@ if str(ROOT) not in sys.path:
 import streamlit as st  # noqa: E402
 
 from app import common  # noqa: E402
-from lft_core.jobs import list_jobs  # noqa: E402
 
 st.set_page_config(page_title="LFT Explorer", page_icon=":material/waves:", layout="wide")
 common.init_state()
 common.sync_span_query()
+common.sync_text_query()
+common.sync_flows_query()
 
 PAGES = [
-    st.Page("pages/setup.py", title="Setup & cache", icon=":material/settings:", default=True),
-    st.Page("pages/span.py", title="Choose a span", icon=":material/grid_on:"),
-    st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
-    st.Page("pages/trajectories.py", title="Latent trajectories", icon=":material/timeline:"),
-    st.Page("pages/crossings.py", title="Coupling crossings", icon=":material/shuffle:"),
-    st.Page("pages/kl.py", title="Per-token KL", icon=":material/format_color_text:"),
-    st.Page("pages/compare.py", title="Compare spans", icon=":material/compare_arrows:"),
-    st.Page("pages/toy.py", title="Teaching lab (2-D)", icon=":material/science:"),
+    st.Page("views/home.py", title=common.HOME, icon=":material/home:", default=True),
+    st.Page("views/setup.py", title="Setup & cache", icon=":material/settings:"),
+    st.Page("views/span.py", title="Choose a span", icon=":material/grid_on:"),
+    st.Page("views/train.py", title="Train", icon=":material/model_training:"),
+    st.Page("views/trajectories.py", title="Latent trajectories", icon=":material/timeline:"),
+    st.Page("views/crossings.py", title="Coupling crossings", icon=":material/shuffle:"),
+    st.Page("views/kl.py", title="Per-token KL", icon=":material/format_color_text:"),
+    st.Page("views/compare.py", title="Compare spans", icon=":material/compare_arrows:"),
+    st.Page("views/toy.py", title="Teaching lab (2-D)", icon=":material/science:"),
 ]
 page = st.navigation(PAGES)
+common.visited(page.title)
 
 with st.sidebar:
-    span = st.session_state.get(common.SPAN)
-    named = {"builtin": "builtin (Python docs)", "english": "built-in everyday English"}
-    corpus = named.get(common.corpus_spec()) or Path(common.corpus_spec()).name
-    st.caption(
-        f"**Model** `{common.model_spec()}`  \n**Corpus** {corpus}  \n"
-        f"**Windows** {common.n_windows()} × {common.seq_len()} tokens  \n"
-        f"**Span** {span if span else 'not chosen yet'}"
-    )
-    running = [j for j in list_jobs() if j.status in ("running", "stopping")]
-    if running:
-        st.caption(f":material/hourglass_top: {len(running)} background job(s) running: "
-                   + ", ".join(j.label for j in running[:3]))
+    st.toggle("Presenter mode", key=common.PRESENTER, persist_state=common.KEEP, bind="query-params",
+              help="For a projector: larger text and plots, technical controls hidden, and the story (span, flows, "
+                   "text) fixed.")
+    common.sidebar_status()
+    with st.expander("Glossary", icon=":material/menu_book:"):
+        common.glossary()
     st.caption("Latent Flow Transformers, [arXiv 2505.14513](https://arxiv.org/abs/2505.14513)")
+if common.presenter():
+    st.html(common.PRESENTER_CSS)
 
-page.run()
+body, footer = st.container(), st.container()
+with footer:  # drawn first, shown last: also under a page that stopped early (st.stop)
+    common.next_page_link(page.title)
+with body:
+    page.run()

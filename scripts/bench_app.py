@@ -1,6 +1,7 @@
-"""Time the app's pages in AppTest (cold, then warm) and the per-token KL page on a ~200-token text.
+"""Time the app's pages in AppTest (first run, then warm) and the per-token KL page on a ~200-token text.
 
-    .venv/bin/python scripts/bench_app.py        # uses the real cache/ (train a flow for 12:18 first)
+    .venv/bin/python -m lft_core demo            # first: the demo's cache, grids and flows
+    .venv/bin/python scripts/bench_app.py        # then: every page on the demo's story (its default view)
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-PAGES = ["setup", "span", "train", "trajectories", "crossings", "kl", "compare", "toy"]
+PAGES = ["home", "setup", "span", "train", "trajectories", "crossings", "kl", "compare", "toy"]
 TEXT = ("The river flows quietly through the old town, past the market and the stone bridge. " * 12).strip()
 
 
@@ -25,13 +26,13 @@ def run_page(page: str, state: dict) -> tuple[float, AppTest]:
         at.session_state[k] = v
     t = time.perf_counter()
     at.run()
-    if page != "setup":
-        at.switch_page(f"pages/{page}.py").run()
+    if page != "home":
+        at.switch_page(f"views/{page}.py").run()
     return time.perf_counter() - t, at
 
 
 def main() -> None:
-    state = {"span": (12, 18)}
+    state: dict = {}  # every page opens on the demo's story once the demo is ready
     print("| page | first run (s) | warm run (s) | exception |")
     print("|---|---|---|---|")
     for page in PAGES:
@@ -39,7 +40,7 @@ def main() -> None:
         warm, at = run_page(page, state)
         print(f"| {page} | {cold:.2f} | {warm:.2f} | {bool(at.exception)} |", flush=True)
     _, at = run_page("kl", state)
-    at.text_area(key="w_kl_text").set_value(TEXT)
+    at.text_area(key="w_text").set_value(TEXT)
     from app.common import get_teacher
 
     n_tokens = get_teacher("smollm2-135m").encode(TEXT).shape[1]

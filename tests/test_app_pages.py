@@ -26,8 +26,8 @@ def open_page(page: str, state: dict | None = None, query: dict | None = None) -
     for key, value in (query or {}).items():
         at.query_params[key] = value
     at.run()  # the frame's default page first: AppTest resolves st.navigation pages only after a run
-    if page != "setup":
-        at.switch_page(f"pages/{page}.py").run()
+    if page != "home":
+        at.switch_page(f"views/{page}.py").run()
     return at
 
 
@@ -52,7 +52,7 @@ def click(at: AppTest, label: str) -> AppTest:
 def test_setup_page_shows_model_and_cache(small_cache):
     at = open_page("setup")
     assert_clean(at)
-    assert at.title[0].value == "LFT Explorer"
+    assert at.title[0].value == "Setup & cache"
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Blocks (L)"] == "30" and metrics["Hidden size d"] == "576"
     assert any("All layers of 8 × 32 tokens are cached" in s.value for s in at.success)
@@ -274,7 +274,7 @@ def test_trajectories_with_a_flow(tiny_flow):
     assert {"teacher", "straight", "FW tiny-fw", "FW tiny-fw (fine)"} <= set(df["kind"])
     assert {"x", "y", "token", "position", "t"} <= set(df.columns)
     assert df["position"].nunique() == 3
-    at.radio(key="w_traj_proj").set_value("UMAP").run()  # UMAP of the pooled path points (slower, cached)
+    at.radio(key="proj").set_value("UMAP").run()  # UMAP of the pooled path points (slower, cached)
     assert_clean(at)
     umap = at.session_state["trajectory_table"]
     assert len(umap) == len(df) and np.isfinite(umap[["x", "y"]].to_numpy()).all()
@@ -303,8 +303,7 @@ def test_crossings_page_with_flow(tiny_flow, small_cache):
     result = at.session_state["crossings_result"]  # a flow of the span is preselected
     assert len(result.tokens) == 64 and result.recoupled.shape == (64,)
     assert 0.0 <= result.ratio <= 1.0 and result.cost.shape == (64, 64) and result.p_hat.shape == (64, 2)
-    label = next(o for o in at.selectbox(key="w_cross_flow").options if o.startswith("tiny-fw"))
-    at.selectbox(key="w_cross_flow").select(label).run()
+    at.selectbox(key="w_cross_flow").select("tiny-fw").run()
     assert_clean(at)
     assert at.session_state["crossings_result"].recoupled is not None
     at.selectbox(key="w_cross_flow").select("(none)").run()
@@ -323,7 +322,7 @@ def test_kl_page_colours_tokens(tiny_flow):
     at = open_page("kl", {"span": TINY_SPAN})
     assert_clean(at)
     result = at.session_state["kl_result"]
-    assert set(result.kl) == {"teacher", "LFT k=3", "skip 1 @ 2"}  # span 2:4: a quarter of 2 blocks rounds to 1
+    assert set(result.kl) == {"teacher", "LFT, k = 3", "skip 1 block from 2"}  # span 2:4: a quarter of 2 blocks
     assert np.allclose(result.kl["teacher"], 0.0, atol=1e-5)
     html = next(md.value for md in at.markdown if "lft-token" in md.value)
     assert html.count('class="lft-token"') == len(result.tokens)
@@ -332,13 +331,13 @@ def test_kl_page_colours_tokens(tiny_flow):
     at = click(at, "Compute KL")
     assert_clean(at)
     result = at.session_state["kl_result"]
-    assert set(result.kl) == {"teacher", "LFT k=3", "skip 1 @ 2", "affine"}
+    assert set(result.kl) == {"teacher", "LFT, k = 3", "skip 1 block from 2", "affine"}
     assert (result.kl["affine"] >= 0).all() and len(result.kl["affine"]) == len(result.tokens)
 
 
 def test_kl_page_empty_text_is_an_error(tiny_flow):
     at = open_page("kl", {"span": TINY_SPAN})
-    at.text_area(key="w_kl_text").input("   ")
+    at.text_area(key="w_text").input("   ")
     at = click(at, "Compute KL")
     assert not at.exception
     assert any("empty" in e for e in errors(at)), errors(at)

@@ -21,7 +21,7 @@ def open_toy(query: dict | None = None) -> AppTest:
     for key, value in (query or {}).items():
         at.query_params[key] = value
     at.run()  # the frame's default page first: AppTest resolves st.navigation pages only after a run
-    return at.switch_page("pages/toy.py").run()
+    return at.switch_page("views/toy.py").run()
 
 
 def assert_clean(at: AppTest) -> None:
@@ -102,9 +102,9 @@ def test_inputs_survive_a_page_switch():
     at.slider(key="w_toy_steps").set_value(700)
     at.run()
     assert_clean(at)
-    at.switch_page("pages/compare.py").run()
+    at.switch_page("views/compare.py").run()
     assert not at.exception, [e.value for e in at.exception]
-    at.switch_page("pages/toy.py").run()
+    at.switch_page("views/toy.py").run()
     assert_clean(at)
     assert at.selectbox(key="w_toy_dataset").value == "swap"
     assert at.slider(key="w_toy_k").value == 5
@@ -115,8 +115,8 @@ def test_inputs_survive_a_page_switch():
 
 def test_page_ends_with_a_pointer_to_the_real_model():
     at = open_toy()
-    last = list(at.main)[-1]
-    assert last.type == "page_link", [e.type for e in at.main]
-    assert last.proto.label == "Now on a real model: its latent trajectories" and last.proto.page == "trajectories"
+    links = at.get("page_link")
+    assert [p.value for p in links] == ["Now on a real model: its latent trajectories"], [p.value for p in links]
+    assert links[0].proto.page == "trajectories"
     # the lab is the last step of the path: no "Next:" link (test_app_lecture checks the same for the frame)
     assert "Next:" not in " ".join(p.value for p in at.get("page_link"))

@@ -15,7 +15,7 @@ c.page_intro(
     "Two tokens i, j **cross** in a span when swapping their targets makes the straight paths cheaper: "
     "‖x0_i − x1_i‖² + ‖x0_j − x1_j‖² > ‖x0_i − x1_j‖² + ‖x0_j − x1_i‖². Near such a pair flow matching sees "
     "two different velocities at almost the same point and learns their average, so it may deliver a token to "
-    "the other's target (it *recouples* them).",
+    "the other's target: the flow *misroutes* it.",
     "t* is the time at which the two straight paths come closest, and 'distance' how close they get.",
 )
 
@@ -23,22 +23,37 @@ teacher = c.require_teacher()
 span = c.current_span(teacher)
 m, n = span
 flows = [f for f in c.flows_for(teacher) if f.span == span]
-by_label = {f.label: f for f in flows}
+by_name = {f.name: f for f in flows}
+NONE = "(none)"
 
 col_src, col_n, col_flow, col_k = st.columns([2, 1, 2, 1])
-source = col_src.radio("Tokens from", ["Corpus windows", "My text"], horizontal=True, key="w_cross_source")
-n_tokens = col_n.slider("Tokens", 16, 256, 64, step=16, key="w_cross_n", disabled=source == "My text")
+source = col_src.radio("Tokens from", ["Corpus windows", "My text"], horizontal=True, key="w_cross_source",
+                       persist_state=c.KEEP)
+n_tokens = col_n.slider("Tokens", 16, 256, 64, step=16, key="w_cross_n", persist_state=c.KEEP,
+                        disabled=source == "My text")
 best = max(flows, key=lambda f: (f.method == "fw", f.steps_done or 0), default=None)
-flow_choice = col_flow.selectbox("Trained flow (optional)", ["(none)"] + list(by_label), key="w_cross_flow",
-                                 index=1 + list(by_label).index(best.label) if best else 0,
+options = [NONE] + list(by_name)
+if (asked := c.linked_flows()) is not None:  # a link names the flow
+    st.session_state["w_cross_flow"] = next((name for name in asked if name in by_name), NONE)
+    st.session_state["_cross_flow_span"] = span
+elif st.session_state.get("_cross_flow_span") != span:  # the span changed since the flow was chosen
+    st.session_state["w_cross_flow"] = best.name if best else NONE
+    st.session_state["_cross_flow_span"] = span
+c.valid_choice("w_cross_flow", options, best.name if best else NONE)
+flow_choice = col_flow.selectbox("Trained flow (optional)", options, key="w_cross_flow", persist_state=c.KEEP,
+                                 format_func=lambda name: by_name[name].label if name in by_name else name,
+                                 disabled=c.presenter(),
                                  help="Flows trained for this span (the best-trained FW flow is preselected).")
-flow_cfg = by_label.get(flow_choice)
-k = col_k.slider("k", 1, 8, (flow_cfg.k or 3) if flow_cfg else 3, key="w_cross_k", disabled=flow_cfg is None)
+c.link_flows([flow_choice] if flow_choice in by_name else [])
+flow_cfg = by_name.get(flow_choice)
+st.session_state.setdefault("k", (flow_cfg.k or 3) if flow_cfg else 3)
+k = col_k.slider("k", 1, 8, key="k", persist_state=c.KEEP, bind="query-params", disabled=flow_cfg is None,
+                 help="the flow's integration steps")
 if not flows:
-    st.caption(f"No flow is trained for span {m}:{n} yet; train one to see which tokens it recouples.")
+    st.caption(f"No flow is trained for span {m}:{n} yet; train one to see which tokens it misroutes.")
 text = None
 if source == "My text":
-    text = st.text_area("Text", value=c.DEFAULT_PARAGRAPH, key="w_cross_text", height=90)
+    text = c.story_text("Text", height=90)
     if not text.strip():
         st.error("Enter some text: its tokens (position 0 excluded) are the pairs.")
         st.stop()
@@ -69,13 +84,15 @@ def from_text(spec: str, text: str, span: Span, flow_key: tuple[str, float] | No
 
 
 flow_key = c.flow_key(flow_cfg)
-with st.spinner(f"Reading h_{m} and h_{n} (computing them if they are not cached) and solving the assignment..."), \
-        c.engine_errors():
+with c.engine_errors():
+    label = f"Reading h_{m} and h_{n} (computing them if they are not cached) and solving the assignment"
     if text is None:
-        result, where = from_cache(c.model_spec(), c.corpus_spec(), c.seq_len(), c.n_windows(), span, int(n_tokens),
-                                   flow_key, int(k))
+        result, where = c.with_progress(label, f"crossings cache {int(n_tokens)} tokens", from_cache, c.model_spec(),
+                                        c.corpus_spec(), c.seq_len(), c.n_windows(), span, int(n_tokens), flow_key,
+                                        int(k))
     else:
-        result, where = from_text(c.model_spec(), text, span, flow_key, int(k))
+        result, where = c.with_progress(label, "crossings text", from_text, c.model_spec(), text, span, flow_key,
+                                        int(k))
 st.session_state["crossings_result"] = result
 tokens, involved = result.tokens, result.in_crossing
 N = len(tokens)
@@ -100,11 +117,12 @@ highlight = (int(table.iloc[selected[0]]["i"]), int(table.iloc[selected[0]]["j"]
 with col_fig:
     pooled = np.concatenate([result.p0, result.p1] + ([result.p_hat] if result.p_hat is not None else []))
     box, outside = figures.bulk_box(pooled)
-    zoom = st.toggle("Zoom on the bulk of the tokens", value=outside > 0, key="w_cross_zoom",
+    zoom = st.toggle("Zoom on the bulk of the tokens", value=outside > 0, key="w_cross_zoom", persist_state=c.KEEP,
                      help="A few tokens with very large hidden states can squash the picture; zooming leaves them "
                           "outside the view (the numbers and tables still include them).")
     fig = figures.crossings_figure(result.p0, result.p1, tokens, involved, highlight, result.p_hat,
-                                   result.recoupled, box=box if zoom else None)
+                                   result.recoupled, box=box if zoom else None,
+                                   explained_variance=result.explained_variance)
     c.show_figure(fig, f"crossings_{m}-{n}", key="cross_fig")
     if zoom and outside:
         st.caption(f"{outside} of {len(pooled)} points lie outside the zoomed view.")
@@ -121,11 +139,11 @@ with col_flow_res:
                 "another token's target than its own.")
     else:
         rec = np.asarray(result.recoupled, dtype=bool)
-        st.metric("Tokens recoupled by the flow", f"{rec.mean():.0%}", help="x̂_1 nearer another token's h_n")
+        st.metric("Tokens misrouted by the flow", f"{rec.mean():.0%}", help="x̂_1 nearer another token's h_n")
         moved = np.asarray(result.assignment) != np.arange(N)
-        st.caption(f"Of the tokens in a crossing, {result.recoupled_in_crossing or 0:.0%} were recoupled; "
+        st.caption(f"Of the tokens in a crossing, {result.recoupled_in_crossing or 0:.0%} were misrouted; "
                    f"of the others {result.recoupled_elsewhere or 0:.0%}.")
         flow_table = pd.DataFrame({"token": [repr(t) for t in tokens], "where": where,
                                    "in a crossing": involved,
-                                   "moved by optimal transport": moved, "recoupled by the flow": rec})
-        c.show_table(flow_table, f"flow_recoupled_{m}-{n}", key="flow_rec_table", height=320)
+                                   "re-paired by optimal transport": moved, "misrouted by the flow": rec})
+        c.show_table(flow_table, f"flow_misrouted_{m}-{n}", key="flow_rec_table", height=320)

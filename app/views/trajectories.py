@@ -18,22 +18,33 @@ c.page_intro(
 teacher = c.require_teacher()
 span = c.current_span(teacher)
 flows = c.flows_for(teacher)
-by_label = {f.label: f for f in flows}
+by_name = {f.name: f for f in flows}
+FLOWS = "w_traj_flows"
 
 if not flows:
     st.info("No flow is trained for this model yet, so only the teacher's path and the straight path are shown. "
-            "Train one on the **Train** page (an SFM and an FW flow for the same span make a good comparison).")
-    st.page_link("pages/train.py", label="Train a flow", icon=":material/model_training:")
+            "Prepare the demo on the **Start here** page, or train flows on the **Train** page (an SFM and an FW "
+            "flow for the same span make a good comparison).")
+    st.page_link("views/train.py", label="Train a flow", icon=":material/model_training:")
     chosen: list[str] = []
 else:
     here = [f for f in flows if f.span == span]
     # one FW and one SFM flow of this span if there are (the best trained of each), else the first two
     best = [max((f for f in here if f.method == method), key=lambda f: f.steps_done or 0, default=None)
             for method in ("fw", "sfm")]
-    default = [f.label for f in best if f is not None] or [f.label for f in here[:2]]
-    chosen = st.multiselect("Flows to draw (all for one span)", list(by_label), default=default, key="w_traj_flows",
-                            help="Flows of the current span are preselected.")
-spans = {by_label[label].span for label in chosen}
+    default = [f.name for f in best if f is not None] or [f.name for f in here[:2]]
+    if (asked := c.linked_flows()) is not None:  # a link names the flows
+        st.session_state[FLOWS] = [name for name in asked if name in by_name]
+        st.session_state["_traj_flows_span"] = span
+    elif st.session_state.get("_traj_flows_span") != span:  # the span changed since the flows were chosen
+        st.session_state[FLOWS] = default
+        st.session_state["_traj_flows_span"] = span
+    c.valid_choice(FLOWS, list(by_name), default, multi=True)
+    chosen = st.multiselect("Flows to draw (all for one span)", list(by_name), key=FLOWS, persist_state=c.KEEP,
+                            format_func=lambda name: by_name[name].label, disabled=c.presenter(),
+                            help="The best-trained FW and SFM flows of the current span are preselected.")
+    c.link_flows(chosen)
+spans = {by_name[name].span for name in chosen}
 if len(spans) > 1:
     st.error("The chosen flows replace different spans (" + ", ".join(str(s) for s in sorted(spans))
              + "): choose flows of one span.")
@@ -45,9 +56,8 @@ if spans:
     span = flow_span
 m, n = span
 
-text = st.text_area("Text", value=c.DEFAULT_TEXT, key="w_traj_text", height=80,
-                    help="The whole text goes through the model (attention sees the context); "
-                         "the first 64 tokens are used.")
+text = c.story_text("Text", height=80, help="The whole text goes through the model (attention sees the context); "
+                                            "the first 64 tokens are used.")
 if not text.strip():
     st.error("Enter some text: the trajectories are those of its tokens.")
     st.stop()
@@ -57,8 +67,10 @@ words = teacher.decode_tokens(ids[0])
 options = [f"{p}: {w!r}" for p, w in enumerate(words)]
 T = len(words)
 default_positions = sorted({min(1, T - 1), T // 2, T - 1})
-picked = st.multiselect("Tokens", options, default=[options[p] for p in default_positions],
-                        key=f"w_traj_tokens_{hash(text)}",
+c.valid_choice("w_traj_tokens", options, [options[p] for p in default_positions], multi=True)
+if not st.session_state["w_traj_tokens"]:  # another text: its own default tokens
+    st.session_state["w_traj_tokens"] = [options[p] for p in default_positions]
+picked = st.multiselect("Tokens", options, key="w_traj_tokens", persist_state=c.KEEP,
                         help="Position 0 often behaves as an attention sink with a huge norm; it can dwarf the others.")
 if not picked:
     st.warning("Pick at least one token.")
@@ -66,19 +78,28 @@ if not picked:
 positions = [int(o.split(":", 1)[0]) for o in picked]
 
 col_k, col_proj, col_kinds = st.columns([1, 1, 3])
-first_k = (by_label[chosen[0]].k or 3) if chosen else 3
-k = col_k.slider("k (flow steps)", 1, 8, first_k, key="w_traj_k", disabled=not chosen)
-method = col_proj.radio("Projection", ["PCA", "UMAP"], horizontal=True, key="w_traj_proj")
-centre = col_proj.checkbox("Start every token at 0", value=True, key="w_traj_centre",
+st.session_state.setdefault("k", (by_name[chosen[0]].k or 3) if chosen else 3)
+k = col_k.slider("k (flow steps)", 1, 8, key="k", persist_state=c.KEEP, bind="query-params", disabled=not chosen)
+st.session_state.setdefault("proj", "PCA")
+method = col_proj.radio("Projection", ["PCA", "UMAP"], horizontal=True, key="proj", persist_state=c.KEEP,
+                        bind="query-params")
+st.session_state.setdefault("w_traj_centre", True)
+centre = col_proj.checkbox("Start every token at 0", key="w_traj_centre", persist_state=c.KEEP,
                            help="Subtract each token's h_m from all its states before projecting, so the picture "
                                 "shows how the paths move rather than how far apart the tokens are.")
-with_affine = col_proj.checkbox("Affine baseline end point", value=False, key="w_traj_affine",
-                                help="Also draw where the closed-form affine replacement of the span sends each "
-                                     "token (fitted on the first chosen flow's training windows).")
-flow_names = {f"{by_label[label].method.upper()} {by_label[label].name}": by_label[label] for label in chosen}
+with_affine = False
+if not c.presenter():
+    with_affine = col_proj.checkbox("Affine baseline end point", key="w_traj_affine", persist_state=c.KEEP,
+                                    help="Also draw where the closed-form affine replacement of the span sends each "
+                                         "token (fitted on the first chosen flow's training windows).")
+flow_names = {f"{by_name[name].method.upper()} {name}": by_name[name] for name in chosen}
 path_options = ["teacher", "straight"] + list(flow_names) + (["fine curves"] if flow_names else [])
-shown = col_kinds.pills("Paths to show", path_options, selection_mode="multi", default=path_options,
-                        key=f"w_traj_paths_{abs(hash(tuple(path_options)))}",
+c.valid_choice("w_traj_paths", path_options, path_options, multi=True)
+if st.session_state.get("_traj_path_options") != path_options:  # new flows: show every path again
+    st.session_state["w_traj_paths"] = path_options
+    st.session_state["_traj_path_options"] = path_options
+shown = col_kinds.pills("Paths to show", path_options, selection_mode="multi", key="w_traj_paths",
+                        persist_state=c.KEEP,
                         help="'fine curves': the same flows integrated with 24 small steps (the continuous curve).")
 show = {kind: kind in shown for kind in path_options}
 fine = show.get("fine curves", False)
@@ -103,12 +124,14 @@ if with_affine:
     first = next(iter(flow_names.values()), None)
     config = first.config if first is not None else None
     with c.engine_errors():
-        c.get_affine(span, config)  # fitted here, with its spinner; cached for trajectories()
+        c.get_affine(span, config)  # fitted here, with its progress bar; cached for trajectories()
     corpus, length, fit_windows, heldout = c.affine_settings(config)
     affine_key = (corpus, span, length, fit_windows, heldout)
-with st.spinner(f"Running the teacher and {len(flow_keys)} flow(s), projecting with {method}..."), c.engine_errors():
-    df = trajectories(c.model_spec(), flow_keys, text, tuple(positions), span, int(k), method, bool(centre),
-                      affine_key)
+with c.engine_errors():
+    df = c.with_progress(f"Running the teacher and {len(flow_keys)} flow(s), projecting with {method}",
+                         f"trajectories {method} {len(positions)} tokens {len(flow_keys)} flows", trajectories,
+                         c.model_spec(), flow_keys, text, tuple(positions), span, int(k), method, bool(centre),
+                         affine_key)
 st.session_state["trajectory_table"] = df
 kinds = [kind for kind in dict.fromkeys(df["kind"])
          if show.get(kind[: -len(" (fine)")] if kind.endswith(" (fine)") else kind, True)

@@ -28,11 +28,12 @@ L = teacher.n_layers
 
 @st.cache_data(max_entries=8, show_spinner=False)
 def recoupling_matrix(cache_key: str, pairs: int, seed: int = 0) -> tuple[np.ndarray, float]:
-    """R(m, n) for all spans from an all-layer cache entry (position 0 of each window excluded)."""
+    """R(m, n) for all spans from an all-layer cache entry (position 0 of each window excluded); computed once
+    per cache entry on this server and saved (the demo saves the same grid)."""
     from lft_core.activations import open_activations
-    from lft_core.coupling import recoupling_for_cache
+    from lft_core.coupling import recoupling_grid_cached
 
-    grid = recoupling_for_cache(open_activations(cache_key), pairs=pairs, drop_first=True, seed=seed)
+    grid = recoupling_grid_cached(open_activations(cache_key), pairs=pairs, seed=seed, drop_first=True)
     return grid.matrix, grid.seconds
 
 
@@ -42,11 +43,11 @@ AFFINE_HELDOUT_WINDOWS = 4  # held-out windows that choose each span's ridge str
 @st.cache_data(max_entries=8, show_spinner=False)
 def affine_matrix(spec: str, corpus_spec: str, seq_len: int, windows: int, cache_key: str) -> np.ndarray:
     """Held-out NMSE of the affine replacement of every span (``cache_key``: the all-layer entry it reads, so a
-    rebuilt cache gives a new result)."""
-    from lft_core.baselines import affine_grid_for_model
+    rebuilt cache gives a new result); computed once on this server and saved (the demo saves the same grid)."""
+    from lft_core.baselines import affine_grid_cached
 
-    return affine_grid_for_model(c.get_teacher(spec), corpus_spec, seq_len, windows, AFFINE_HELDOUT_WINDOWS,
-                                 progress=False).matrix
+    return affine_grid_cached(c.get_teacher(spec), corpus_spec, seq_len, windows, AFFINE_HELDOUT_WINDOWS,
+                              progress=False).matrix
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -72,7 +73,8 @@ if st.session_state.get("w_span_slider") != span:
     st.session_state["w_span_slider"] = span
 left, right = st.columns([3, 1], vertical_alignment="bottom")
 left.slider("Span [m, n): blocks m … n−1 are replaced (m < n)", min_value=0, max_value=L, key="w_span_slider",
-            on_change=_slider_changed)
+            persist_state=c.KEEP,
+            on_change=_slider_changed, disabled=c.presenter())
 right.metric("Blocks replaced", span.blocks, help=f"span {span} of {L} blocks")
 
 # -- heatmap ------------------------------------------------------------------------------------------------
@@ -91,14 +93,16 @@ else:
     if st.session_state["w_pairs"] not in options:
         st.session_state["w_pairs"] = options[-1]
     col_pairs, col_note = st.columns([1, 3], vertical_alignment="bottom")
-    pairs = col_pairs.selectbox("Token pairs per span", options, key="w_pairs",
+    pairs = col_pairs.selectbox("Token pairs per span", options, key="w_pairs", persist_state=c.KEEP,
                                 help="More pairs: a steadier estimate, slower (512 pairs ~ 10-20 s on 2 cores).")
-    col_note.caption(f"From `{cache.key}`. Position 0 of every window is excluded from both maps: attention-sink "
+    col_note.caption(f"From the cached hidden states of {c.n_windows()} windows × {c.seq_len()} tokens. "
+                     "Position 0 of every window is excluded from both maps: attention-sink "
                      "tokens have huge norms and would dominate the distances (the affine map also leaves out the "
                      "few other massive-activation tokens). The same tokens are used for every span.")
-    with st.spinner(f"Solving {L * (L + 1) // 2} optimal assignments of {pairs} tokens..."):
-        with c.engine_errors():
-            matrix, seconds = recoupling_matrix(cache.key, int(pairs))
+    with c.engine_errors():
+        matrix, seconds = c.with_progress(f"Solving {L * (L + 1) // 2} optimal assignments of {pairs} tokens",
+                                          f"recoupling grid {L} blocks {pairs} pairs", recoupling_matrix, cache.key,
+                                          int(pairs))
     st.session_state["recoupling_matrix"] = matrix
 
     def pick_from(event, chart: str) -> None:
@@ -117,11 +121,14 @@ else:
                               key="heatmap", on_select="rerun", selection_mode="points")
         pick_from(event, "r")
         st.markdown("**How much would flow matching mix tokens here?** R is the share of tokens that optimal "
-                    "transport pairs with another token's target.")
+                    "transport pairs with another token's target. Most spans have a small R, so the colours are on "
+                    "a log scale; hover a cell for its exact value.")
     with col_a:
-        with st.spinner(f"Fitting the affine replacement of all {L * (L + 1) // 2} spans (ridge least squares, "
-                        "about 15 s on 2 cores the first time)..."), c.engine_errors():
-            affine = affine_matrix(c.model_spec(), c.corpus_spec(), c.seq_len(), c.n_windows(), cache.key)
+        with c.engine_errors():
+            affine = c.with_progress(f"Fitting the affine replacement of all {L * (L + 1) // 2} spans (ridge least "
+                                     "squares)", f"affine grid {L} blocks {c.n_windows()}x{c.seq_len()}",
+                                     affine_matrix, c.model_spec(), c.corpus_spec(), c.seq_len(), c.n_windows(),
+                                     cache.key)
         st.session_state["affine_matrix"] = affine
         event = c.show_figure(figures.affine_heatmap(affine, span), f"affine_nmse_{c.model_spec()}",
                               key="affine_heatmap", on_select="rerun", selection_mode="points")
@@ -142,7 +149,7 @@ else:
                f"{finite.max():.3f}. The affine maps are fitted on the same {c.n_windows()} windows and scored on "
                f"{AFFINE_HELDOUT_WINDOWS} held-out windows; with few windows they overfit, so read the map for its "
                "pattern more than its values.")
-    st.page_link("pages/train.py", label="Train a flow for this span", icon=":material/model_training:")
+    st.page_link("views/train.py", label="Train a flow for this span", icon=":material/model_training:")
     table = grid_frame(matrix, "R").merge(grid_frame(affine, "affine NMSE"), on=["m", "n", "blocks"])
     with st.expander("All spans as a table"):
         c.show_table(table, f"spans_{c.model_spec()}", key="recoupling_table")
@@ -158,8 +165,9 @@ key = (c.model_spec(), c.corpus_spec(), span, ks, SKIP_EVAL_WINDOWS, min(c.seq_l
 if st.button(f"Compute skip-k KL for k = {', '.join(map(str, ks))}", key="skip_button"):
     st.session_state["skip_shown"] = key
 if st.session_state.get("skip_shown") == key:
-    with st.spinner("Running the teacher with blocks removed..."), c.engine_errors():
-        skip_table = skip_kl(*key)
+    with c.engine_errors():
+        skip_table = c.with_progress(f"Running the teacher with 1 to {len(ks)} blocks removed", f"skip-k {len(ks)}",
+                                     skip_kl, *key)
     st.session_state["skip_table"] = skip_table
     col_t, col_f = st.columns([1, 1])
     with col_t:

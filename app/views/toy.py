@@ -170,5 +170,5 @@ else:
                "loss values.")
 
 # The lab is the last step of the path (the frame adds no "Next:" here): point back to the real model.
-st.page_link("pages/trajectories.py", label="Now on a real model: its latent trajectories",
+st.page_link("views/trajectories.py", label="Now on a real model: its latent trajectories",
              icon=":material/arrow_forward:")

@@ -15,10 +15,11 @@ from lft_core.corpus import DEFAULT as DEFAULT_CORPUS
 from lft_core.loading import DEFAULT_MODEL
 
 c.page_intro(
-    "LFT Explorer",
-    "Latent Flow Transformers (Wu et al., 2025) replace a span of blocks [m, n) of a language model with **one "
-    "learned velocity field**, integrated in k steps from the hidden state h_m to h_n.",
-    "Choose the model and the text here; every other page uses these choices. Hidden states are cached on disk.",
+    "Setup & cache",
+    "The model whose blocks are replaced, the text its hidden states are computed on, and the cache of those "
+    "hidden states. Every other page uses these choices.",
+    "The embedded SmolLM2-135M and the built-in everyday-English text work offline; hidden states are cached on "
+    "disk once and shared by every session.",
 )
 
 # -- model ------------------------------------------------------------------------------------------------
@@ -33,7 +34,7 @@ def _use_default() -> None:
 c.persistent_widget("w_model", c.MODEL)
 col_model, col_btn = st.columns([4, 1], vertical_alignment="bottom")
 col_model.text_input(
-    "Model", key="w_model", on_change=c.copy_to(c.MODEL, "w_model"),
+    "Model", key="w_model", persist_state=c.KEEP, on_change=c.copy_to(c.MODEL, "w_model"),
     help="`smollm2-135m` is embedded and always works offline; or a Hugging Face id (from the local HF cache "
          "when offline, e.g. EleutherAI/pythia-410m) or a local folder with config.json and safetensors weights.",
 )
@@ -69,7 +70,8 @@ def _source_changed() -> None:
 
 if "w_corpus_source" not in st.session_state:
     st.session_state["w_corpus_source"] = _source_of(c.corpus_spec())
-source = st.radio("Text source", SOURCES, key="w_corpus_source", horizontal=True, on_change=_source_changed)
+source = st.radio("Text source", SOURCES, key="w_corpus_source", persist_state=c.KEEP, horizontal=True,
+                  on_change=_source_changed)
 if source == SOURCES[2]:
     upload = st.file_uploader(
         f"A .txt, .md or .jsonl file (one JSON object a line with a \"text\" field), at most {c.UPLOAD_LIMIT_MB} MB",
@@ -86,7 +88,8 @@ elif source == SOURCES[3]:
     def _path_changed() -> None:
         st.session_state[c.CORPUS] = st.session_state["w_corpus_path"].strip() or DEFAULT_CORPUS
 
-    st.text_input("Path to a .txt / .jsonl file or a folder of them", key="w_corpus_path", on_change=_path_changed,
+    st.text_input("Path to a .txt / .jsonl file or a folder of them", key="w_corpus_path", persist_state=c.KEEP,
+                  on_change=_path_changed,
                   placeholder="/data/my_corpus.txt")
 
 corpus = c.corpus_or_error()
@@ -99,9 +102,9 @@ if corpus is not None:
 c.persistent_widget("w_seq_len", c.SEQ_LEN)
 c.persistent_widget("w_windows", c.WINDOWS)
 col1, col2, col3 = st.columns([1, 1, 2])
-col1.number_input("Window length (tokens)", min_value=8, max_value=2048, step=16, key="w_seq_len",
+col1.number_input("Window length (tokens)", min_value=8, max_value=2048, step=16, key="w_seq_len", persist_state=c.KEEP,
                   on_change=c.copy_to(c.SEQ_LEN, "w_seq_len"))
-col2.number_input("Windows to cache", min_value=1, max_value=4096, step=4, key="w_windows",
+col2.number_input("Windows to cache", min_value=1, max_value=4096, step=4, key="w_windows", persist_state=c.KEEP,
                   on_change=c.copy_to(c.WINDOWS, "w_windows"),
                   help="Used by the span heatmap and the crossings page (training picks its own count).")
 if teacher is not None:
@@ -125,7 +128,9 @@ if teacher is not None and corpus is not None:
 c.cache_jobs_panel()
 
 entries = list_entries()
-if entries:
+if c.presenter():
+    pass  # the cache listing is a technical control
+elif entries:
     rows = []
     for e in entries:
         meta = e["meta"] or {}

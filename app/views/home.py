@@ -1,0 +1,94 @@
+"""Start here: what an LFT is, the demo in one click, and the path through the pages with where you are on it.
+
+Nothing here loads the model: the page reads the demo's manifest, the job files and the listings only, so it
+opens at once on a fresh server.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+
+import streamlit as st
+
+from app import common as c
+from lft_core.activations import list_entries
+from lft_core.errors import LFTError
+from lft_core.jobs import list_jobs, start_job
+from lft_core.store import list_flows
+
+st.title("LFT Explorer")
+st.markdown(
+    "A **Latent Flow Transformer** replaces a run of blocks [m, n) of a pretrained language model with **one** "
+    "learned layer: a velocity field that carries each token's hidden state h_m to h_n in a few integration steps. "
+    "Trained by plain flow matching it can mix tokens up where their straight paths cross, so the paper trains it "
+    "with **Flow Walking** and chooses spans by their **recoupling ratio**. This app lets you watch all of it on a "
+    "real model: the paths, the crossings, and what the replacement costs each next-token prediction."
+)
+
+# -- the demo -----------------------------------------------------------------------------------------------
+st.subheader("The demo, in one click")
+demo = c.demo_status()
+demo_jobs = [j for j in list_jobs("demo") if j.status in ("running", "stopping")]
+st.caption("Builds everything the pages need for a ready-made story on the embedded model and the built-in English "
+           "text: the hidden-state cache, the recoupling and affine maps of every span, and four flows (SFM and FW "
+           "on the span where optimal transport re-pairs the fewest tokens and on the one where it re-pairs the "
+           "most) trained with the default recipe. It runs in the background: leave this page, or close the tab. "
+           "Same as `python -m lft_core demo`.")
+if demo is not None and demo.ready:
+    low, high = demo.spans[0], demo.spans[-1]
+    st.success(f"Demo ready: spans **{low}** (low R) and **{high}** (high R), flows "
+               + ", ".join(f"`{f}`" for f in demo.flows) + ". Every page opens on this story.",
+               icon=":material/check_circle:")
+else:
+    if st.button("Prepare the demo", type="primary", icon=":material/play_arrow:", disabled=bool(demo_jobs),
+                 help="Idempotent: what is done already is kept; after an interruption it goes on where it stopped."):
+        if not [j for j in list_jobs("demo") if j.status in ("running", "stopping")]:  # another tab may have started it
+            try:
+                # LFT_DEMO_ARGS: smaller budgets for tests and small machines (e.g. "--steps 50 --distill-steps 0")
+                job = start_job("demo", shlex.split(os.environ.get("LFT_DEMO_ARGS", "")), label="Prepare the demo")
+                st.session_state["demo_job"] = job.id
+            except LFTError as e:
+                st.error(str(e))
+        st.rerun()
+
+
+@st.fragment(run_every=2 if demo_jobs else None)
+def demo_panel() -> None:
+    jobs = [j for j in list_jobs("demo") if j.status in ("running", "stopping")]
+    state = c.demo_status()
+    if state is None:
+        return
+    if jobs:
+        fraction, line = c.job_progress(jobs[0])
+        st.progress(fraction or 0.0, text=f"Preparing the demo: {line}")
+    if jobs or (0 < state.done < state.total):
+        icons = {"done": ":green[:material/check_circle:]", "running": ":material/hourglass_top:",
+                 "pending": ":material/radio_button_unchecked:", "failed": ":red[:material/error:]"}
+        st.markdown("  \n".join(f"{icons.get(s, '')} {i}. {label}" for i, (label, s) in enumerate(state.steps, 1)))
+    failed = [j for j in list_jobs("demo")[:1] if j.status == "failed"]
+    if failed and not jobs:
+        st.error(f"The last preparation failed: {failed[0].error_line() or failed[0].log_tail(3)}. Press the "
+                 "button again to go on from where it stopped.")
+    if demo_jobs and not jobs:
+        st.rerun(scope="app")
+
+
+demo_panel()
+
+# -- the path -------------------------------------------------------------------------------------------------
+st.subheader("The path through the pages")
+visited = st.session_state.get("_visited", set())
+entries = list_entries()
+cached = any(len((e["meta"] or {}).get("layers", [])) == ((e["meta"] or {}).get("n_layers", -2) + 1) for e in entries)
+trained = any(f.status == "complete" for f in list_flows() if f.error is None)
+done = [cached, c.SPAN in st.session_state or "Choose a span" in visited, trained] + \
+       [title in visited for _, title, _ in c.PATH[3:]]
+following = next((i for i, d in enumerate(done) if not d), None)
+for i, ((page, _, title), is_done) in enumerate(zip(c.PATH, done)):
+    mark = ":green[:material/check_circle:] done" if is_done else (
+        ":blue[:material/arrow_forward:] **next**" if i == following else ":material/radio_button_unchecked:")
+    col_link, col_state = st.columns([3, 2], vertical_alignment="center")
+    col_link.page_link(page, label=f"{i + 1}. {title}")
+    col_state.markdown(mark)
+st.caption("Steps 1–3 are done for you by the demo. Words you do not know are in the **Glossary** of the sidebar; "
+           "**Presenter mode** there enlarges everything for a projector.")

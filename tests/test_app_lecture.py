@@ -1,0 +1,179 @@
+"""The app as a lecture and as a lab (AppTest through the real frame): the start page, presenter mode and the
+glossary, inputs that survive page switches, links that reproduce a view, progress instead of spinners, and
+the engine pieces behind them (saved texts, measured timings)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from app_fixtures import APP, SMALL, TINY_SPAN, small_cache, tiny_flow  # noqa: F401 (fixtures)
+
+TIMEOUT = 240
+
+
+def start(state: dict | None = None, query: dict | None = None) -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    for key, value in {**SMALL, **(state or {})}.items():
+        at.session_state[key] = value
+    for key, value in (query or {}).items():
+        at.query_params[key] = value
+    return at.run()
+
+
+def go(at: AppTest, page: str) -> AppTest:
+    return at.switch_page(f"views/{page}.py").run()
+
+
+def clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+# -- engine pieces ---------------------------------------------------------------------------------------------
+
+
+def test_texts_are_content_addressed_and_checked():
+    from lft_core.errors import LFTError
+    from lft_core.texts import load_text, save_text, text_id
+
+    tid = save_text("A river runs through it.")
+    assert tid == text_id("A river runs through it.") and len(tid) == 12
+    assert save_text("A river runs through it.") == tid  # write-once: the same text, the same file
+    assert load_text(tid) == "A river runs through it."
+    assert text_id("A river runs through it!") != tid
+    with pytest.raises(LFTError, match="not a text id"):
+        load_text("../../etc/passwd")
+    with pytest.raises(LFTError, match="not saved on this server"):
+        load_text("0" * 12)
+
+
+def test_timings_estimate_is_the_median_of_the_last_runs():
+    from lft_core import timings
+
+    op = f"test op {time.time()}"
+    assert timings.estimate(op) is None
+    for seconds in (10, 1, 3, 100, 2, 4):
+        timings.record(op, seconds)
+    assert timings.estimate(op) == 3.0  # the last five: 1, 3, 100, 2, 4
+
+
+# -- the start page, presenter mode, glossary ----------------------------------------------------------------------
+
+
+def test_start_page_opens_without_loading_the_model_and_shows_the_path():
+    at = start()
+    clean(at)
+    assert at.title[0].value == "LFT Explorer"
+    assert any(b.label == "Prepare the demo" for b in at.button)
+    # the numbered path: one link per page, and exactly one "next"
+    links = [m.value for m in at.markdown if "**next**" in m.value]
+    assert len(links) == 1, links
+    assert "Next: set up the model" in " ".join(p.value for p in at.get("page_link"))
+    assert any("Glossary" in e.label for e in at.sidebar.expander)
+    # the start page does not load the model (that is what makes a first visit slow): no model facts here
+    assert not at.metric and not any("Loading the model" in str(p.proto) for p in at.get("progress"))
+
+
+@pytest.mark.parametrize("page", ["setup", "span", "train", "trajectories", "crossings", "kl", "compare", "toy"])
+def test_every_page_ends_with_the_next_step(page, tiny_flow, small_cache):
+    at = go(start({"span": TINY_SPAN}), page)
+    assert not at.exception, [e.value for e in at.exception]
+    links = " ".join(p.value for p in at.get("page_link"))
+    if page == "toy":
+        assert "Next:" not in links  # the last page of the path
+    else:
+        assert "Next:" in links
+
+
+def test_presenter_mode_enlarges_and_fixes_the_story(tiny_flow):
+    at = go(start({"span": TINY_SPAN}), "trajectories")
+    clean(at)
+    assert not at.multiselect(key="w_traj_flows").disabled
+    at.sidebar.toggle(key="presenter").set_value(True).run()
+    clean(at)
+    assert at.multiselect(key="w_traj_flows").disabled and at.text_area(key="w_text").disabled
+    assert not [c for c in at.checkbox if c.key == "w_traj_affine"]  # a technical control, hidden
+    assert any("font-size" in str(h.proto) for h in at.get("html"))
+
+
+# -- state that stays, links that reproduce a view --------------------------------------------------------------
+
+
+def test_inputs_survive_switching_pages(tiny_flow, small_cache):
+    at = go(start({"span": TINY_SPAN}), "trajectories")
+    clean(at)
+    at.text_area(key="w_text").input("The cat sat on the mat and looked at the dog.").run()
+    tokens = at.multiselect(key="w_traj_tokens").options[1:3]
+    at.multiselect(key="w_traj_tokens").set_value(tokens).run()
+    at.slider(key="k").set_value(2).run()
+    at.radio(key="proj").set_value("UMAP").run()
+    at.checkbox(key="w_traj_centre").uncheck().run()
+    clean(at)
+    go(at, "crossings")
+    at.radio(key="w_cross_source").set_value("My text").run()
+    clean(at)
+    assert at.text_area(key="w_text").value.startswith("The cat sat")  # one text for the story
+    assert at.slider(key="k").value == 2  # and one k
+    go(at, "kl")
+    clean(at)
+    at.toggle(key="w_kl_affine").set_value(True)
+    next(b for b in at.button if b.label == "Compute KL").click().run()  # a form's inputs count once submitted
+    clean(at)
+    go(at, "span")
+    go(at, "trajectories")
+    clean(at)
+    assert at.text_area(key="w_text").value.startswith("The cat sat")
+    assert at.multiselect(key="w_traj_tokens").value == tokens
+    assert at.slider(key="k").value == 2 and at.radio(key="proj").value == "UMAP"
+    assert at.checkbox(key="w_traj_centre").value is False
+    go(at, "crossings")
+    assert at.radio(key="w_cross_source").value == "My text"
+    go(at, "kl")
+    assert at.toggle(key="w_kl_affine").value is True
+
+
+def test_a_link_reproduces_a_trajectories_view(tiny_flow):
+    from lft_core.texts import save_text
+
+    text = "Links should bring back exactly this sentence and its tokens."
+    tid = save_text(text)
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    for key, value in SMALL.items():
+        at.session_state[key] = value
+    at.run()
+    at.query_params.update({"span": "2:4", "flows": "tiny-fw", "k": "2", "proj": "UMAP", "text": tid})
+    go(at, "trajectories")
+    clean(at)
+    assert at.text_area(key="w_text").value == text
+    assert at.multiselect(key="w_traj_flows").value == ["tiny-fw"]
+    assert at.slider(key="k").value == 2 and at.radio(key="proj").value == "UMAP"
+    assert str(at.session_state["span"]) == "2:4"
+    # and the page writes its view into its link
+    at.text_area(key="w_text").input("Another sentence for another link.").run()
+    clean(at)
+    params = at.query_params
+    assert params["span"] == ["2:4"] or params["span"] == "2:4"
+    new_id = params["text"][0] if isinstance(params["text"], list) else params["text"]
+    from lft_core.texts import load_text
+
+    assert load_text(new_id) == "Another sentence for another link."
+
+
+def test_a_link_to_an_unknown_text_is_a_warning_not_a_crash(tiny_flow):
+    at = start({"span": TINY_SPAN})
+    at.query_params["text"] = "abcdefabcdef"
+    go(at, "trajectories")
+    assert not at.exception
+    assert any("not saved on this server" in w.value for w in at.warning)
+
+
+def test_per_token_csv_has_the_top_five_next_tokens(tiny_flow):
+    at = go(start({"span": TINY_SPAN}), "kl")
+    clean(at)
+    per_token = next(df.value for df in at.dataframe if "position" in df.value.columns)
+    tops = [col for col in per_token.columns if col.startswith("top-5 next tokens")]
+    assert "top-5 next tokens, teacher" in tops and len(tops) == 3  # teacher, LFT, skip
+    first = per_token[tops[0]].iloc[0].split(" | ")
+    assert len(first) == 5 and all(0.0 <= float(item.rsplit(" ", 1)[1]) <= 1.0 for item in first)
