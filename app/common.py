@@ -8,8 +8,8 @@ Session-state keys, all of them, by kind:
   (the activation cache used for analysis),
   ``span`` (a ``Span``, mirrored in the URL as ``?span=m:n`` so a link reproduces the view);
 * the story a link reproduces (besides the span): ``w_text`` (one text for Trajectories, Crossings and Per-token
-  KL; saved by lft_core.texts and named in the URL as ``?text=<id>``), ``k`` and ``proj`` (widgets bound to
-  ``?k=`` and ``?proj=``), the flows a page shows (``?flows=a,b``, handed to the page once as ``_link_flows``),
+  KL; saved by lft_core.texts and named in the URL as ``?text=<id>``), ``k`` and ``proj`` (inputs of
+  several pages, in the URL as ``?k=`` and ``?proj=``), the flows a page shows (``?flows=a,b``, handed to the page once as ``_link_flows``),
   ``presenter`` (the sidebar's presenter-mode toggle, bound to ``?presenter=``); bookkeeping ``_span_qp``,
   ``_span_error``, ``_text_qp``, ``_text_error``, ``_flows_qp``, ``_visited`` (page titles opened);
 * widget keys ``w_<page>_<input>``: each page's own inputs, all drawn with ``persist_state=KEEP`` so they survive
@@ -88,8 +88,9 @@ def n_windows() -> int:
 
 KEEP = "session"
 """Every input widget of every page is drawn with ``key="w_..."`` and ``persist_state=c.KEEP`` (Streamlit >= 1.67),
-so its value survives leaving the page and coming back; inputs that a link reproduces also get
-``bind="query-params"`` (the key is then the URL parameter's name)."""
+so its value survives leaving the page and coming back. The inputs a link reproduces are synced with the URL by
+the frame (``sync_span_query``, ``sync_text_query``, ``sync_flows_query``, ``sync_linked_query``) rather than by
+Streamlit's ``bind="query-params"``, which drops a page's parameters when another page opens."""
 
 
 def valid_choice(key: str, options: Sequence, default=None, multi: bool = False) -> None:
@@ -419,6 +420,33 @@ def sync_text_query() -> None:
             st.session_state[TEXT] = load_text(given)
         except LFTError as e:
             st.session_state["_text_error"] = f"the link's text: {e}"
+
+
+LINKED = {"k": (int, range(1, 9)), "proj": (str, ("PCA", "UMAP"))}
+"""Widget keys a link carries as themselves (``?k=3&proj=UMAP``): (type, allowed values)."""
+
+
+def sync_linked_query() -> None:
+    """Frame, every run: a new ``?k=`` or ``?proj=`` in the URL sets that input; otherwise the current value is
+    written into the URL (the same for every page, so a page switch keeps it)."""
+    for name, (kind, allowed) in LINKED.items():
+        given = st.query_params.get(name)
+        seen = f"_{name}_qp"
+        if given is not None and given != st.session_state.get(seen):
+            st.session_state[seen] = given
+            try:
+                value = kind(given)
+            except ValueError:
+                value = None
+            if value in allowed:
+                st.session_state[name] = value
+            else:
+                st.session_state["_link_error"] = f"the link's {name}={given!r} is not one of {list(allowed)}"
+        elif name in st.session_state:
+            text = str(st.session_state[name])
+            st.session_state[seen] = text
+            if given != text:
+                st.query_params[name] = text
 
 
 def sync_flows_query() -> None:

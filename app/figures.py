@@ -585,7 +585,7 @@ def crossings_figure(p0: np.ndarray, p1: np.ndarray, tokens: Sequence[str], cros
     if p_hat is not None:
         rec = recoupled if recoupled is not None else np.zeros(len(p_hat), dtype=bool)
         for mask, color, name in ((~rec, "#9467bd", "flow end point (own target nearest)"),
-                                  (rec, "#d62728", "flow end point, recoupled")):
+                                  (rec, "#d62728", "flow end point, misrouted (another target nearer)")):
             if mask.any():
                 fig.add_trace(go.Scatter(x=p_hat[mask, 0], y=p_hat[mask, 1], mode="markers", name=name,
                                          marker=dict(symbol="diamond", size=8, color=color,
@@ -599,7 +599,7 @@ def crossings_figure(p0: np.ndarray, p1: np.ndarray, tokens: Sequence[str], cros
                                  line=dict(color="#e4002b", width=4), marker=dict(size=11, color="#e4002b"),
                                  hoverinfo="skip"))
     rows = _legend_rows([t.name for t in fig.data])
-    _finish(fig, "Straight paths of sampled tokens (PCA of pooled x0, x1)", height, legend=_legend_below(rows))
+    _finish(fig, "Straight paths x0 → x1 (PCA)", height, legend=_legend_below(rows))
     fig.update_layout(margin=dict(b=_bottom_margin(rows)))
     x_title, y_title = projection_axis_titles("PC", explained_variance)
     fig.update_xaxes(title=x_title, zeroline=False, range=None if box is None else list(box[0]))
@@ -940,7 +940,7 @@ def recipe_nmse_errorbars(table: pd.DataFrame, height: int = 400) -> go.Figure:
             customdata=np.stack([part["recipe"], part["n"], std], axis=1),
             hovertemplate="%{customdata[0]}<br>blocks replaced %{x}<br>NMSE %{y:.4f} ± %{customdata[2]:.4f}"
                           "<br>seeds %{customdata[1]}<extra></extra>"))
-    _finish(fig, "Held-out NMSE against blocks replaced (mean ± std over seeds)", height,
+    _finish(fig, "Held-out NMSE (mean ± std over seeds)", height,
             legend=_legend_below(1), showlegend=True)
     fig.update_layout(margin=dict(b=_bottom_margin(1)))
     fig.update_xaxes(title="blocks replaced (n − m)", dtick=1)

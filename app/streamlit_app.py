@@ -22,6 +22,7 @@ common.init_state()
 common.sync_span_query()
 common.sync_text_query()
 common.sync_flows_query()
+common.sync_linked_query()
 
 PAGES = [
     st.Page("views/home.py", title=common.HOME, icon=":material/home:", default=True),
@@ -47,6 +48,8 @@ with st.sidebar:
     st.caption("Latent Flow Transformers, [arXiv 2505.14513](https://arxiv.org/abs/2505.14513)")
 if common.presenter():
     st.html(common.PRESENTER_CSS)
+if problem := st.session_state.pop("_link_error", None):
+    st.warning(problem)
 
 body, footer = st.container(), st.container()
 with footer:  # drawn first, shown last: also under a page that stopped early (st.stop)

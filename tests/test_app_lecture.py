@@ -177,3 +177,31 @@ def test_per_token_csv_has_the_top_five_next_tokens(tiny_flow):
     assert "top-5 next tokens, teacher" in tops and len(tops) == 3  # teacher, LFT, skip
     first = per_token[tops[0]].iloc[0].split(" | ")
     assert len(first) == 5 and all(0.0 <= float(item.rsplit(" ", 1)[1]) <= 1.0 for item in first)
+
+
+# -- the demo action ----------------------------------------------------------------------------------------------
+
+
+def test_prepare_the_demo_starts_one_background_job(monkeypatch):
+    """The start page's button starts `python -m lft_core demo` as a job (with LFT_DEMO_ARGS), shows its progress,
+    and a second session attaches to it instead of starting another."""
+    from lft_core.jobs import list_jobs, stop_job
+
+    monkeypatch.setenv("LFT_DEMO_ARGS", "--steps 2 --distill-steps 0 --train-windows 4 --heldout-windows 2 "
+                                        "--batch 2 --windows 2 --seq-len 16 --pairs 16 --blocks 2")
+    before = {j.id for j in list_jobs("demo")}
+    at = start()
+    clean(at)
+    next(b for b in at.button if b.label == "Prepare the demo").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    new = [j for j in list_jobs("demo") if j.id not in before]
+    try:
+        assert len(new) == 1 and new[0].label == "Prepare the demo"
+        assert "--steps 2" in new[0].command and new[0].command.startswith("python -m lft_core demo")
+        other = start()  # another tab or student: the button is off while the demo is being prepared
+        if new[0].status == "running":
+            assert next(b for b in other.button if b.label == "Prepare the demo").disabled
+            assert any("Preparing the demo" in str(p.proto) for p in other.get("progress"))
+        assert {j.id for j in list_jobs("demo")} - before == {new[0].id}
+    finally:
+        stop_job(new[0].id, kill_after=30)

@@ -47,7 +47,7 @@ flow_choice = col_flow.selectbox("Trained flow (optional)", options, key="w_cros
 c.link_flows([flow_choice] if flow_choice in by_name else [])
 flow_cfg = by_name.get(flow_choice)
 st.session_state.setdefault("k", (flow_cfg.k or 3) if flow_cfg else 3)
-k = col_k.slider("k", 1, 8, key="k", persist_state=c.KEEP, bind="query-params", disabled=flow_cfg is None,
+k = col_k.slider("k", 1, 8, key="k", persist_state=c.KEEP, disabled=flow_cfg is None,
                  help="the flow's integration steps")
 if not flows:
     st.caption(f"No flow is trained for span {m}:{n} yet; train one to see which tokens it misroutes.")

@@ -42,10 +42,11 @@ st.session_state.setdefault("w_kl_affine", False)
 
 with st.form("kl_form"):
     text = c.story_text("Text", height=110)
-    col_f, col_k, col_skip, col_sk, col_aff = st.columns([3, 2, 1, 1, 1], vertical_alignment="bottom")
+    col_f, col_k = st.columns([3, 2], vertical_alignment="bottom")
+    col_skip, col_sk, col_aff, _ = st.columns([1, 1, 1, 2], vertical_alignment="bottom")
     flow_choice = col_f.selectbox("Flow", options, key="w_kl_flow", persist_state=c.KEEP, disabled=c.presenter(),
                                   format_func=lambda name: by_name[name].label if name in by_name else name)
-    k = col_k.slider("k (flow integration steps)", 1, 8, key="k", persist_state=c.KEEP, bind="query-params")
+    k = col_k.slider("k (flow integration steps)", 1, 8, key="k", persist_state=c.KEEP)
     use_skip = col_skip.toggle("skip-k", key="w_kl_skip", persist_state=c.KEEP, help="Also compare with removing blocks.")
     # the paper compares replacing 6 blocks with skipping 2, and 12 with 3: about a quarter of the span
     skip_k = col_sk.number_input("blocks skipped", min_value=1, max_value=teacher.n_layers, key="w_kl_skip_k",

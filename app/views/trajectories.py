@@ -77,19 +77,18 @@ if not picked:
     st.stop()
 positions = [int(o.split(":", 1)[0]) for o in picked]
 
-col_k, col_proj, col_kinds = st.columns([1, 1, 3])
+col_k, col_proj, col_opts = st.columns([1, 1, 2])
 st.session_state.setdefault("k", (by_name[chosen[0]].k or 3) if chosen else 3)
-k = col_k.slider("k (flow steps)", 1, 8, key="k", persist_state=c.KEEP, bind="query-params", disabled=not chosen)
+k = col_k.slider("k (flow steps)", 1, 8, key="k", persist_state=c.KEEP, disabled=not chosen)
 st.session_state.setdefault("proj", "PCA")
-method = col_proj.radio("Projection", ["PCA", "UMAP"], horizontal=True, key="proj", persist_state=c.KEEP,
-                        bind="query-params")
+method = col_proj.radio("Projection", ["PCA", "UMAP"], horizontal=True, key="proj", persist_state=c.KEEP)
 st.session_state.setdefault("w_traj_centre", True)
-centre = col_proj.checkbox("Start every token at 0", key="w_traj_centre", persist_state=c.KEEP,
+centre = col_opts.checkbox("Start every token at 0", key="w_traj_centre", persist_state=c.KEEP,
                            help="Subtract each token's h_m from all its states before projecting, so the picture "
                                 "shows how the paths move rather than how far apart the tokens are.")
 with_affine = False
 if not c.presenter():
-    with_affine = col_proj.checkbox("Affine baseline end point", key="w_traj_affine", persist_state=c.KEEP,
+    with_affine = col_opts.checkbox("Affine baseline end point", key="w_traj_affine", persist_state=c.KEEP,
                                     help="Also draw where the closed-form affine replacement of the span sends each "
                                          "token (fitted on the first chosen flow's training windows).")
 flow_names = {f"{by_name[name].method.upper()} {name}": by_name[name] for name in chosen}
@@ -98,7 +97,7 @@ c.valid_choice("w_traj_paths", path_options, path_options, multi=True)
 if st.session_state.get("_traj_path_options") != path_options:  # new flows: show every path again
     st.session_state["w_traj_paths"] = path_options
     st.session_state["_traj_path_options"] = path_options
-shown = col_kinds.pills("Paths to show", path_options, selection_mode="multi", key="w_traj_paths",
+shown = st.pills("Paths to show", path_options, selection_mode="multi", key="w_traj_paths",
                         persist_state=c.KEEP,
                         help="'fine curves': the same flows integrated with 24 small steps (the continuous curve).")
 show = {kind: kind in shown for kind in path_options}
