@@ -142,7 +142,8 @@ else:
     for col, grid, name in ((cols[2], matrix, "R"), (cols[3], affine, "affine NMSE")):
         lowest = lowest_of_length(grid, span.blocks)
         if lowest is not None:
-            col.metric(f"Lowest {name} of {span.blocks} blocks: span {lowest[0]}", f"{lowest[1]:.3f}",
+            col.metric(f"Lowest {name}, {span.blocks} blocks", f"{lowest[1]:.3f}", delta=f"at span {lowest[0]}",
+                       delta_color="off", delta_arrow="off",
                        help=f"the {span.blocks}-block span with the lowest {name}")
     finite = matrix[np.isfinite(matrix)]
     st.caption(f"R over all {finite.size} spans: min {finite.min():.3f}, median {np.median(finite):.3f}, max "
