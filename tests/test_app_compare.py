@@ -15,16 +15,20 @@ SEEDS = {"cmp-s1": 1, "cmp-s2": 2}
 
 
 @pytest.fixture(scope="module")
-def two_seeds(smol) -> list[str]:
+def two_seeds(smol):
     """Two tiny Flow Walking flows of span 2:4 that differ only in seed (and name)."""
     from lft_core.store import flows_dir
     from lft_core.training import TrainConfig, train_flow
+
+    import shutil
 
     for name, seed in SEEDS.items():
         if not (flows_dir() / name).is_dir():
             train_flow(TrainConfig(span=TINY_SPAN, steps=3, windows=8, heldout_windows=2, seq_len=32, batch=2,
                                    eval_every=2, distill_steps=0, seed=seed, name=name), teacher=smol, verbose=False)
-    return list(SEEDS)
+    yield list(SEEDS)
+    for name in SEEDS:  # other modules' pages choose flows of span 2:4 by default: leave them as they were
+        shutil.rmtree(flows_dir() / name, ignore_errors=True)
 
 
 def open_compare(state: dict | None = None) -> AppTest:

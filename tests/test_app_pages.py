@@ -268,7 +268,7 @@ def test_train_page_deletes_exactly_the_flow_the_user_saw_selected(tiny_flow):
 
 
 def test_trajectories_with_a_flow(tiny_flow):
-    at = open_page("trajectories", {"span": TINY_SPAN})
+    at = open_page("trajectories", {"span": TINY_SPAN}, query={"flows": "tiny-fw"})
     assert_clean(at)
     df = at.session_state["trajectory_table"]
     assert {"teacher", "straight", "FW tiny-fw", "FW tiny-fw (fine)"} <= set(df["kind"])
