@@ -323,42 +323,51 @@ def get_affine(span: Span, flow_config: dict | None = None):
 # Progress: every wait longer than a moment shows what runs, how long it has run and how long it took last time
 
 
-def with_progress(label: str, op: str, fn: Callable, *args, first_time: str = "", **kwargs):
-    """``fn(*args, **kwargs)`` in a worker thread while a progress bar shows ``label``, the seconds elapsed and the
-    time ``op`` took the last times on this machine (lft_core.timings); an answer within a moment (a cached
-    result) shows nothing. The duration is recorded for next time; exceptions are raised here as usual."""
-    import time
+def in_worker(fn: Callable, *args, poll: Callable[[], None], **kwargs):
+    """``fn(*args, **kwargs)`` in a worker thread that carries this session's script context (so ``st.cache_*``
+    work there; the worker draws nothing), calling ``poll()`` on this thread every quarter second until it is
+    done, so ``poll`` can draw a progress bar. Returns its result, or raises its exception here."""
     from concurrent.futures import ThreadPoolExecutor
 
     from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
 
-    from lft_core import timings
-
     ctx = get_script_run_ctx()
-    start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1, initializer=lambda: add_script_run_ctx(ctx=ctx)) as pool:
         future = pool.submit(fn, *args, **kwargs)
-        bar = None
-        estimate = None
         while True:
             try:
-                result = future.result(timeout=0.25)
-                break
+                return future.result(timeout=0.25)
             except TimeoutError:
-                pass
-            elapsed = time.perf_counter() - start
-            if bar is None:
-                estimate = timings.estimate(op)
-                bar = st.progress(0.0, text=label)
-            if estimate:
-                text = (f"{label}: {elapsed:.0f} s of about {estimate:.0f} s (its time here before)" if elapsed < estimate
-                        else f"{label}: {elapsed:.0f} s, longer than the {estimate:.0f} s it took here before")
-                bar.progress(min(0.99, elapsed / estimate), text=text)
-            else:
-                text = f"{label}: {elapsed:.0f} s (first time on this machine{': ' + first_time if first_time else ''})"
-                bar.progress(min(0.95, 1 - 1 / (1 + elapsed / 30)), text=text)
-    if bar is not None:
-        bar.empty()
+                poll()
+
+
+def with_progress(label: str, op: str, fn: Callable, *args, first_time: str = "", **kwargs):
+    """``fn(*args, **kwargs)`` (in a worker, ``in_worker``) while a progress bar shows ``label``, the seconds elapsed
+    and the time ``op`` took the last times on this machine (lft_core.timings); an answer within a moment (a
+    cached result) shows nothing. The duration is recorded for next time; exceptions are raised here as usual."""
+    import time
+
+    from lft_core import timings
+
+    start = time.perf_counter()
+    shown: dict = {}  # the bar and the estimate, once the work has taken longer than a moment
+
+    def poll() -> None:
+        elapsed = time.perf_counter() - start
+        if not shown:
+            shown.update(estimate=timings.estimate(op), bar=st.progress(0.0, text=label))
+        estimate, bar = shown["estimate"], shown["bar"]
+        if estimate:
+            text = (f"{label}: {elapsed:.0f} s of about {estimate:.0f} s (its time here before)" if elapsed < estimate
+                    else f"{label}: {elapsed:.0f} s, longer than the {estimate:.0f} s it took here before")
+            bar.progress(min(0.99, elapsed / estimate), text=text)
+        else:
+            text = f"{label}: {elapsed:.0f} s (first time on this machine{': ' + first_time if first_time else ''})"
+            bar.progress(min(0.95, 1 - 1 / (1 + elapsed / 30)), text=text)
+
+    result = in_worker(fn, *args, poll=poll, **kwargs)
+    if shown:
+        shown["bar"].empty()
         timings.record(op, time.perf_counter() - start)
     return result
 
@@ -531,20 +540,30 @@ def demo_status():
 
 
 def job_progress(job) -> tuple[float | None, str]:
-    """(fraction done or None, one line) for a running job of any kind, from its progress events or log."""
+    """(fraction done or None, one line) for a running job of any kind, from its progress events or log: the
+    sidebar, the start page and the Train page all show this line."""
     last = job.last
+    eta = f" · ETA {fmt_seconds(last.get('eta_s'))}"
     if job.kind == "train" and last.get("steps"):
-        eta = last.get("eta_s")
-        return (min(1.0, last["step"] / last["steps"]),
-                f"step {last['step']} / {last['steps']}" + (f" · ETA {fmt_seconds(eta)}" if eta is not None else ""))
-    if job.kind in ("demo", "sweep") and last.get("steps"):
-        line = f"{'step' if job.kind == 'demo' else 'run'} {last['step']} of {last['steps']}"
+        return min(1.0, last["step"] / last["steps"]), f"step {last['step']} / {last['steps']}{eta}"
+    if job.kind == "sweep" and last.get("steps"):  # run i of N, each with its own steps (lft_core.sweep)
+        i, n, flow = last["step"], last["steps"], last.get("label", "")
+        s, total = last.get("flow_step") or 0, last.get("flow_steps") or 0
+        fraction = (i - 1 + (s / total if total else 0)) / max(n, 1)
+        if last.get("event") == "start" and last.get("action") == "skip":
+            return fraction, f"run {i} of {n}: {flow} is complete already"
+        if last.get("event") == "start":
+            doing = "resuming" if last.get("action") == "resume" else "preparing data"
+            return fraction, f"run {i} of {n}: {flow} ({doing})"
+        return fraction, f"run {i} of {n}: {flow}, step {s} / {total}{eta}"
+    if job.kind == "demo" and last.get("steps"):  # step i of 7 (lft_core.demo)
+        line = f"step {last['step']} of {last['steps']}"
         if last.get("label"):
             line += f": {last['label']}"
         if last.get("flow_steps"):
             line += f" ({last.get('flow_step', 0)} / {last['flow_steps']})"
         if last.get("eta_s") is not None:
-            line += f" · ETA {fmt_seconds(last['eta_s'])}"
+            line += eta
         return max(0.0, (last["step"] - 1) / last["steps"]), line
     done = tqdm_progress(job.log_tail(5), "caching")
     if done:

@@ -19,6 +19,8 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 
+from lft_core.comparison import TIME_FIELDS  # the wall-time fields of a training event (x="seconds")
+
 TEMPLATE = "plotly_white"
 PALETTE = qualitative.D3 + qualitative.Set2  # tokens (trajectories) and other categories that are not flows
 KL_COLORSCALE = "YlOrRd"
@@ -35,8 +37,6 @@ FLOW_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#e377c2"
 
 MODEBAR_BAND = 40  # px at the top of every figure kept free of text: plotly's toolbar floats over the top right
 TITLE_CHARS = 80  # a longer title is wrapped onto a second line (a half-page column at 1280 px holds ~80)
-ELAPSED_FIELD = "elapsed_s"  # the wall-time field of a training event that training_curves(x="seconds") reads
-TIME_FIELDS = (ELAPSED_FIELD, "seconds", "elapsed")  # accepted too (the same list as lft_core.comparison's)
 
 
 def _wrap_title(title: str) -> tuple[str, int]:

@@ -208,7 +208,8 @@ def groups_table(groups: Sequence[FlowGroup]) -> pd.DataFrame:
 
 X_AXES = ("step", "seconds")
 TIME_FIELDS = ("elapsed_s", "seconds", "elapsed")
-"""Per-event fields that would hold the seconds since the run started, if training records one."""
+"""Per-event fields holding the seconds since the run started (training records ``elapsed_s``); the app's
+``figures.training_curves(x="seconds")`` reads the same list."""
 
 
 def history_seconds(flow: SavedFlow) -> tuple[np.ndarray, str] | None:

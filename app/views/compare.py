@@ -85,7 +85,8 @@ x_label = st.radio("x axis", list(X_CHOICES), key="w_cmp_x", persist_state=c.KEE
 x = X_CHOICES[x_label]
 curves = cmp.curves_frame(groups, x)
 st.session_state["compare_curve_table"] = curves
-timing = {cmp.history_seconds(f)[1] if cmp.history_seconds(f) else None for f in chosen} if x == "seconds" else set()
+seconds_of = {f.name: cmp.history_seconds(f) for f in chosen} if x == "seconds" else {}  # (times, how) or None
+timing = {found[1] if found else None for found in seconds_of.values()}
 x_title = "training step" if x == "step" else (
     "training time (s)" if timing <= {"recorded"} else "training time (s), summed step times")
 col_curves, col_nmse = st.columns([3, 2])
@@ -102,7 +103,7 @@ notes = ["Lines are the mean over a recipe's seeds, the band ± one standard dev
          "smoothed (exponential moving average) before averaging."]
 if x == "seconds":
     if None in timing:
-        missing = [f.name for f in chosen if cmp.history_seconds(f) is None]
+        missing = [name for name, found in seconds_of.items() if found is None]
         notes.append(f"No training time could be read for {', '.join(missing)} (left out).")
     if "summed step times" in timing:
         notes.append("Training time is the sum of each step's measured duration (recorded as its tokens per "
@@ -158,31 +159,24 @@ def skip_grid(spec: str, corpus_spec: str, windows: int, seq_len: int, ks: tuple
 
 
 def skip_grid_with_bar(bar, before: int, total: int, what: str, *args) -> list:
-    """``skip_grid(*args)`` in a worker thread while ``bar`` counts the start positions done (i of N), as units
-    ``before`` … ``before + N`` of ``total``. The worker calls no Streamlit element; this thread draws the bar."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
-
+    """``skip_grid(*args)`` in a worker (``c.in_worker``) while ``bar`` counts the start positions done (i of N),
+    as units ``before`` … ``before + N`` of ``total``."""
     windows, starts = args[2], args[5]
     n, per_batch = max(1, len(starts)), 8  # skip_kl_grid's batch of windows
     batches = -(-windows // per_batch)
     state = {"done": 0}
-    ctx = get_script_run_ctx()
-    with ThreadPoolExecutor(max_workers=1, initializer=lambda: add_script_run_ctx(ctx=ctx)) as pool:
-        future = pool.submit(skip_grid, *args, _progress=lambda done, _total: state.update(done=done))
-        while True:
-            done = state["done"]
-            b = min(done // n, batches - 1)
-            i = done - b * n if done < batches * n else n
-            text = f"Evaluating skip-k {what} ({min(i + 1, n)} of {n})"
-            if batches > 1:
-                text += f", windows {b * per_batch + 1}–{min((b + 1) * per_batch, windows)} of {windows}"
-            bar.progress(min(1.0, (before + n * done / (batches * n)) / total), text=text)
-            try:
-                return future.result(timeout=0.25)
-            except TimeoutError:
-                continue
+
+    def poll() -> None:
+        done = state["done"]
+        b = min(done // n, batches - 1)
+        i = done - b * n if done < batches * n else n
+        text = f"Evaluating skip-k {what} ({min(i + 1, n)} of {n})"
+        if batches > 1:
+            text += f", windows {b * per_batch + 1}–{min((b + 1) * per_batch, windows)} of {windows}"
+        bar.progress(min(1.0, (before + n * done / (batches * n)) / total), text=text)
+
+    poll()
+    return c.in_worker(skip_grid, *args, poll=poll, _progress=lambda done, _total: state.update(done=done))
 
 
 st.session_state.setdefault("w_cmp_windows", 4)

@@ -190,20 +190,6 @@ def _nmse_text(value) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else "–"
 
 
-def sweep_line(job) -> tuple[float, str]:
-    """(fraction done, 'run i of N: flow, step s / S · ETA') of a sweep job from its last progress event."""
-    last = job.last
-    i, n, flow = last["step"], last["steps"], last["label"]
-    s, total = last.get("flow_step") or 0, last.get("flow_steps") or 0
-    fraction = (i - 1 + (s / total if total else 0)) / max(n, 1)
-    if last.get("event") == "start" and last.get("action") == "skip":
-        return fraction, f"run {i} of {n}: {flow} is complete already"
-    if last.get("event") == "start":
-        doing = "resuming" if last.get("action") == "resume" else "preparing data"
-        return fraction, f"run {i} of {n}: {flow} ({doing})"
-    return fraction, f"run {i} of {n}: {flow}, step {s} / {total} · ETA {c.fmt_seconds(last.get('eta_s'))}"
-
-
 def draw_sweep(job) -> None:
     last = job.last
     steps = [e for e in job.events if e.get("event") == "step"]
@@ -214,7 +200,7 @@ def draw_sweep(job) -> None:
                         text="Preparing data: loading the model, caching h_m and h_n of every span"
                              + (f" ({done[0]}/{done[1]} windows)" if done else " ..."))
         else:
-            fraction, line = sweep_line(job)
+            fraction, line = c.job_progress(job)
             st.progress(min(1.0, fraction), text=line)
     current = [e for e in steps if e["label"] == last.get("label")]
     if current and job.status in ACTIVE:
@@ -258,8 +244,8 @@ def draw_train(job) -> None:
             st.progress(done[0] / max(done[1], 1) if done else 0.0,
                         text=text + (f" ({done[0]}/{done[1]} windows)" if done else " ..."))
         else:
-            st.progress(min(1.0, last["step"] / last["steps"]),
-                        text=f"step {last['step']} / {last['steps']} · ETA {c.fmt_seconds(last.get('eta_s'))}")
+            fraction, line = c.job_progress(job)
+            st.progress(fraction, text=line)
     if job.events:
         nmse = [e["heldout_nmse"] for e in job.events if e.get("heldout_nmse") is not None]
         cols = st.columns(4)
