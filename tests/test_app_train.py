@@ -10,6 +10,22 @@ import pytest
 from app_fixtures import TINY_SPAN, tiny_flow  # noqa: F401 (fixtures)
 from test_app_pages import assert_clean, click, errors, open_page
 
+MINE = ("apptest-sw-", "apptest-stop")  # the flows this module trains (sweeps, the stopped flow)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_this_modules_flows():
+    """Other modules' pages choose flows of span 2:4 by default: leave the flows as this module found them."""
+    import shutil
+
+    from lft_core.store import flows_dir
+
+    yield
+    for folder in flows_dir().iterdir():
+        if folder.name.startswith(MINE):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 TINY_SWEEP = {"w_sweep_steps": 3, "w_sweep_distill_steps": 0, "w_sweep_batch": 2, "w_sweep_windows": 8,
               "w_sweep_heldout_windows": 2}
 
