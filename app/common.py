@@ -8,7 +8,7 @@ Session-state keys, all of them, by kind:
   (the activation cache used for analysis),
   ``span`` (a ``Span``, mirrored in the URL as ``?span=m:n`` so a link reproduces the view);
 * the story a link reproduces (besides the span): ``w_text`` (one text for Trajectories, Crossings and Per-token
-  KL; saved by lft_core.texts and named in the URL as ``?text=<id>``), ``k`` and ``proj`` (inputs of
+  KL; saved by lft_core.data.texts and named in the URL as ``?text=<id>``), ``k`` and ``proj`` (inputs of
   several pages, in the URL as ``?k=`` and ``?proj=``), the flows a page shows (``?flows=a,b``, handed to the page once as ``_link_flows``),
   ``presenter`` (the sidebar's presenter-mode toggle, bound to ``?presenter=``); bookkeeping ``_span_qp``,
   ``_span_error``, ``_text_qp``, ``_text_error``, ``_flows_qp``, ``_visited`` (page titles opened);
@@ -28,7 +28,7 @@ Session-state keys, all of them, by kind:
   ``compare_eval_table``, ``compare_eval_groups``, ``compare_kl_points``, ``toy_runs``, ``sweep_results``.
 
 Every wait longer than a moment goes through :func:`with_progress` (a progress bar with the time the same work
-took here before, from lft_core.timings), never a bare spinner.
+took here before, from lft_core.run.timings), never a bare spinner.
 Engine errors (``LFTError``) are shown with ``st.error`` by :func:`engine_errors`; pages never show a traceback.
 """
 from __future__ import annotations
@@ -43,12 +43,12 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app import figures
-from lft_core.corpus import DEFAULT as DEFAULT_CORPUS
+from lft_core.data.corpus import DEFAULT as DEFAULT_CORPUS
 from lft_core.errors import LFTError
-from lft_core.loading import DEFAULT_MODEL, load_teacher
+from lft_core.model.loading import DEFAULT_MODEL, load_teacher
 from lft_core.span import Span
-from lft_core.store import SavedFlow, trained_on
-from lft_core.teacher import Teacher
+from lft_core.flow.store import SavedFlow, trained_on
+from lft_core.model.teacher import Teacher
 
 MODEL, CORPUS, SEQ_LEN, WINDOWS, SPAN = "model_spec", "corpus_spec", "seq_len", "n_windows", "span"
 DEFAULTS = {MODEL: DEFAULT_MODEL, CORPUS: DEFAULT_CORPUS, SEQ_LEN: 128, WINDOWS: 16}
@@ -241,7 +241,7 @@ def require_teacher() -> Teacher:
 
 @st.cache_resource(show_spinner="Reading the corpus...", max_entries=4)
 def get_corpus(spec: str):
-    from lft_core.corpus import load_corpus
+    from lft_core.data.corpus import load_corpus
 
     return load_corpus(spec)
 
@@ -256,7 +256,7 @@ def corpus_or_error():
 
 def find_cache(teacher: Teacher, corpus, seq_len: int, windows: int, split: str = "train"):
     """The activation cache entry for these settings if it exists and is whole, else None (computes nothing)."""
-    from lft_core.activations import cache_key, open_activations
+    from lft_core.data.activations import cache_key, open_activations
 
     key = cache_key(teacher.model_id, teacher.weights_hash, corpus.id, corpus.content_hash, seq_len, windows, split)
     try:
@@ -267,7 +267,7 @@ def find_cache(teacher: Teacher, corpus, seq_len: int, windows: int, split: str 
 
 def flows_for(teacher: Teacher) -> list[SavedFlow]:
     """The saved flows trained for this teacher (by name)."""
-    from lft_core.store import list_flows
+    from lft_core.flow.store import list_flows
 
     return [f for f in list_flows() if f.trained_for(teacher)]
 
@@ -276,7 +276,7 @@ def flows_for(teacher: Teacher) -> list[SavedFlow]:
 def load_flow(name: str, spec: str, stamp: float):
     """(LatentFlow, config) of a saved flow for the teacher of ``spec``; ``stamp`` (the weights' mtime) makes
     a new checkpoint a new cache entry."""
-    from lft_core.store import open_flow
+    from lft_core.flow.store import open_flow
 
     flow, config = open_flow(name, get_teacher(spec))
     flow.eval()
@@ -296,7 +296,7 @@ AFFINE_FIT_HELDOUT = 8
 def load_affine(spec: str, corpus_spec: str, span: Span, seq_len: int, windows: int, heldout_windows: int):
     """The closed-form affine replacement of ``span`` fitted on ``windows`` training windows (one per process;
     never mutated)."""
-    from lft_core.baselines import fit_affine_for_span
+    from lft_core.analysis.baselines import fit_affine_for_span
 
     return fit_affine_for_span(get_teacher(spec), span, corpus_spec, seq_len, windows, heldout_windows,
                                progress=False)
@@ -343,11 +343,11 @@ def in_worker(fn: Callable, *args, poll: Callable[[], None], **kwargs):
 
 def with_progress(label: str, op: str, fn: Callable, *args, first_time: str = "", **kwargs):
     """``fn(*args, **kwargs)`` (in a worker, ``in_worker``) while a progress bar shows ``label``, the seconds elapsed
-    and the time ``op`` took the last times on this machine (lft_core.timings); an answer within a moment (a
+    and the time ``op`` took the last times on this machine (lft_core.run.timings); an answer within a moment (a
     cached result) shows nothing. The duration is recorded for next time; exceptions are raised here as usual."""
     import time
 
-    from lft_core import timings
+    from lft_core.run import timings
 
     start = time.perf_counter()
     shown: dict = {}  # the bar and the estimate, once the work has taken longer than a moment
@@ -420,7 +420,7 @@ TEXT = "w_text"  # the text the Trajectories, Crossings and Per-token KL pages a
 
 def sync_text_query() -> None:
     """Frame, every run: a new ``?text=<id>`` in the URL loads that saved text into the shared text."""
-    from lft_core.texts import load_text
+    from lft_core.data.texts import load_text
 
     given = st.query_params.get("text")
     if given is not None and given != st.session_state.get("_text_qp"):
@@ -484,7 +484,7 @@ def link_flows(names: Sequence[str]) -> None:
 
 def story_text(label: str = "Text", height: int = 100, help: str | None = None) -> str:
     """The shared text area (kept across pages; fixed in presenter mode); its id goes into the page link."""
-    from lft_core.texts import save_text
+    from lft_core.data.texts import save_text
 
     if problem := st.session_state.pop("_text_error", None):
         st.warning(problem)
@@ -531,7 +531,7 @@ def next_page_link(title: str) -> None:
 
 def demo_status():
     """The demo's state (cheap: reads its manifest and checks its files), or None when it cannot be read."""
-    from lft_core.demo import demo_status as status
+    from lft_core.run.demo import demo_status as status
 
     try:
         return status()
@@ -546,7 +546,7 @@ def job_progress(job) -> tuple[float | None, str]:
     eta = f" · ETA {fmt_seconds(last.get('eta_s'))}"
     if job.kind == "train" and last.get("steps"):
         return min(1.0, last["step"] / last["steps"]), f"step {last['step']} / {last['steps']}{eta}"
-    if job.kind == "sweep" and last.get("steps"):  # run i of N, each with its own steps (lft_core.sweep)
+    if job.kind == "sweep" and last.get("steps"):  # run i of N, each with its own steps (lft_core.run.sweep)
         i, n, flow = last["step"], last["steps"], last.get("label", "")
         s, total = last.get("flow_step") or 0, last.get("flow_steps") or 0
         fraction = (i - 1 + (s / total if total else 0)) / max(n, 1)
@@ -556,7 +556,7 @@ def job_progress(job) -> tuple[float | None, str]:
             doing = "resuming" if last.get("action") == "resume" else "preparing data"
             return fraction, f"run {i} of {n}: {flow} ({doing})"
         return fraction, f"run {i} of {n}: {flow}, step {s} / {total}{eta}"
-    if job.kind == "demo" and last.get("steps"):  # step i of 7 (lft_core.demo)
+    if job.kind == "demo" and last.get("steps"):  # step i of 7 (lft_core.run.demo)
         line = f"step {last['step']} of {last['steps']}"
         if last.get("label"):
             line += f": {last['label']}"
@@ -583,7 +583,7 @@ def fmt_seconds(seconds: float | None) -> str:
 
 def sidebar_status() -> None:
     """The sidebar of every page: the choices, the demo's state and every running job, kept current."""
-    from lft_core.jobs import list_jobs
+    from lft_core.run.jobs import list_jobs
 
     span = st.session_state.get(SPAN)
     named = {"builtin": "built-in Python docs", "english": "built-in everyday English"}
@@ -659,7 +659,7 @@ def tqdm_progress(log_tail: str, prefix: str) -> tuple[int, int] | None:
 
 
 def start_cache_job(spec: str, corpus: str, seq_len: int, windows: int):
-    from lft_core.jobs import start_job
+    from lft_core.run.jobs import start_job
 
     label = f"cache all layers · {spec} · {Path(corpus).name} · T={seq_len} · W={windows}"
     args = ["--model", spec, "--corpus", corpus, "--seq-len", str(seq_len), "--windows", str(windows),
@@ -671,7 +671,7 @@ def start_cache_job(spec: str, corpus: str, seq_len: int, windows: int):
 
 def cache_jobs_panel() -> None:
     """Running cache jobs (any session, so a reload still shows them) and the one this session started."""
-    from lft_core.jobs import list_jobs, read_job
+    from lft_core.run.jobs import list_jobs, read_job
 
     running = [j for j in list_jobs("cache") if j.status in ("running", "stopping")]
     mine = st.session_state.get("cache_job")
@@ -730,7 +730,7 @@ def save_upload(name: str, data: bytes) -> Path:
     suffix = Path(stem).suffix.lower()
     if suffix not in UPLOAD_SUFFIXES:
         raise LFTError(f"{name}: only {', '.join(UPLOAD_SUFFIXES)} files can be used as a corpus")
-    from lft_core.corpus import decode_text
+    from lft_core.data.corpus import decode_text
 
     decode_text(data, name)  # the corpus's own checks: empty, binary, not UTF-8
     digest = hashlib.sha256(data).hexdigest()[:12]

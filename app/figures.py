@@ -19,7 +19,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 
-from lft_core.comparison import TIME_FIELDS  # the wall-time fields of a training event (x="seconds")
+from lft_core.analysis.comparison import TIME_FIELDS  # the wall-time fields of a training event (x="seconds")
 
 TEMPLATE = "plotly_white"
 PALETTE = qualitative.D3 + qualitative.Set2  # tokens (trajectories) and other categories that are not flows

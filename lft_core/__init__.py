@@ -18,6 +18,6 @@ One module per concept:
   crossings), ``trajectories``, ``projection`` (PCA / UMAP), ``toy`` (the 2-D lab);
 * plumbing: ``atomic`` (every write), ``paths`` (the cache folder), ``cli``.
 """
-from .errors import LFTError
+from lft_core.errors import LFTError
 
 __all__ = ["LFTError"]

@@ -1,7 +1,7 @@
-"""Entry point: ``python -m lft_core <command>`` (see lft_core.cli)."""
+"""Entry point: ``python -m lft_core <command>`` (see lft_core.run.cli)."""
 import sys
 
-from .cli import main
+from lft_core.run.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

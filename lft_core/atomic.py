@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .errors import LFTError
+from lft_core.errors import LFTError
 
 
 def _fsync_file(path: str | Path) -> None:

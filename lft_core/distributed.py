@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .errors import LFTError
+from lft_core.errors import LFTError
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import LFTError
+from lft_core.errors import LFTError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

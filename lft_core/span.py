@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from .errors import LFTError
+from lft_core.errors import LFTError
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -52,7 +52,7 @@ class Peak(threading.Thread):
 
 
 def synthetic_pairs(folder: Path, tokens: int, seq_len: int = 128, d: int = 576, filled: int = 4096):
-    from lft_core.training import PairSource
+    from lft_core.flow.training import PairSource
 
     windows = max(1, tokens // seq_len)
     rng = np.random.default_rng(0)
@@ -76,8 +76,8 @@ def main() -> None:
     p.add_argument("--in-memory", action="store_true")
     a = p.parse_args()
 
-    from lft_core.loading import load_teacher
-    from lft_core.training import TrainConfig, train_flow
+    from lft_core.model.loading import load_teacher
+    from lft_core.flow.training import TrainConfig, train_flow
 
     with tempfile.TemporaryDirectory(dir=ROOT / "cache") as tmp:
         os.environ["LFT_CACHE_DIR"] = str(Path(tmp) / "cache")

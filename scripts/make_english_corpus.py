@@ -88,7 +88,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lft_core.loading import embedded_model_folder
+    from lft_core.model.loading import embedded_model_folder
 
     folder = a.model or str(embedded_model_folder())
     tok = AutoTokenizer.from_pretrained(folder)

@@ -62,12 +62,12 @@ def main() -> None:
 
     import torch
 
-    from lft_core.baselines import fit_affine_for_span
-    from lft_core.evaluation import eval_windows, evaluate, lft_rows
-    from lft_core.loading import load_teacher
+    from lft_core.analysis.baselines import fit_affine_for_span
+    from lft_core.analysis.evaluation import eval_windows, evaluate, lft_rows
+    from lft_core.model.loading import load_teacher
     from lft_core.span import Span
-    from lft_core.store import flows_dir, load_flow
-    from lft_core.training import TrainConfig, train_flow
+    from lft_core.flow.store import flows_dir, load_flow
+    from lft_core.flow.training import TrainConfig, train_flow
 
     teacher = load_teacher(a.model, device=a.device)
     ks = [int(k) for k in a.k.split(",")]

@@ -18,11 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lft_core.atomic import write_json  # noqa: E402
-from lft_core.evaluation import EvalResult, eval_windows, lft_rows, skip_rows, stream_metrics  # noqa: E402
-from lft_core.loading import load_teacher  # noqa: E402
+from lft_core.analysis.evaluation import EvalResult, eval_windows, lft_rows, skip_rows, stream_metrics  # noqa: E402
+from lft_core.model.loading import load_teacher  # noqa: E402
 from lft_core.span import Span  # noqa: E402
-from lft_core.store import flows_dir, open_flow  # noqa: E402
-from lft_core.training import TrainConfig, train_flow  # noqa: E402
+from lft_core.flow.store import flows_dir, open_flow  # noqa: E402
+from lft_core.flow.training import TrainConfig, train_flow  # noqa: E402
 
 
 def main() -> None:

@@ -19,10 +19,10 @@ TINY_SPAN = (2, 4)
 @pytest.fixture(scope="session")
 def tiny_flow(smol) -> dict:
     """A 3-step Flow Walking flow for span 2:4 of the embedded model (a few seconds on CPU)."""
-    from lft_core.store import read_flow_config
-    from lft_core.training import TrainConfig, train_flow
+    from lft_core.flow.store import read_flow_config
+    from lft_core.flow.training import TrainConfig, train_flow
 
-    from lft_core.store import flows_dir
+    from lft_core.flow.store import flows_dir
 
     # each module that imports this fixture gets its own copy of it: train once, then reuse (a saved flow is
     # never overwritten)
@@ -35,8 +35,8 @@ def tiny_flow(smol) -> dict:
 @pytest.fixture(scope="session")
 def small_cache(smol):
     """Every hidden state h_0 ... h_L of 8 training windows x 32 tokens of the default corpus (the app's)."""
-    from lft_core.activations import ensure_activations
-    from lft_core.corpus import load_corpus
+    from lft_core.data.activations import ensure_activations
+    from lft_core.data.corpus import load_corpus
 
     return ensure_activations(smol, load_corpus(), SMALL["seq_len"], SMALL["n_windows"],
                               range(smol.n_layers + 1), progress=False)

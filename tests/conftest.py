@@ -29,13 +29,13 @@ def session_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smol():
-    from lft_core.loading import load_teacher
+    from lft_core.model.loading import load_teacher
 
     return load_teacher("smollm2-135m")
 
 
 def _tokenizer_folder() -> Path:
-    from lft_core.loading import embedded_model_folder
+    from lft_core.model.loading import embedded_model_folder
 
     return embedded_model_folder("smollm2-135m")
 
@@ -77,6 +77,6 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_neox(tiny_neox_dir):
-    from lft_core.loading import load_teacher
+    from lft_core.model.loading import load_teacher
 
     return load_teacher(str(tiny_neox_dir))

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lft_core.activations import CacheError, ensure_activations, open_activations, parse_layers
-from lft_core.corpus import load_corpus, make_windows
+from lft_core.data.activations import CacheError, ensure_activations, open_activations, parse_layers
+from lft_core.data.corpus import load_corpus, make_windows
 
 REPO = Path(__file__).resolve().parents[1]
 

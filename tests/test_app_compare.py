@@ -17,8 +17,8 @@ SEEDS = {"cmp-s1": 1, "cmp-s2": 2}
 @pytest.fixture(scope="module")
 def two_seeds(smol):
     """Two tiny Flow Walking flows of span 2:4 that differ only in seed (and name)."""
-    from lft_core.store import flows_dir
-    from lft_core.training import TrainConfig, train_flow
+    from lft_core.flow.store import flows_dir
+    from lft_core.flow.training import TrainConfig, train_flow
 
     import shutil
 
@@ -119,8 +119,8 @@ def test_compare_inputs_survive_a_page_switch(two_seeds):
     at.toggle(key="w_cmp_affine").set_value(False)
     at.radio(key="w_cmp_x").set_value("wall time (s)").run()
     assert_clean(at)
-    from lft_core import comparison
-    from lft_core.store import list_flows
+    from lft_core.analysis import comparison
+    from lft_core.flow.store import list_flows
 
     seconds, _ = comparison.history_seconds(next(f for f in list_flows() if f.name == "cmp-s2"))
     curves = at.session_state["compare_curve_table"]
@@ -139,7 +139,7 @@ def test_compare_inputs_survive_a_page_switch(two_seeds):
 def test_compare_drops_a_deleted_flow_from_the_kept_choice(two_seeds):
     import shutil
 
-    from lft_core.store import flows_dir
+    from lft_core.flow.store import flows_dir
 
     shutil.copytree(flows_dir() / "cmp-s1", flows_dir() / "cmp-doomed")
     at = open_compare()

@@ -36,7 +36,7 @@ def clean(at: AppTest) -> None:
 
 def test_texts_are_content_addressed_and_checked():
     from lft_core.errors import LFTError
-    from lft_core.texts import load_text, save_text, text_id
+    from lft_core.data.texts import load_text, save_text, text_id
 
     tid = save_text("A river runs through it.")
     assert tid == text_id("A river runs through it.") and len(tid) == 12
@@ -50,7 +50,7 @@ def test_texts_are_content_addressed_and_checked():
 
 
 def test_timings_estimate_is_the_median_of_the_last_runs():
-    from lft_core import timings
+    from lft_core.run import timings
 
     op = f"test op {time.time()}"
     assert timings.estimate(op) is None
@@ -135,7 +135,7 @@ def test_inputs_survive_switching_pages(tiny_flow, small_cache):
 
 
 def test_a_link_reproduces_a_trajectories_view(tiny_flow):
-    from lft_core.texts import save_text
+    from lft_core.data.texts import save_text
 
     text = "Links should bring back exactly this sentence and its tokens."
     tid = save_text(text)
@@ -156,7 +156,7 @@ def test_a_link_reproduces_a_trajectories_view(tiny_flow):
     params = at.query_params
     assert params["span"] == ["2:4"] or params["span"] == "2:4"
     new_id = params["text"][0] if isinstance(params["text"], list) else params["text"]
-    from lft_core.texts import load_text
+    from lft_core.data.texts import load_text
 
     assert load_text(new_id) == "Another sentence for another link."
 
@@ -185,7 +185,7 @@ def test_per_token_csv_has_the_top_five_next_tokens(tiny_flow):
 def test_prepare_the_demo_starts_one_background_job(monkeypatch):
     """The start page's button starts `python -m lft_core demo` as a job (with LFT_DEMO_ARGS), shows its progress,
     and a second session attaches to it instead of starting another."""
-    from lft_core.jobs import list_jobs, stop_job
+    from lft_core.run.jobs import list_jobs, stop_job
 
     monkeypatch.setenv("LFT_DEMO_ARGS", "--steps 2 --distill-steps 0 --train-windows 4 --heldout-windows 2 "
                                         "--batch 2 --windows 2 --seq-len 16 --pairs 16 --blocks 2")

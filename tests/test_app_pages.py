@@ -93,7 +93,7 @@ def test_setup_upload_sets_the_corpus_and_refuses_binary():
 
 
 def test_setup_cache_job_runs_in_the_background():
-    from lft_core.jobs import read_job
+    from lft_core.run.jobs import read_job
 
     at = open_page("setup", {"seq_len": 16, "n_windows": 2})
     at = click(at, "Cache all layers")
@@ -145,9 +145,9 @@ def test_span_page_heatmap_and_url(small_cache):
 
 
 def test_span_page_affine_heatmap(small_cache, smol):
-    from lft_core.activations import ensure_activations
-    from lft_core.baselines import affine_grid
-    from lft_core.corpus import load_corpus
+    from lft_core.data.activations import ensure_activations
+    from lft_core.analysis.baselines import affine_grid
+    from lft_core.data.corpus import load_corpus
 
     at = open_page("span", {"span": TINY_SPAN})
     assert_clean(at)
@@ -183,7 +183,7 @@ def test_span_page_without_cache_offers_a_cache_job():
 
 
 def test_train_page_lists_flows_and_runs_a_job(tiny_flow):
-    from lft_core.jobs import read_job
+    from lft_core.run.jobs import read_job
 
     at = open_page("train", {"span": TINY_SPAN})
     assert_clean(at)
@@ -220,7 +220,7 @@ def test_train_page_rejects_a_taken_name(tiny_flow):
 def test_train_page_deletes_a_flow_after_confirmation(tiny_flow):
     import shutil
 
-    from lft_core.store import flows_dir
+    from lft_core.flow.store import flows_dir
 
     shutil.copytree(flows_dir() / tiny_flow["name"], flows_dir() / "apptest-doomed")
     at = open_page("train", {"span": TINY_SPAN})
@@ -244,7 +244,7 @@ def test_train_page_deletes_exactly_the_flow_the_user_saw_selected(tiny_flow):
     selection: the flow that stayed selected is deleted, no other."""
     import shutil
 
-    from lft_core.store import flows_dir
+    from lft_core.flow.store import flows_dir
 
     for name in ("apptest-a-keep", "apptest-b-victim"):
         shutil.copytree(flows_dir() / tiny_flow["name"], flows_dir() / name)
@@ -472,8 +472,8 @@ def test_pages_go_on_past_damaged_records(tiny_flow):
     listed as unreadable on the Train page."""
     import shutil
 
-    from lft_core.jobs import jobs_dir
-    from lft_core.store import flows_dir
+    from lft_core.run.jobs import jobs_dir
+    from lft_core.flow.store import flows_dir
 
     shutil.copytree(flows_dir() / tiny_flow["name"], flows_dir() / "apptest-damaged")
     (flows_dir() / "apptest-damaged" / "config.json").write_text("[1, 2, 3]")

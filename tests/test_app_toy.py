@@ -9,7 +9,7 @@ from __future__ import annotations
 from streamlit.testing.v1 import AppTest
 
 from app_fixtures import APP, SMALL
-from lft_core.toy import LAB_DEFAULTS
+from lft_core.flow.toy import LAB_DEFAULTS
 
 TIMEOUT = 240
 

@@ -18,7 +18,7 @@ def _remove_this_modules_flows():
     """Other modules' pages choose flows of span 2:4 by default: leave the flows as this module found them."""
     import shutil
 
-    from lft_core.store import flows_dir
+    from lft_core.flow.store import flows_dir
 
     yield
     for folder in flows_dir().iterdir():
@@ -31,7 +31,7 @@ TINY_SWEEP = {"w_sweep_steps": 3, "w_sweep_distill_steps": 0, "w_sweep_batch": 2
 
 
 def _wait(job_id: str, seconds: float = 240):
-    from lft_core.jobs import read_job
+    from lft_core.run.jobs import read_job
 
     deadline = time.time() + seconds
     while read_job(job_id).status in ("running", "stopping") and time.time() < deadline:
@@ -51,7 +51,7 @@ def _sweep_form(at, spans="2:4", methods=("fw",), ks="2", seeds="0, 1", prefix="
 
 
 def test_sweep_form_refuses_bad_input(tiny_flow):
-    from lft_core.jobs import list_jobs
+    from lft_core.run.jobs import list_jobs
 
     at = open_page("train", {"span": TINY_SPAN})
     assert_clean(at)
@@ -74,7 +74,7 @@ def test_sweep_form_refuses_bad_input(tiny_flow):
 
 
 def test_a_sweep_job_from_the_page_shows_its_command_and_results(tiny_flow):
-    from lft_core.jobs import read_job
+    from lft_core.run.jobs import read_job
 
     at = open_page("train", {"span": TINY_SPAN})
     at = _sweep_form(at, prefix="apptest-sw")
@@ -104,7 +104,7 @@ def test_a_sweep_job_from_the_page_shows_its_command_and_results(tiny_flow):
 
 
 def test_a_sweep_job_stops_when_asked(tiny_flow):
-    from lft_core.jobs import read_job
+    from lft_core.run.jobs import read_job
 
     at = open_page("train", {"span": TINY_SPAN})
     at = _sweep_form(at, seeds="0", prefix="apptest-stop", w_sweep_steps=100_000)
@@ -130,7 +130,7 @@ def test_a_sweep_job_stops_when_asked(tiny_flow):
 @pytest.fixture
 def stopped_flow(smol, tiny_flow):
     """A 3-step flow stopped after its first step."""
-    from lft_core.training import TrainConfig, train_flow
+    from lft_core.flow.training import TrainConfig, train_flow
 
     calls = {"n": 0}
 
@@ -147,7 +147,7 @@ def stopped_flow(smol, tiny_flow):
 def test_resume_a_stopped_flow(stopped_flow):
     from filelock import FileLock
 
-    from lft_core.store import flows_dir, read_flow_config
+    from lft_core.flow.store import flows_dir, read_flow_config
 
     at = open_page("train", {"span": TINY_SPAN})
     assert_clean(at)

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from lft_core.baselines import AffineReplacement, affine_grid, fit_affine, fit_affine_for_span
-from lft_core.cli import main
+from lft_core.analysis.baselines import AffineReplacement, affine_grid, fit_affine, fit_affine_for_span
+from lft_core.run.cli import main
 from lft_core.errors import LFTError
-from lft_core.evaluation import eval_windows, evaluate
-from lft_core.loading import load_teacher
-from lft_core.teacher import Replace
+from lft_core.analysis.evaluation import eval_windows, evaluate
+from lft_core.model.loading import load_teacher
+from lft_core.model.teacher import Replace
 
 
 def _source(*arrays, batch: int = 50):
@@ -159,7 +159,7 @@ def test_affine_splices_like_a_flow(tiny_neox):
 
 
 def test_affine_end_point_in_the_trajectory_table(tiny_neox):
-    from lft_core.trajectories import trajectory_table
+    from lft_core.analysis.trajectories import trajectory_table
 
     affine = fit_affine_for_span(tiny_neox, (1, 3), seq_len=32, windows=8, heldout_windows=2, progress=False)
     ids = tiny_neox.encode("One two three four five six seven.")
@@ -213,7 +213,7 @@ def test_cli_affine_grid(tiny_neox_dir, tmp_path, capsys):
 
 
 def test_cli_eval_with_the_affine_baseline(tiny_neox, tiny_neox_dir, tmp_path, capsys):
-    from lft_core.training import TrainConfig, train_flow
+    from lft_core.flow.training import TrainConfig, train_flow
 
     train_flow(TrainConfig(model=str(tiny_neox_dir), span=(1, 3), steps=2, batch=2, seq_len=32, windows=8,
                            heldout_windows=2, name="t-aff", distill_steps=0), teacher=tiny_neox, verbose=False)

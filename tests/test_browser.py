@@ -81,7 +81,7 @@ def app_url(tmp_path_factory):
             time.sleep(0.3)
         yield url
     finally:
-        from lft_core.jobs import list_jobs, stop_job
+        from lft_core.run.jobs import list_jobs, stop_job
 
         saved = os.environ.get("LFT_CACHE_DIR")
         os.environ["LFT_CACHE_DIR"] = str(cache)  # jobs this test started from the UI live in its cache folder

@@ -1,4 +1,4 @@
-"""lft_core.comparison: recipes over seeds, curves against step and time, skip-k rows once, the paper's plot."""
+"""lft_core.analysis.comparison: recipes over seeds, curves against step and time, skip-k rows once, the paper's plot."""
 from __future__ import annotations
 
 import math
@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lft_core import comparison as cmp
+from lft_core.analysis import comparison as cmp
 from lft_core.span import Span
-from lft_core.store import SavedFlow
-from lft_core.training import TrainConfig
+from lft_core.flow.store import SavedFlow
+from lft_core.flow.training import TrainConfig
 
 
 def saved(name: str, nmse: float | None = 0.3, history: list[dict] | None = None, **settings) -> SavedFlow:
@@ -163,7 +163,7 @@ def test_skip_grid_on_a_model_matches_the_evaluation_of_skip_rows(tiny_neox):
     at every start, however the windows are batched."""
     import torch
 
-    from lft_core.evaluation import skip_rows
+    from lft_core.analysis.evaluation import skip_rows
 
     ids = torch.randint(0, 1000, (3, 16), generator=torch.Generator().manual_seed(0))
     calls = []

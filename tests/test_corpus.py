@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from lft_core.corpus import CorpusError, load_corpus, make_windows, tokenize_corpus
+from lft_core.data.corpus import CorpusError, load_corpus, make_windows, tokenize_corpus
 
 
 def test_builtin_is_large_and_deterministic(smol):
@@ -74,7 +74,7 @@ class _PositionTokenizer:
 
 
 def test_heldout_text_never_reaches_training_at_any_window_length():
-    from lft_core.corpus import HELDOUT_EVERY, SPLIT_BLOCK, Corpus
+    from lft_core.data.corpus import HELDOUT_EVERY, SPLIT_BLOCK, Corpus
 
     n = 30 * SPLIT_BLOCK + 77
     text = "".join(chr(_PositionTokenizer.BASE + i) for i in range(n))
@@ -96,10 +96,10 @@ def test_heldout_text_never_reaches_training_at_any_window_length():
 
 
 def test_split_rule_is_recorded(tiny_neox, tiny_neox_dir):
-    from lft_core.corpus import SPLIT_RULE
-    from lft_core.evaluation import eval_windows, evaluate
-    from lft_core.store import read_flow_config
-    from lft_core.training import TrainConfig, train_flow
+    from lft_core.data.corpus import SPLIT_RULE
+    from lft_core.analysis.evaluation import eval_windows, evaluate
+    from lft_core.flow.store import read_flow_config
+    from lft_core.flow.training import TrainConfig, train_flow
 
     train_flow(TrainConfig(model=str(tiny_neox_dir), span=(1, 3), steps=1, batch=2, seq_len=16, windows=4,
                            heldout_windows=1, name="t-split-rule", distill_steps=0), teacher=tiny_neox, verbose=False)
@@ -109,7 +109,7 @@ def test_split_rule_is_recorded(tiny_neox, tiny_neox_dir):
 
 
 def test_the_built_in_english_corpus_is_large_varied_and_split(smol):
-    from lft_core.corpus import ENGLISH_FILE
+    from lft_core.data.corpus import ENGLISH_FILE
 
     corpus = load_corpus("english")
     assert corpus.id == "english" and corpus.sources == (str(ENGLISH_FILE),)

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lft_core.activations import CacheError, ensure_activations, open_activations
-from lft_core.cli import main
-from lft_core.corpus import CorpusError, load_corpus, read_text_file
-from lft_core.jobs import jobs_dir, list_jobs, read_job
-from lft_core.store import FlowCheckpointError, flows_dir, list_flows, load_flow
-from lft_core.training import TrainConfig, train_flow
+from lft_core.data.activations import CacheError, ensure_activations, open_activations
+from lft_core.run.cli import main
+from lft_core.data.corpus import CorpusError, load_corpus, read_text_file
+from lft_core.run.jobs import jobs_dir, list_jobs, read_job
+from lft_core.flow.store import FlowCheckpointError, flows_dir, list_flows, load_flow
+from lft_core.flow.training import TrainConfig, train_flow
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_flows_with_impossible_values_are_refused(good_flow, bad, capsys):
 
 
 def test_nan_evaluation_is_an_error_not_a_number(tiny_neox):
-    from lft_core.evaluation import evaluate
+    from lft_core.analysis.evaluation import evaluate
 
     class Broken:
         span = (1, 3)
@@ -198,7 +198,7 @@ def test_non_regular_files_are_refused_before_reading(tmp_path, capsys):
 
 @pytest.mark.parametrize("where, match", [("folder", "is a folder"), ("missing", "does not exist")])
 def test_json_path_is_checked_before_any_work(where, match, tmp_path, monkeypatch, capsys):
-    import lft_core.loading as loading
+    import lft_core.model.loading as loading
 
     monkeypatch.setattr(loading, "load_teacher", lambda *a, **k: pytest.fail("worked before checking --json"))
     path = tmp_path if where == "folder" else tmp_path / "no" / "such" / "out.json"
@@ -236,8 +236,8 @@ def test_evaluation_memory_does_not_grow_with_windows(tiny_neox_dir, tmp_path):
     the 64 windows' logits (the teacher's and a model's) would be ~1.6 GB."""
     script = (
         "import resource, torch\n"
-        "from lft_core.loading import load_teacher\n"
-        "from lft_core.evaluation import evaluate\n"
+        "from lft_core.model.loading import load_teacher\n"
+        "from lft_core.analysis.evaluation import evaluate\n"
         f"t = load_teacher({str(tiny_neox_dir)!r})\n"
         "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024\n"
         "ids = torch.randint(0, 1000, (64, 64), generator=torch.Generator().manual_seed(0))\n"

@@ -1,4 +1,4 @@
-"""The demo in one command (lft_core.demo, `python -m lft_core demo`, the "demo" job kind), with tiny budgets:
+"""The demo in one command (lft_core.run.demo, `python -m lft_core demo`, the "demo" job kind), with tiny budgets:
 4 windows x 16 tokens, 48 token pairs, spans of 2 blocks, 2 training steps per flow."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lft_core.demo import DemoSettings, choose_spans, demo_status, manifest_path, prepare_demo, read_manifest
+from lft_core.run.demo import DemoSettings, choose_spans, demo_status, manifest_path, prepare_demo, read_manifest
 from lft_core.errors import LFTError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def ensure_tiny(smol, **kw):
 
 
 def flow_record(name: str):
-    from lft_core.store import list_flows
+    from lft_core.flow.store import list_flows
 
     return {f.name: f for f in list_flows()}.get(name)
 
@@ -49,8 +49,8 @@ def test_status_of_an_empty_cache_is_not_prepared_and_fast(tmp_path, monkeypatch
 
 
 def test_defaults_are_the_apps_and_the_recipes():
-    from lft_core.corpus import DEFAULT
-    from lft_core.loading import DEFAULT_MODEL
+    from lft_core.data.corpus import DEFAULT
+    from lft_core.model.loading import DEFAULT_MODEL
 
     s = DemoSettings()
     assert (s.model, s.corpus, s.seq_len, s.windows, s.pairs, s.blocks, s.methods, s.train) == \
@@ -85,8 +85,8 @@ def test_a_full_tiny_demo(smol):
     assert not demo_status(DemoSettings()).ready  # the default demo is another one
 
     # the spans: lowest and highest R among the 2-block spans starting at block >= 1, from the persisted grid
-    from lft_core.activations import open_activations
-    from lft_core.coupling import read_recoupling_grid
+    from lft_core.data.activations import open_activations
+    from lft_core.analysis.coupling import read_recoupling_grid
 
     manifest = read_manifest()
     grid = read_recoupling_grid(open_activations(manifest["cache"]["train"]), TINY.pairs)
@@ -130,9 +130,9 @@ def test_a_second_run_is_a_no_op(smol):
 
 
 def test_persisted_grids_equal_a_fresh_computation(smol):
-    from lft_core.activations import open_activations
-    from lft_core.baselines import affine_grid, affine_grid_path, read_affine_grid
-    from lft_core.coupling import read_recoupling_grid, recoupling_for_cache, recoupling_grid_path
+    from lft_core.data.activations import open_activations
+    from lft_core.analysis.baselines import affine_grid, affine_grid_path, read_affine_grid
+    from lft_core.analysis.coupling import read_recoupling_grid, recoupling_for_cache, recoupling_grid_path
 
     ensure_tiny(smol)
     manifest = read_manifest()
@@ -153,7 +153,7 @@ def test_persisted_grids_equal_a_fresh_computation(smol):
     assert affine_grid_path(train.key, held.key).name == manifest["grids"]["affine"]
 
     # a grid of an earlier build of the entry is not read back; a missing grid file makes the demo not ready
-    from lft_core.activations import ActivationCache
+    from lft_core.data.activations import ActivationCache
 
     rebuilt = ActivationCache(train.dir, {**train.meta, "created": "2000-01-01T00:00:00+00:00"})
     assert read_recoupling_grid(rebuilt, TINY.pairs) is None and read_affine_grid(rebuilt, held) is None
@@ -168,7 +168,7 @@ def test_persisted_grids_equal_a_fresh_computation(smol):
 
 
 def test_deleting_a_demo_flow_makes_it_not_ready_and_a_rerun_retrains_only_it(smol):
-    from lft_core.store import delete_flow
+    from lft_core.flow.store import delete_flow
 
     ensure_tiny(smol)
     names = demo_status().flows
@@ -264,7 +264,7 @@ def test_cli_status(smol, tmp_path):
 def test_cli_demo_as_a_job(tiny_neox_dir):
     """`start_job("demo", ...)`: `python -m lft_core demo ... --json` in the background, with the progress and
     result files the app reads (a 4-block random model keeps it quick)."""
-    from lft_core.jobs import read_job, start_job
+    from lft_core.run.jobs import read_job, start_job
 
     flags = ["--model", str(tiny_neox_dir), *TINY_FLAGS[:6], "--blocks", "1", *TINY_FLAGS[8:]]
     job = start_job("demo", flags, label="Prepare the demo")

@@ -18,11 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lft_core.activations import list_entries
-from lft_core.cli import main
-from lft_core.loading import load_teacher
-from lft_core.store import flows_dir, load_flow
-from lft_core.training import BatchPlan
+from lft_core.data.activations import list_entries
+from lft_core.run.cli import main
+from lft_core.model.loading import load_teacher
+from lft_core.flow.store import flows_dir, load_flow
+from lft_core.flow.training import BatchPlan
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -86,7 +86,8 @@ def test_the_batch_plan_depends_on_the_seed_only():
 
 
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused(tiny_neox, tiny_neox_dir, monkeypatch):
-    from lft_core import distributed, training
+    from lft_core import distributed
+    from lft_core.flow import training
     from lft_core.errors import LFTError
 
     monkeypatch.setattr(training, "current", lambda: distributed.Dist(rank=0, world=3))
@@ -212,9 +213,9 @@ def test_commands_that_run_in_one_process_say_so_under_torchrun(shared_cache):
 
 
 def test_a_teacher_spread_over_devices_gives_the_same_states_and_surgery(tiny_neox, tiny_neox_dir):
-    from lft_core.field import VelocityField
-    from lft_core.flow import LatentFlow
-    from lft_core.teacher import Replace, Skip
+    from lft_core.flow.field import VelocityField
+    from lft_core.flow.latent import LatentFlow
+    from lft_core.model.teacher import Replace, Skip
 
     names = {"gpt_neox.embed_in": "cpu", "gpt_neox.layers.0": "cpu", "gpt_neox.layers.1": "disk",
              "gpt_neox.layers.2": "disk", "gpt_neox.layers.3": "cpu", "gpt_neox.final_layer_norm": "cpu",
@@ -262,7 +263,7 @@ def test_placement_flags_are_checked(tiny_neox_dir, monkeypatch, capsys):
 
 
 def test_training_pairs_stay_on_disk_and_batches_come_back_in_order(tiny_neox, tiny_neox_dir):
-    from lft_core.training import TrainConfig, load_pairs
+    from lft_core.flow.training import TrainConfig, load_pairs
 
     cfg = TrainConfig(model=str(tiny_neox_dir), span=(1, 3), steps=1, batch=2, seq_len=16, windows=6,
                       heldout_windows=2, distill_steps=0)
@@ -277,7 +278,7 @@ def test_training_pairs_stay_on_disk_and_batches_come_back_in_order(tiny_neox, t
 
 
 def test_streamed_normalisation_statistics_equal_the_pooled_ones(monkeypatch):
-    from lft_core import training
+    from lft_core.flow import training
 
     rng = np.random.default_rng(0)
     x0 = (rng.standard_normal((7, 5, 3)) * [1, 10, 100] + [0, -5, 1e3]).astype(np.float16)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from lft_core.errors import LFTError
-from lft_core.evaluation import evaluate, token_kl
-from lft_core.store import open_flow
-from lft_core.teacher import Replace, Skip
-from lft_core.training import TrainConfig, train_flow
+from lft_core.analysis.evaluation import evaluate, token_kl
+from lft_core.flow.store import open_flow
+from lft_core.model.teacher import Replace, Skip
+from lft_core.flow.training import TrainConfig, train_flow
 
 
 class ExactFlow(torch.nn.Module):

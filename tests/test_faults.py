@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from lft_core.activations import CacheError, cache_key, ensure_activations, open_activations
-from lft_core.cli import main
-from lft_core.corpus import load_corpus
+from lft_core.data.activations import CacheError, cache_key, ensure_activations, open_activations
+from lft_core.run.cli import main
+from lft_core.data.corpus import load_corpus
 from lft_core.errors import LFTError
-from lft_core.jobs import read_job, start_job
+from lft_core.run.jobs import read_job, start_job
 from lft_core.paths import cache_dir
-from lft_core.store import flows_dir, open_flow
-from lft_core.training import TrainConfig, train_flow
+from lft_core.flow.store import flows_dir, open_flow
+from lft_core.flow.training import TrainConfig, train_flow
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,7 @@ def test_training_job_killed_with_sigkill(tiny_neox, tiny_neox_dir):
 
     flow, config = open_flow(name, tiny_neox)
     assert config["status"] == "running" and config["steps_done"] >= 2 and config["steps_done"] % 2 == 0
-    from lft_core.store import list_flows
+    from lft_core.flow.store import list_flows
 
     # nobody holds its training lock any more; Linux drops a killed process's flock a moment after the process
     # is gone (the last close of its files is deferred to a kernel worker), so allow that moment
@@ -133,7 +133,7 @@ def test_training_job_killed_with_sigkill(tiny_neox, tiny_neox_dir):
 def test_killing_only_the_runner_takes_its_trainer_down(tiny_neox_dir):
     """SIGKILL to the job runner alone (not its group): the CLI child it started dies with it (PDEATHSIG), so
     no orphaned trainer keeps running or keeps holding the flow's lock."""
-    from lft_core.store import list_flows
+    from lft_core.flow.store import list_flows
 
     name = "fault-runner-only"
     job = _slow_training_job(tiny_neox_dir, name)

@@ -269,7 +269,7 @@ def _states_table(seed: int = 0) -> pd.DataFrame:
 def test_pca_explained_variance_reaches_the_trajectory_axis_titles():
     from sklearn.decomposition import PCA
 
-    from lft_core.trajectories import project_table
+    from lft_core.analysis.trajectories import project_table
 
     df = _states_table()
     points = np.stack(df["state"].to_numpy()).astype(np.float64)
@@ -325,7 +325,7 @@ def test_training_curves_against_wall_time():
     assert old.layout.xaxis.title.text.startswith("training step") and "not recorded" in old.layout.xaxis.title.text
     mixed = figures.training_curves({FLOWS[0]: history, FLOWS[1]: _history(seconds_per_step=None)}, x="seconds")
     assert "not recorded" in mixed.layout.xaxis.title.text  # never steps and seconds on one axis
-    # a 'seconds' field (the other spelling lft_core.comparison reads) works too
+    # a 'seconds' field (the other spelling lft_core.analysis.comparison reads) works too
     renamed = [{("seconds" if k == "elapsed_s" else k): v for k, v in e.items()} for e in history]
     fig = figures.training_curves({FLOWS[0]: renamed}, x="seconds")
     assert fig.layout.xaxis.title.text == "wall time (s)"

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from lft_core.errors import LFTError
-from lft_core.field import BlockWeights, FieldSpec, VelocityField
-from lft_core.flow import LatentFlow
-from lft_core.store import FlowCheckpointError, load_flow, save_flow
-from lft_core.losses import LOSSES, compute_loss, flow_walking_loss, hybrid_loss, sfm_loss, walk_times
-from lft_core.solvers import Trajectory, integrate
+from lft_core.flow.field import BlockWeights, FieldSpec, VelocityField
+from lft_core.flow.latent import LatentFlow
+from lft_core.flow.store import FlowCheckpointError, load_flow, save_flow
+from lft_core.flow.losses import LOSSES, compute_loss, flow_walking_loss, hybrid_loss, sfm_loss, walk_times
+from lft_core.flow.solvers import Trajectory, integrate
 
 
 def small_spec(**overrides) -> FieldSpec:

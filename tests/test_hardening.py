@@ -3,7 +3,7 @@
 Every bad input ends in ONE clear line: the engine raises an ``LFTError`` subclass; the CLI prints
 ``error: ...`` (argparse: ``python -m lft_core CMD: error: ...``) as its last stderr line, exits 2, never shows
 a traceback, and leaves every existing cache entry and flow byte-for-byte unchanged (and adds no entry).
-The CLI table runs in-process through ``lft_core.cli.main`` (exactly what ``python -m lft_core`` runs); a
+The CLI table runs in-process through ``lft_core.run.cli.main`` (exactly what ``python -m lft_core`` runs); a
 representative handful also runs as real subprocesses. Tiny random models only (fast).
 """
 from __future__ import annotations
@@ -25,18 +25,18 @@ import numpy as np
 import pytest
 import torch
 
-from lft_core.activations import CacheError, ensure_activations, open_activations, parse_layers
-from lft_core.cli import main
-from lft_core.corpus import CorpusError, load_corpus, make_windows
+from lft_core.data.activations import CacheError, ensure_activations, open_activations, parse_layers
+from lft_core.run.cli import main
+from lft_core.data.corpus import CorpusError, load_corpus, make_windows
 from lft_core.errors import LFTError
-from lft_core.evaluation import eval_windows, evaluate
-from lft_core.field import FieldSpec
-from lft_core.flow import LatentFlow
-from lft_core.store import FlowCheckpointError, load_flow, open_flow, save_flow
+from lft_core.analysis.evaluation import eval_windows, evaluate
+from lft_core.flow.field import FieldSpec
+from lft_core.flow.latent import LatentFlow
+from lft_core.flow.store import FlowCheckpointError, load_flow, open_flow, save_flow
 from lft_core.paths import cache_dir, cache_root
-from lft_core.loading import load_teacher
-from lft_core.teacher import Replace, TeacherLoadError
-from lft_core.training import TrainConfig, train_flow
+from lft_core.model.loading import load_teacher
+from lft_core.model.teacher import Replace, TeacherLoadError
+from lft_core.flow.training import TrainConfig, train_flow
 
 REPO = Path(__file__).resolve().parents[1]
 FLOW = "hard-neox"  # the flow every flow case starts from (span 1:3 of the tiny GPT-NeoX)
@@ -279,7 +279,7 @@ _TEACHERS: dict = {}
 def fast_teachers(monkeypatch):
     """Models that load fine are loaded once for the whole table (the CLI commands never mutate a teacher);
     every failing load still runs for real."""
-    import lft_core.loading as teacher_module
+    import lft_core.model.loading as teacher_module
 
     real = teacher_module.load_teacher
 
@@ -338,7 +338,7 @@ def test_engine_spans(tiny_neox, world, unchanged):
 
 
 def test_engine_k_limits_refuse_before_work(tiny_neox, world, unchanged):
-    from lft_core.toy import run_toy
+    from lft_core.flow.toy import run_toy
 
     flow, _ = open_flow(FLOW, tiny_neox)
     h = torch.randn(1, 8, tiny_neox.d_model)
@@ -361,7 +361,7 @@ def test_engine_k_limits_refuse_before_work(tiny_neox, world, unchanged):
 
 
 def test_evaluate_refuses_bad_skip_before_any_forward(tiny_neox, world, monkeypatch):
-    import lft_core.evaluation as ev
+    import lft_core.analysis.evaluation as ev
 
     flow, _ = open_flow(FLOW, tiny_neox)
     ids = torch.zeros(1, 8, dtype=torch.long)
@@ -589,7 +589,7 @@ def test_pickle_weights_and_remote_code_are_refused(world):
     assert not world["unpickled"].exists(), "a pickle file was unpickled"
     assert not world["remote_ran"].exists(), "a model's own code ran without --trust-remote-code"
     # the CLI's flag is opt-in
-    from lft_core.cli import build_parser
+    from lft_core.run.cli import build_parser
 
     args = build_parser().parse_args(["cache"])
     assert args.trust_remote_code is False

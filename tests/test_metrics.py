@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from lft_core import coupling, metrics
+from lft_core.analysis import coupling
+from lft_core.analysis import metrics
 from lft_core.errors import LFTError
-from lft_core.coupling import crossings, cost_matrix, flow_recoupled, recoupling_grid, recoupling_ratio, sinkhorn_recoupling
-from lft_core.losses import straight_path
-from lft_core.metrics import MetricError, kl_per_token, nll_per_token, nmse, perplexity
+from lft_core.analysis.coupling import crossings, cost_matrix, flow_recoupled, recoupling_grid, recoupling_ratio, sinkhorn_recoupling
+from lft_core.flow.losses import straight_path
+from lft_core.analysis.metrics import MetricError, kl_per_token, nll_per_token, nmse, perplexity
 
 # ------------------------------------------------------------------------------------------------------------
 # Next-token metrics

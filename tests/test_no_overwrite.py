@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from lft_core.cli import main
+from lft_core.run.cli import main
 from lft_core.errors import LFTError
-from lft_core.store import NAME_RE, delete_flow, flows_dir, list_flows
-from lft_core.training import TrainConfig, load_pairs, train_flow
+from lft_core.flow.store import NAME_RE, delete_flow, flows_dir, list_flows
+from lft_core.flow.training import TrainConfig, load_pairs, train_flow
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -88,8 +88,8 @@ def test_a_new_flow_appears_whole_or_not_at_all_on_a_full_disk(tiny_neox, tiny_n
 
 
 def test_a_cache_entry_deleted_while_training_reads_it_is_computed_again(tiny_neox, tiny_neox_dir, monkeypatch):
-    import lft_core.training as training
-    from lft_core.activations import delete_entry
+    import lft_core.flow.training as training
+    from lft_core.data.activations import delete_entry
 
     real = training.ensure_activations
     deleted: list[str] = []
@@ -123,7 +123,7 @@ def test_a_damaged_training_state_is_one_line_on_resume(tiny_neox, tiny_neox_dir
 
 
 def test_a_flows_corpus_is_read_from_its_config_and_old_flows_were_trained_on_the_python_docs():
-    from lft_core.store import trained_on
+    from lft_core.flow.store import trained_on
 
     assert trained_on({"corpus": "english"}) == "english"
     assert trained_on({"corpus": "/data/mine.txt"}) == "/data/mine.txt"

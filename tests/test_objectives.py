@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from lft_core.errors import LFTError
-from lft_core.losses import path_loss, sfm_loss
-from lft_core.metrics import kl_per_token
-from lft_core.solvers import integrate
-from lft_core.store import flows_dir, load_flow
-from lft_core.teacher import Replace
-from lft_core.training import TrainConfig, lr_at, train_flow
+from lft_core.flow.losses import path_loss, sfm_loss
+from lft_core.analysis.metrics import kl_per_token
+from lft_core.flow.solvers import integrate
+from lft_core.flow.store import flows_dir, load_flow
+from lft_core.model.teacher import Replace
+from lft_core.flow.training import TrainConfig, lr_at, train_flow
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def test_waypoint_training_reads_the_inner_layers(tiny_neox, tiny_neox_dir):
     result = train_flow(cfg, teacher=tiny_neox, verbose=False)
     config = json.loads((flows_dir() / "obj-waypoints" / "config.json").read_text())
     assert config["waypoints"] == 0.5 and result.steps == 3 and np.isfinite(result.final_loss)
-    from lft_core.activations import list_entries
+    from lft_core.data.activations import list_entries
 
     layers = [e["meta"]["layers"] for e in list_entries() if e["key"] == config["data_key"]][0]
     assert {1, 2} <= set(layers)  # h_1 and h_2, the waypoints of span 0:3, were cached and read
@@ -122,7 +122,7 @@ def test_distillation_lowers_the_spliced_models_kl(tiny_neox, tiny_neox_dir):
     longer = TrainConfig(**base, distill_steps=100, distill_lr=3e-3)  # the distillation gets its own warm-up
     assert lr_at(2, longer) == pytest.approx(3e-3 / 5)  # 1 of 5 warm-up steps
 
-    from lft_core.activations import list_entries
+    from lft_core.data.activations import list_entries
 
     entry = [e for e in list_entries() if e["key"] == result_key("obj-after")][0]
     ids = torch.from_numpy(np.load(f"{entry['dir']}/tokens.npy").astype(np.int64))
@@ -156,7 +156,7 @@ def test_a_finished_flow_can_be_resumed_with_distillation_added(tiny_neox, tiny_
     result = train_flow(TrainConfig(**base, distill_steps=3, distill_batch=2), teacher=tiny_neox, resume=True,
                         verbose=False)
     assert result.steps == 5
-    from lft_core.store import list_flows
+    from lft_core.flow.store import list_flows
 
     listed = next(f for f in list_flows() if f.name == "obj-resume")
     assert (listed.steps_done, listed.steps) == (5, 5)  # the listing counts the distillation steps too

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lft_core.errors import LFTError
-from lft_core.projection import Projection, ProjectionError, default_cache_dir, project
+from lft_core.analysis.projection import Projection, ProjectionError, default_cache_dir, project
 
 
 def _line(n: int = 40, d: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

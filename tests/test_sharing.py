@@ -6,8 +6,8 @@ import threading
 import numpy as np
 import torch
 
-from lft_core.baselines import AffineReplacement
-from lft_core.teacher import Replace, Skip
+from lft_core.analysis.baselines import AffineReplacement
+from lft_core.model.teacher import Replace, Skip
 
 
 def _a_replacement(teacher, span=(1, 3)) -> AffineReplacement:

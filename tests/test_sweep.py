@@ -14,8 +14,8 @@ import pytest
 
 from lft_core.errors import LFTError
 from lft_core.span import Span
-from lft_core.sweep import cell_name, default_prefix, expand, parse_grid, plan_sweep, run_sweep, saved_train_config
-from lft_core.training import TrainConfig
+from lft_core.run.sweep import cell_name, default_prefix, expand, parse_grid, plan_sweep, run_sweep, saved_train_config
+from lft_core.flow.training import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(span=(2, 4), steps=3, windows=8, heldout_windows=2, seq_len=32, batch=2, eval_every=2,
@@ -59,8 +59,8 @@ def test_bad_grid_text(spans, methods, ks, seeds, message):
 
 
 def test_the_whole_grid_is_checked_before_training(smol, monkeypatch):
-    from lft_core import sweep
-    from lft_core.store import flows_dir
+    from lft_core.run import sweep
+    from lft_core.flow.store import flows_dir
 
     base = TrainConfig(**TINY)
     with pytest.raises(LFTError, match="span 2:40 is not valid for"):
@@ -91,7 +91,7 @@ def test_the_whole_grid_is_checked_before_training(smol, monkeypatch):
 
 
 def test_a_tiny_sweep_runs_then_is_a_no_op(smol):
-    from lft_core.store import flows_dir, read_flow_config
+    from lft_core.flow.store import flows_dir, read_flow_config
 
     base = TrainConfig(**TINY)
     plan = plan_sweep(base, "2:4", "fw", "2", "0,1", prefix="lib", teacher=smol)
@@ -127,7 +127,7 @@ def test_a_tiny_sweep_runs_then_is_a_no_op(smol):
 
 
 def test_a_stopped_sweep_resumes_its_interrupted_cell(smol):
-    from lft_core.store import flows_dir, list_flows, read_flow_config
+    from lft_core.flow.store import flows_dir, list_flows, read_flow_config
 
     base = TrainConfig(**TINY)
     flag = {"stop": False}
@@ -161,7 +161,7 @@ def test_a_stopped_sweep_resumes_its_interrupted_cell(smol):
 def test_sweep_job_and_cli_round_trip(smol):
     """A 2-run sweep as a background job (progress events, result, command); the same command run again by
     hand is a no-op; a bad grid fails with one line before the model loads."""
-    from lft_core.jobs import read_job, start_job
+    from lft_core.run.jobs import read_job, start_job
 
     args = ["--spans", "2:4", "--methods", "fw,sfm", "--k", "2", "--seeds", "3", "--name", "cli", *TINY_FLAGS]
     job = start_job("sweep", args, label="sweep cli")
@@ -199,7 +199,7 @@ def test_sweep_job_and_cli_round_trip(smol):
 
 
 def test_job_command_leaves_out_the_internal_arguments(tmp_path):
-    from lft_core.jobs import Job
+    from lft_core.run.jobs import Job
 
     given = ["train", "--span", "2:4", "--name", "it's a name", "--corpus", "/data/my corpus.txt"]
     job = Job("x", tmp_path, "train", "label", [*given, "--json", "/j/result.json", "--progress-file", "/j/p",

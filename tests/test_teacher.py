@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lft_core.errors import LFTError
-from lft_core.loading import load_teacher
-from lft_core.teacher import Replace, Skip, TeacherLoadError
+from lft_core.model.loading import load_teacher
+from lft_core.model.teacher import Replace, Skip, TeacherLoadError
 
 
 class Fixed:
@@ -92,8 +92,8 @@ def test_field_initialised_from_a_block_reproduces_it(family, tmp_path):
     """With gates=1 the velocity field is exactly block(x) - x, so one Euler step equals the teacher block:
     checks field_spec / block_weights for each family (weights, head layout, rotary, residual style)."""
     from conftest import make_tiny_model
-    from lft_core.field import VelocityField
-    from lft_core.flow import LatentFlow
+    from lft_core.flow.field import VelocityField
+    from lft_core.flow.latent import LatentFlow
 
     teacher = load_teacher(str(make_tiny_model(tmp_path / family, family)))
     ids = teacher.encode("Every family must copy exactly. " * 4)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lft_core.errors import LFTError
-from lft_core.solvers import integrate
-from lft_core.toy import (DATASETS, LAB_DEFAULTS, MLPField, ToyPairs, crossing_marks, flow_paths, lab_run,
+from lft_core.flow.solvers import integrate
+from lft_core.flow.toy import (DATASETS, LAB_DEFAULTS, MLPField, ToyPairs, crossing_marks, flow_paths, lab_run,
                            pairs_from_csv, run_toy, train_toy)
 
 

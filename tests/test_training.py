@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from lft_core.errors import LFTError
-from lft_core.store import open_flow
-from lft_core.teacher import Replace
-from lft_core.training import TrainConfig, lr_at, train_flow
+from lft_core.flow.store import open_flow
+from lft_core.model.teacher import Replace
+from lft_core.flow.training import TrainConfig, lr_at, train_flow
 
 
 def _cfg(model_dir, **kw):
@@ -99,8 +99,8 @@ def test_nmse_loss_weight_equals_the_metric():
     original units (the held-out metric); the sink weight multiplies position 0 only."""
     from types import SimpleNamespace
 
-    from lft_core.metrics import nmse
-    from lft_core.training import loss_weight
+    from lft_core.analysis.metrics import nmse
+    from lft_core.flow.training import loss_weight
 
     g = torch.Generator().manual_seed(0)
     mu, sigma = torch.randn(8, generator=g), torch.rand(8, generator=g) * 50 + 0.1
@@ -122,8 +122,8 @@ def test_nmse_loss_weight_equals_the_metric():
 def test_delete_flow_and_the_flows_command(tiny_neox, tiny_neox_dir, capsys):
     from filelock import FileLock
 
-    from lft_core.cli import main
-    from lft_core.store import delete_flow, flows_dir, list_flows
+    from lft_core.run.cli import main
+    from lft_core.flow.store import delete_flow, flows_dir, list_flows
 
     train_flow(_cfg(tiny_neox_dir, steps=2, name="t-doomed"), teacher=tiny_neox, verbose=False)
     assert main(["flows"]) == 0

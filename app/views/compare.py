@@ -7,7 +7,7 @@ import streamlit as st
 
 from app import common as c
 from app import figures
-from lft_core import comparison as cmp
+from lft_core.analysis import comparison as cmp
 from lft_core.span import Span
 
 X_CHOICES = {"training step": "step", "wall time (s)": "seconds"}
@@ -117,7 +117,7 @@ st.subheader("KL and perplexity on held-out text")
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def heldout_ids(spec: str, corpus_spec: str, windows: int, seq_len: int):
-    from lft_core.evaluation import eval_windows
+    from lft_core.analysis.evaluation import eval_windows
 
     return eval_windows(c.get_teacher(spec), corpus_spec, windows=windows, seq_len=seq_len)
 
@@ -125,7 +125,7 @@ def heldout_ids(spec: str, corpus_spec: str, windows: int, seq_len: int):
 @st.cache_data(max_entries=128, show_spinner=False)
 def evaluate_flow(spec: str, corpus_spec: str, name: str, stamp: float, windows: int, seq_len: int) -> dict:
     """The flow at its own k: KL, PPL, NMSE (and the teacher's PPL) on the held-out windows."""
-    from lft_core.evaluation import evaluate
+    from lft_core.analysis.evaluation import evaluate
 
     flow, cfg = c.load_flow(name, spec, stamp)
     k = int(cfg.get("k", 3))
@@ -141,7 +141,7 @@ def evaluate_affine(spec: str, corpus_spec: str, span: tuple[int, int], fit: tup
                     _affine) -> dict:
     """The affine replacement of ``span`` fitted with ``fit`` (corpus, tokens, windows, held-out windows) on the
     held-out windows (``_affine`` is that fit: the key is ``span`` and ``fit``)."""
-    from lft_core.evaluation import evaluate
+    from lft_core.analysis.evaluation import evaluate
 
     result = evaluate(c.get_teacher(spec), None, span, heldout_ids(spec, corpus_spec, windows, seq_len), ks=[],
                       skips=[], best_skip=False, affine=_affine)

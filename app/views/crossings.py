@@ -7,7 +7,7 @@ import streamlit as st
 
 from app import common as c
 from app import figures
-from lft_core.coupling import CouplingView
+from lft_core.analysis.coupling import CouplingView
 from lft_core.span import Span
 
 c.page_intro(
@@ -62,8 +62,8 @@ if source == "My text":
 @st.cache_data(max_entries=16, show_spinner=False)
 def from_cache(spec: str, corpus_spec: str, seq_len: int, windows: int, span: Span, n_tokens: int,
                flow_key: tuple[str, float] | None, k: int) -> tuple[CouplingView, list[str]]:
-    from lft_core.activations import ensure_activations
-    from lft_core.coupling import coupling_view, span_coupling
+    from lft_core.data.activations import ensure_activations
+    from lft_core.analysis.coupling import coupling_view, span_coupling
 
     teacher = c.get_teacher(spec)
     cache = ensure_activations(teacher, c.get_corpus(corpus_spec), seq_len, windows, list(span), progress=False)
@@ -75,7 +75,7 @@ def from_cache(spec: str, corpus_spec: str, seq_len: int, windows: int, span: Sp
 @st.cache_data(max_entries=16, show_spinner=False)
 def from_text(spec: str, text: str, span: Span, flow_key: tuple[str, float] | None,
               k: int) -> tuple[CouplingView, list[str]]:
-    from lft_core.coupling import coupling_view, text_coupling
+    from lft_core.analysis.coupling import coupling_view, text_coupling
 
     teacher = c.get_teacher(spec)
     flow = c.load_flow(flow_key[0], spec, flow_key[1])[0] if flow_key else None

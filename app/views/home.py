@@ -11,10 +11,10 @@ import shlex
 import streamlit as st
 
 from app import common as c
-from lft_core.activations import list_entries
+from lft_core.data.activations import list_entries
 from lft_core.errors import LFTError
-from lft_core.jobs import list_jobs, start_job
-from lft_core.store import list_flows
+from lft_core.run.jobs import list_jobs, start_job
+from lft_core.flow.store import list_flows
 
 st.title("LFT Explorer")
 st.markdown(

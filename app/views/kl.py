@@ -75,8 +75,8 @@ if use_skip and m + int(skip_k) > teacher.n_layers:
 @st.cache_data(max_entries=32, show_spinner=False)
 def kl_for_text(spec: str, text: str, flow_key: tuple[str, float] | None, k: int, skip_start: int,
                 skip_k: int | None, affine_key: tuple | None):
-    from lft_core.evaluation import token_kl
-    from lft_core.teacher import Replace, Skip
+    from lft_core.analysis.evaluation import token_kl
+    from lft_core.model.teacher import Replace, Skip
 
     teacher = c.get_teacher(spec)
     ids = teacher.encode(text, max_tokens=min(512, teacher.max_positions))

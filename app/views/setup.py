@@ -8,11 +8,11 @@ import pandas as pd
 import streamlit as st
 
 from app import common as c
-from lft_core.activations import delete_entry, list_entries
+from lft_core.data.activations import delete_entry, list_entries
 from lft_core.paths import cache_dir
-from lft_core.corpus import BUILTIN, ENGLISH, SPLIT_BLOCK
-from lft_core.corpus import DEFAULT as DEFAULT_CORPUS
-from lft_core.loading import DEFAULT_MODEL
+from lft_core.data.corpus import BUILTIN, ENGLISH, SPLIT_BLOCK
+from lft_core.data.corpus import DEFAULT as DEFAULT_CORPUS
+from lft_core.model.loading import DEFAULT_MODEL
 
 c.page_intro(
     "Setup & cache",

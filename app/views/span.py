@@ -30,8 +30,8 @@ L = teacher.n_layers
 def recoupling_matrix(cache_key: str, pairs: int, seed: int = 0) -> tuple[np.ndarray, float]:
     """R(m, n) for all spans from an all-layer cache entry (position 0 of each window excluded); computed once
     per cache entry on this server and saved (the demo saves the same grid)."""
-    from lft_core.activations import open_activations
-    from lft_core.coupling import recoupling_grid_cached
+    from lft_core.data.activations import open_activations
+    from lft_core.analysis.coupling import recoupling_grid_cached
 
     grid = recoupling_grid_cached(open_activations(cache_key), pairs=pairs, seed=seed, drop_first=True)
     return grid.matrix, grid.seconds
@@ -44,7 +44,7 @@ AFFINE_HELDOUT_WINDOWS = 4  # held-out windows that choose each span's ridge str
 def affine_matrix(spec: str, corpus_spec: str, seq_len: int, windows: int, cache_key: str) -> np.ndarray:
     """Held-out NMSE of the affine replacement of every span (``cache_key``: the all-layer entry it reads, so a
     rebuilt cache gives a new result); computed once on this server and saved (the demo saves the same grid)."""
-    from lft_core.baselines import affine_grid_cached
+    from lft_core.analysis.baselines import affine_grid_cached
 
     return affine_grid_cached(c.get_teacher(spec), corpus_spec, seq_len, windows, AFFINE_HELDOUT_WINDOWS,
                               progress=False).matrix
@@ -53,7 +53,7 @@ def affine_matrix(spec: str, corpus_spec: str, seq_len: int, windows: int, cache
 @st.cache_data(max_entries=32, show_spinner=False)
 def skip_kl(spec: str, corpus_spec: str, span: Span, ks: tuple[int, ...], windows: int,
             seq_len: int) -> pd.DataFrame:
-    from lft_core.evaluation import eval_windows, evaluate
+    from lft_core.analysis.evaluation import eval_windows, evaluate
 
     teacher = c.get_teacher(spec)
     ids = eval_windows(teacher, corpus_spec, windows=windows, seq_len=seq_len)

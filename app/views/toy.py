@@ -5,7 +5,7 @@ import streamlit as st
 
 from app import common as c
 from app import figures
-from lft_core.toy import DATASETS, LAB_DEFAULTS, LabRun
+from lft_core.flow.toy import DATASETS, LAB_DEFAULTS, LabRun
 
 c.page_intro(
     "Teaching lab (2-D)",
@@ -22,7 +22,7 @@ OPTIONS = list(DATASETS) + [CSV]
 POINTS = 256  # every preset's default (LAB_DEFAULTS were measured with it)
 K_RANGE = (1, 8)
 
-# What each preset teaches with its LAB_DEFAULTS (measured, seed 0, 256 points: see lft_core.toy).
+# What each preset teaches with its LAB_DEFAULTS (measured, seed 0, 256 points: see lft_core.flow.toy).
 LESSONS = {
     "mirror": "Every straight path passes through the centre at t = ½, so optimal transport would re-pair every "
               "point (recoupling ratio 1). SFM averages the opposing velocities there and misroutes most points; "
@@ -41,7 +41,7 @@ LESSONS = {
 
 
 def describe(name: str) -> str:
-    """The first line of the dataset's docstring in lft_core.toy (so the text follows the engine)."""
+    """The first line of the dataset's docstring in lft_core.flow.toy (so the text follows the engine)."""
     doc = (DATASETS[name].__doc__ or "").strip().splitlines()
     return doc[0] if doc else ""
 
@@ -89,7 +89,7 @@ if dataset == CSV:
 def toy_run(dataset: str, method: str, steps: int, k: int, n_points: int, csv_bytes: bytes | None) -> LabRun:
     import io
 
-    from lft_core.toy import lab_run, pairs_from_csv, run_toy, train_toy
+    from lft_core.flow.toy import lab_run, pairs_from_csv, run_toy, train_toy
 
     if csv_bytes is not None:
         result = train_toy(pairs_from_csv(io.BytesIO(csv_bytes), name="csv"), method=method, steps=steps, k=k)

@@ -10,11 +10,11 @@ import streamlit as st
 from app import common as c
 from app import figures
 from lft_core.errors import LFTError
-from lft_core.jobs import list_jobs, read_job, start_job, stop_job
-from lft_core.store import being_trained, delete_flow, list_flows
-from lft_core.sweep import parse_grid, plan_sweep, saved_train_config
-from lft_core.sweep import cli_args as sweep_cli_args
-from lft_core.training import METHODS, TrainConfig
+from lft_core.run.jobs import list_jobs, read_job, start_job, stop_job
+from lft_core.flow.store import being_trained, delete_flow, list_flows
+from lft_core.run.sweep import parse_grid, plan_sweep, saved_train_config
+from lft_core.run.sweep import cli_args as sweep_cli_args
+from lft_core.flow.training import METHODS, TrainConfig
 
 c.page_intro(
     "Train a latent flow",

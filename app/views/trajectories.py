@@ -107,7 +107,7 @@ fine = show.get("fine curves", False)
 @st.cache_data(max_entries=16, show_spinner=False)
 def trajectories(spec: str, flow_keys: tuple[tuple[str, str, float], ...], text: str, positions: tuple[int, ...],
                  span: Span, k: int, method: str, centre: bool, affine_key: tuple | None):
-    from lft_core.trajectories import centred, project_table, trajectory_table
+    from lft_core.analysis.trajectories import centred, project_table, trajectory_table
 
     teacher = c.get_teacher(spec)
     flows = {label: c.load_flow(name, spec, stamp)[0] for label, name, stamp in flow_keys}

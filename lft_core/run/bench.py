@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .activations import ensure_activations
-from .corpus import load_corpus, make_windows
+from lft_core.data.activations import ensure_activations
+from lft_core.data.corpus import load_corpus, make_windows
 
 
 def machine() -> dict:
@@ -62,9 +62,9 @@ def bench_cache(teacher, windows: int = 32, seq_len: int = 128, batch: int = 8, 
 def bench_train(teacher, span=(6, 12), steps: int = 20, batch: int = 8, seq_len: int = 128, k: int = 3,
                 device: str | None = None) -> dict:
     """Steps/s and tokens/s of SFM and FW (k steps) on random pairs of the teacher's width, and peak memory."""
-    from .field import VelocityField
-    from .flow import LatentFlow
-    from .losses import compute_loss
+    from lft_core.flow.field import VelocityField
+    from lft_core.flow.latent import LatentFlow
+    from lft_core.flow.losses import compute_loss
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = {"device": device, "span": list(span), "batch": batch, "seq_len": seq_len, "k": k, "steps": steps}
@@ -103,8 +103,8 @@ def bench_train(teacher, span=(6, 12), steps: int = 20, batch: int = 8, seq_len:
 
 def bench_recoupling(teacher, pairs: int = 512, windows: int = 16, seq_len: int = 128) -> dict:
     """Recoupling grid over every span from an all-layer cache (cache time reported separately)."""
-    from .coupling import all_layer_cache
-    from .coupling import recoupling_grid
+    from lft_core.analysis.coupling import all_layer_cache
+    from lft_core.analysis.coupling import recoupling_grid
 
     t = time.perf_counter()
     cache = all_layer_cache(teacher, "builtin", seq_len, windows, progress=False)
@@ -118,9 +118,9 @@ def bench_baselines(teacher, span=(12, 18), windows: int = 16, seq_len: int = 12
                     eval_windows_: int = 16) -> dict:
     """The affine baseline: the grid of every span from the all-layer caches (cache time reported apart), one
     span's fit on ``fit_windows`` cached training windows, and its evaluation (one spliced forward per window)."""
-    from .baselines import affine_grid, fit_affine_for_span
-    from .coupling import all_layer_cache
-    from .evaluation import eval_windows, evaluate
+    from lft_core.analysis.baselines import affine_grid, fit_affine_for_span
+    from lft_core.analysis.coupling import all_layer_cache
+    from lft_core.analysis.evaluation import eval_windows, evaluate
 
     t = time.perf_counter()
     train = all_layer_cache(teacher, "builtin", seq_len, windows, progress=False)
@@ -145,7 +145,7 @@ def bench_baselines(teacher, span=(12, 18), windows: int = 16, seq_len: int = 12
 
 def bench_umap(points: int = 20_000, d: int = 576, seed: int = 0) -> dict:
     """UMAP (PCA to 50 dims first) of ``points`` random clustered points, then the cached reopen."""
-    from .projection import project
+    from lft_core.analysis.projection import project
 
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(20, d)) * 5
@@ -166,8 +166,8 @@ def bench_umap(points: int = 20_000, d: int = 576, seed: int = 0) -> dict:
 
 def run(what: list[str], model: str = "smollm2-135m") -> dict:
     """Run the named benchmarks (cache, train, recoupling, umap, baselines) and return their figures."""
-    from .errors import LFTError
-    from .loading import load_teacher
+    from lft_core.errors import LFTError
+    from lft_core.model.loading import load_teacher
 
     known = {"cache", "train", "recoupling", "umap", "baselines"}
     unknown = set(what) - known

@@ -27,10 +27,10 @@ from typing import Any, Callable, Iterator, Sequence, Union
 import torch
 from torch import nn
 
-from .errors import LFTError
-from .field import BlockWeights, FieldSpec
-from .flow import Replacement, replace_on_its_device
-from .span import Span
+from lft_core.errors import LFTError
+from lft_core.flow.field import BlockWeights, FieldSpec
+from lft_core.flow.latent import Replacement, replace_on_its_device
+from lft_core.span import Span
 
 
 class TeacherLoadError(LFTError):

@@ -29,16 +29,16 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from torch import Tensor
 
-from .atomic import DamagedRecord, atomic_folder, atomic_write, read_record, write_json, write_text
-from .corpus import BUILTIN
-from .errors import LFTError
-from .field import FieldSpec
-from .flow import LatentFlow
-from .paths import cache_dir
-from .span import Span
+from lft_core.atomic import DamagedRecord, atomic_folder, atomic_write, read_record, write_json, write_text
+from lft_core.data.corpus import BUILTIN
+from lft_core.errors import LFTError
+from lft_core.flow.field import FieldSpec
+from lft_core.flow.latent import LatentFlow
+from lft_core.paths import cache_dir
+from lft_core.span import Span
 
 if TYPE_CHECKING:
-    from .teacher import Teacher
+    from lft_core.model.teacher import Teacher
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
 MODEL_FILE = "model.safetensors"

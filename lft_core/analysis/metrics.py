@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import LFTError
+from lft_core.errors import LFTError
 
 __all__ = ["MetricError", "kl_per_token", "nll_per_token", "perplexity", "nmse", "nmse_per_token", "as_float64"]
 

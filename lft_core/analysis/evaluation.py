@@ -13,16 +13,16 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .corpus import DEFAULT as DEFAULT_CORPUS
-from .corpus import SPLIT_RULE, load_corpus, make_windows
-from .errors import LFTError
-from .flow import MAX_K, Replacement, check_replaces, replace_on_its_device
-from .metrics import kl_per_token, nll_per_token, nmse, perplexity
-from .span import Span
-from .teacher import Replace, Skip, Surgery
+from lft_core.data.corpus import DEFAULT as DEFAULT_CORPUS
+from lft_core.data.corpus import SPLIT_RULE, load_corpus, make_windows
+from lft_core.errors import LFTError
+from lft_core.flow.latent import MAX_K, Replacement, check_replaces, replace_on_its_device
+from lft_core.analysis.metrics import kl_per_token, nll_per_token, nmse, perplexity
+from lft_core.span import Span
+from lft_core.model.teacher import Replace, Skip, Surgery
 
 if TYPE_CHECKING:
-    from .teacher import Teacher
+    from lft_core.model.teacher import Teacher
 
 
 @dataclass

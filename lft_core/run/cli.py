@@ -18,12 +18,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .atomic import write_json
-from .corpus import DEFAULT as DEFAULT_CORPUS
-from .errors import LFTError
-from .loading import DEVICE_MAPS
-from .span import Span
-from .training import MAX_SEED, TrainConfig
+from lft_core.atomic import write_json
+from lft_core.data.corpus import DEFAULT as DEFAULT_CORPUS
+from lft_core.errors import LFTError
+from lft_core.model.loading import DEVICE_MAPS
+from lft_core.span import Span
+from lft_core.flow.training import MAX_SEED, TrainConfig
 
 
 def _write_json(path: str | None, data: dict) -> None:
@@ -104,8 +104,8 @@ def _positive(text: str) -> int:
 def _teacher(a: argparse.Namespace, spec: str | None = None):
     """The command's teacher: on ``--device`` (default: the CPU, or under torchrun with CUDA each rank's own
     GPU), or spread by ``--device-map`` over the devices (Accelerate's big-model loading)."""
-    from .distributed import current
-    from .loading import load_teacher, parse_max_memory
+    from lft_core.distributed import current
+    from lft_core.model.loading import load_teacher, parse_max_memory
 
     device_map = getattr(a, "device_map", None)
     if device_map and getattr(a, "device", None):
@@ -124,9 +124,9 @@ def _teacher(a: argparse.Namespace, spec: str | None = None):
 
 
 def cmd_cache(a: argparse.Namespace) -> dict:
-    from .activations import ensure_activations, parse_layers
-    from .corpus import load_corpus
-    from .distributed import current
+    from lft_core.data.activations import ensure_activations, parse_layers
+    from lft_core.data.corpus import load_corpus
+    from lft_core.distributed import current
 
     teacher = _teacher(a)
     corpus = load_corpus(a.corpus)
@@ -149,8 +149,8 @@ def cmd_cache(a: argparse.Namespace) -> dict:
 
 
 def cmd_train(a: argparse.Namespace) -> dict:
-    from .distributed import current
-    from .training import train_flow
+    from lft_core.distributed import current
+    from lft_core.flow.training import train_flow
 
     cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
     stop_file = Path(a.stop_file) if a.stop_file else None
@@ -177,8 +177,8 @@ def _progress_writer(path: Path) -> Callable[[dict], None]:
 
 
 def cmd_sweep(a: argparse.Namespace) -> dict:
-    """Train the grid spans × methods × k × seeds one flow after another (``lft_core.sweep``)."""
-    from .sweep import GRID, parse_grid, plan_sweep, run_sweep
+    """Train the grid spans × methods × k × seeds one flow after another (``lft_core.run.sweep``)."""
+    from lft_core.run.sweep import GRID, parse_grid, plan_sweep, run_sweep
 
     grid = parse_grid(a.spans, a.methods, a.k, a.seeds)  # bad text fails before the model loads
     base = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)
@@ -201,9 +201,9 @@ def cmd_sweep(a: argparse.Namespace) -> dict:
 
 
 def cmd_eval(a: argparse.Namespace) -> dict:
-    from .evaluation import eval_windows, evaluate
-    from .flow import MAX_K
-    from .store import open_flow, read_flow_config, trained_on
+    from lft_core.analysis.evaluation import eval_windows, evaluate
+    from lft_core.flow.latent import MAX_K
+    from lft_core.flow.store import open_flow, read_flow_config, trained_on
 
     if a.text and a.corpus_given:
         raise LFTError("give either --text or --corpus, not both")
@@ -220,14 +220,14 @@ def cmd_eval(a: argparse.Namespace) -> dict:
         flow.to(teacher.device)
     text = None
     if a.text:
-        from .corpus import read_text_file
+        from lft_core.data.corpus import read_text_file
 
         text = read_text_file(a.text)  # size limit, empty / binary / not-UTF-8 checks
     # held-out windows of the flow's own training corpus unless told otherwise
     ids = eval_windows(teacher, a.corpus or trained_on(config), text, a.windows, a.seq_len or config.get("seq_len", 128))
     affine = None
     if "affine" in a.baselines:  # fitted on the flow's own training data
-        from .baselines import fit_affine_for_span
+        from lft_core.analysis.baselines import fit_affine_for_span
 
         print("fitting the affine replacement of the flow's span", file=sys.stderr)
         affine = fit_affine_for_span(teacher, flow.span, trained_on(config),
@@ -249,14 +249,14 @@ def cmd_baselines(a: argparse.Namespace) -> dict:
             raise LFTError(f"--skip values must be at least 1, got {k}")
     text = None
     if a.text:
-        from .corpus import read_text_file
+        from lft_core.data.corpus import read_text_file
 
         text = read_text_file(a.text)
     teacher = _teacher(a)
     if a.spans is not None:
         return _affine_grid(a, teacher)
-    from .baselines import fit_affine_for_span
-    from .evaluation import eval_windows, evaluate
+    from lft_core.analysis.baselines import fit_affine_for_span
+    from lft_core.analysis.evaluation import eval_windows, evaluate
 
     span = teacher.check_span(*a.span)
     t0 = time.perf_counter()
@@ -274,8 +274,8 @@ def cmd_baselines(a: argparse.Namespace) -> dict:
 
 
 def _affine_grid(a: argparse.Namespace, teacher) -> dict:
-    from .baselines import affine_grid_for_model
-    from .span import grid_json, parse_spans
+    from lft_core.analysis.baselines import affine_grid_for_model
+    from lft_core.span import grid_json, parse_spans
 
     spans = parse_spans(a.spans, teacher.n_layers)
     with _span_progress("affine grid") as progress:
@@ -312,8 +312,8 @@ def _span_progress(desc: str) -> Iterator[Callable[[int, int], None]]:
 
 
 def cmd_recoupling(a: argparse.Namespace) -> dict:
-    from .coupling import recoupling_for_model
-    from .span import parse_spans
+    from lft_core.analysis.coupling import recoupling_for_model
+    from lft_core.span import parse_spans
 
     teacher = _teacher(a)
     spans = parse_spans(a.spans, teacher.n_layers)
@@ -330,7 +330,7 @@ def cmd_recoupling(a: argparse.Namespace) -> dict:
 
 
 def cmd_toy(a: argparse.Namespace) -> dict:
-    from .toy import run_toy
+    from lft_core.flow.toy import run_toy
 
     result = run_toy(a.dataset, a.method, a.steps, k=a.k, n_points=a.points, seed=a.seed)
     out = result.to_json()
@@ -341,7 +341,7 @@ def cmd_toy(a: argparse.Namespace) -> dict:
 
 
 def cmd_flows(a: argparse.Namespace) -> dict:
-    from .store import delete_flow, list_flows
+    from lft_core.flow.store import delete_flow, list_flows
 
     if a.delete:
         delete_flow(a.delete)
@@ -363,15 +363,15 @@ def cmd_flows(a: argparse.Namespace) -> dict:
 
 
 def cmd_bench(a: argparse.Namespace) -> dict:
-    from . import bench
+    from lft_core.run import bench
 
     return bench.run(a.what.split(","), a.model)
 
 
 def cmd_demo(a: argparse.Namespace) -> dict:
-    """Build the demo (cache, recoupling and affine grids, flows: ``lft_core.demo``), or with --status say how far
+    """Build the demo (cache, recoupling and affine grids, flows: ``lft_core.run.demo``), or with --status say how far
     it is."""
-    from .demo import DemoSettings, demo_status, prepare_demo
+    from lft_core.run.demo import DemoSettings, demo_status, prepare_demo
 
     train = {key: value for key, value in (("steps", a.steps), ("distill_steps", a.distill_steps),
                                            ("windows", a.train_windows), ("heldout_windows", a.heldout_windows),
@@ -573,7 +573,7 @@ DISTRIBUTED_COMMANDS = ("cache", "train")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import distributed
+    from lft_core import distributed
 
     parser = build_parser()
     args = parser.parse_args(argv)

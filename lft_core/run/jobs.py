@@ -10,7 +10,7 @@ A job lives in ``cache/jobs/<id>/``::
     exit_code        written by the runner when the command ends
     STOP             created by ``stop_job``; the command checks it before every step
 
-The runner (``python -m lft_core.jobs <dir>``) starts the CLI as its child, waits, and writes ``exit_code``.
+The runner (``python -m lft_core.run.jobs <dir>``) starts the CLI as its child, waits, and writes ``exit_code``.
 A job whose runner is gone without an ``exit_code`` (killed, machine rebooted) reads as ``failed``, never as
 running forever. Jobs survive page reloads: the app only reads these files.
 """
@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .atomic import DamagedRecord, read_record, write_json, write_text
-from .errors import LFTError
-from .paths import REPO_ROOT, cache_dir
+from lft_core.atomic import DamagedRecord, read_record, write_json, write_text
+from lft_core.errors import LFTError
+from lft_core.paths import REPO_ROOT, cache_dir
 
 KINDS = ("cache", "train", "eval", "recoupling", "toy", "sweep", "demo")
 INTERNAL_FLAGS = ("--json", "--progress-file", "--stop-file")
@@ -100,7 +100,7 @@ def start_job(kind: str, cli_args: list[str], label: str = "") -> Job:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "pid": None}
     write_json(d / "job.json", meta)
     with open(d / "log.txt", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "lft_core.jobs", str(d)], cwd=str(REPO_ROOT),
+        proc = subprocess.Popen([sys.executable, "-m", "lft_core.run.jobs", str(d)], cwd=str(REPO_ROOT),
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     meta["pid"] = proc.pid
@@ -127,7 +127,7 @@ def _alive(pid: int | None) -> bool:
 JOB_FIELDS = {"kind": str, "args": list, "created": str}
 EVENT_FIELDS = {"step": int, "steps": int, "loss": (int, float)}  # one training progress event
 KIND_EVENT_FIELDS = {"sweep": {"step": int, "steps": int, "label": str}}  # run i of N: flow; others: EVENT_FIELDS
-KIND_EVENT_FIELDS["demo"] = {"step": int, "steps": int}  # step i of N of the demo (lft_core.demo), label, eta_s
+KIND_EVENT_FIELDS["demo"] = {"step": int, "steps": int}  # step i of N of the demo (lft_core.run.demo), label, eta_s
 RESULT_FIELDS = {"train": {"name": str, "final_loss": (int, float), "heldout_nmse": (int, float),
                            "seconds": (int, float), "device": str},
                  "sweep": {"sweep": str, "runs": list, "stopped": bool},

@@ -12,10 +12,10 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from .errors import LFTError
-from .field import FieldSpec, VelocityField
-from .solvers import Trajectory, integrate
-from .span import Span
+from lft_core.errors import LFTError
+from lft_core.flow.field import FieldSpec, VelocityField
+from lft_core.flow.solvers import Trajectory, integrate
+from lft_core.span import Span
 
 
 class Replacement(Protocol):

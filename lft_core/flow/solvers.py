@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .errors import LFTError
+from lft_core.errors import LFTError
 
 Velocity = Callable[[Tensor, Tensor], Tensor]
 """u(x, t): x shape (batch, ...), t shape (batch,) -> velocity, shape like x."""

@@ -32,15 +32,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .activations import ActivationCache, ensure_activations
-from .corpus import DEFAULT as DEFAULT_CORPUS
-from .corpus import load_corpus
-from .errors import LFTError
-from .metrics import nmse, nmse_per_token
-from .span import Span, all_spans
+from lft_core.data.activations import ActivationCache, ensure_activations
+from lft_core.data.corpus import DEFAULT as DEFAULT_CORPUS
+from lft_core.data.corpus import load_corpus
+from lft_core.errors import LFTError
+from lft_core.analysis.metrics import nmse, nmse_per_token
+from lft_core.span import Span, all_spans
 
 if TYPE_CHECKING:
-    from .teacher import Teacher
+    from lft_core.model.teacher import Teacher
 
 RIDGE_GRID: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 """Candidate λ, relative to the mean eigenvalue of the (weighted) Gram matrix of the standardised inputs
@@ -314,7 +314,7 @@ GRID_FILE_VERSION = 1
 
 def affine_grid_path(train_key: str, heldout_key: str) -> Path:
     """Where the persisted full affine grid of these two all-layer cache entries lives."""
-    from .paths import cache_dir
+    from lft_core.paths import cache_dir
 
     return cache_dir("grids") / f"affine-{train_key}-{heldout_key}.json"
 
@@ -327,7 +327,7 @@ def read_affine_grid(train: ActivationCache, heldout: ActivationCache) -> Affine
     """The persisted full grid of these entries, or None when there is none, it is damaged, it was computed with
     other constants (ridge grid, massive-activation threshold) or from an earlier build of either entry (their
     ``created`` stamps differ). Computes nothing."""
-    from .atomic import DamagedRecord, read_record
+    from lft_core.atomic import DamagedRecord, read_record
 
     try:
         data = read_record(affine_grid_path(train.key, heldout.key),
@@ -359,8 +359,8 @@ def affine_grid_from_caches(train: ActivationCache, heldout: ActivationCache,
     once compute it once (a file lock); the file is written atomically."""
     from filelock import FileLock
 
-    from .atomic import write_json
-    from .span import grid_json
+    from lft_core.atomic import write_json
+    from lft_core.span import grid_json
 
     grid = read_affine_grid(train, heldout)
     if grid is not None:

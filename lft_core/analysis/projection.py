@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import save_npy
-from .errors import LFTError
-from .paths import cache_dir
+from lft_core.atomic import save_npy
+from lft_core.errors import LFTError
+from lft_core.paths import cache_dir
 
 __all__ = ["ProjectionError", "Projection", "METHODS", "default_cache_dir", "projection_key", "project",
            "explained_variance"]

@@ -36,15 +36,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .atomic import DamagedRecord, read_record, write_json
-from .corpus import DEFAULT as DEFAULT_CORPUS
-from .errors import LFTError
-from .paths import cache_dir
-from .span import Span
+from lft_core.atomic import DamagedRecord, read_record, write_json
+from lft_core.data.corpus import DEFAULT as DEFAULT_CORPUS
+from lft_core.errors import LFTError
+from lft_core.paths import cache_dir
+from lft_core.span import Span
 
 if TYPE_CHECKING:
-    from .activations import ActivationCache
-    from .teacher import Teacher
+    from lft_core.data.activations import ActivationCache
+    from lft_core.model.teacher import Teacher
 
 DEFAULT_MODEL = "smollm2-135m"  # = loading.DEFAULT_MODEL (not imported: loading imports torch, status must not)
 MANIFEST_VERSION = 1
@@ -130,7 +130,7 @@ class DemoSettings:
                            f"got {list(self.methods)}")
         from dataclasses import fields
 
-        from .training import TrainConfig
+        from lft_core.flow.training import TrainConfig
 
         allowed = {f.name for f in fields(TrainConfig)} - {"model", "corpus", "span", "method", "name", "sweep"}
         unknown = sorted(set(self.train) - allowed)
@@ -150,7 +150,7 @@ class DemoSettings:
         and no flag are one demo (imports the training module)."""
         from dataclasses import fields
 
-        from .training import TrainConfig
+        from lft_core.flow.training import TrainConfig
 
         defaults = {f.name: f.default for f in fields(TrainConfig)}
         train = {k: v for k, v in self.train.items() if not (k in defaults and defaults[k] == v and
@@ -343,7 +343,7 @@ def _flow_done(entry: dict) -> str:
     if not (folder / "model.safetensors").is_file():
         return "pending"
     if config.get("status") == "running":
-        from .store import being_trained
+        from lft_core.flow.store import being_trained
 
         return "running" if being_trained(name) else "pending"
     expected = entry.get("config") or {}
@@ -767,12 +767,12 @@ class _Run:
     def open_teacher(self, states: list[str]) -> None:
         """Load the model (unless given) and check that the manifest's cache entries are this model's and
         corpus's (else the demo starts over: another model under the same spec)."""
-        from .activations import cache_key
-        from .corpus import load_corpus
+        from lft_core.data.activations import cache_key
+        from lft_core.data.corpus import load_corpus
 
         first = states.index("pending") + 1 if "pending" in states else 1
         if self.teacher is None:
-            from .loading import load_teacher
+            from lft_core.model.loading import load_teacher
 
             self.emit(first, "start", detail="loading the model")
             self.teacher = load_teacher(self.s.model)
@@ -816,13 +816,13 @@ class _Run:
         if i == 1:
             self.entries = self.caches(None if skip else self.counter(1, "windows"))
         elif i == 2:
-            from .coupling import recoupling_grid_cached
+            from lft_core.analysis.coupling import recoupling_grid_cached
 
             self.grid = recoupling_grid_cached(self.entry("train"), pairs=self.s.pairs, seed=0, drop_first=True,
                                                progress=None if skip else self.counter(2, "spans"))
             self.m.setdefault("grids", {})["recoupling"] = _grid_paths(self.m, self.s)[0].name
         elif i == 3:
-            from .baselines import affine_grid_from_caches
+            from lft_core.analysis.baselines import affine_grid_from_caches
 
             affine = affine_grid_from_caches(self.entry("train"), self.entry("heldout"),
                                              callback=None if skip else self.counter(3, "spans"))
@@ -833,7 +833,7 @@ class _Run:
         return True
 
     def caches(self, callback) -> dict:
-        from .activations import ensure_activations
+        from lft_core.data.activations import ensure_activations
 
         layers = range(self.teacher.n_layers + 1)
         out = {}
@@ -844,7 +844,7 @@ class _Run:
 
     def entry(self, split: str) -> ActivationCache:
         if split not in self.entries:
-            from .activations import open_activations
+            from lft_core.data.activations import open_activations
 
             self.entries[split] = open_activations(self.m["cache"][split])
         return self.entries[split]
@@ -852,7 +852,7 @@ class _Run:
     def choose(self, affine_matrix) -> None:
         """Pick the two spans from the recoupling grid and plan their flows (after step 3)."""
         if self.grid is None:
-            from .coupling import recoupling_grid_cached
+            from lft_core.analysis.coupling import recoupling_grid_cached
 
             self.grid = recoupling_grid_cached(self.entry("train"), pairs=self.s.pairs, seed=0, drop_first=True)
         spans = choose_spans(self.grid.matrix, self.s.blocks)
@@ -875,7 +875,7 @@ class _Run:
             self.save()
 
     def config(self, method: str, span: Span):
-        from .training import TrainConfig
+        from lft_core.flow.training import TrainConfig
 
         return TrainConfig(**{**self.s.train_kwargs(), "span": span, "method": method,
                               "name": self.s.flow_name(method, span)})
@@ -887,8 +887,8 @@ class _Run:
                 "name": cfg.name}
 
     def train(self, i: int) -> bool:
-        from .store import being_trained, flows_dir
-        from .training import train_flow
+        from lft_core.flow.store import being_trained, flows_dir
+        from lft_core.flow.training import train_flow
 
         entry = self.m["flows"][i - 4]
         cfg = self.config(entry["method"], Span.of(entry["span"]))

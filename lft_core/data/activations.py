@@ -39,11 +39,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .atomic import DamagedRecord, read_record, save_npy, write_json
-from .corpus import SPLIT_RULE, Corpus, make_windows
-from .distributed import Dist, agree, current, shard_of
-from .errors import LFTError
-from .paths import cache_dir
+from lft_core.atomic import DamagedRecord, read_record, save_npy, write_json
+from lft_core.data.corpus import SPLIT_RULE, Corpus, make_windows
+from lft_core.distributed import Dist, agree, current, shard_of
+from lft_core.errors import LFTError
+from lft_core.paths import cache_dir
 
 FORMAT_VERSION = 2  # 2: the train / held-out split is by token blocks (corpus.SPLIT_RULE), not by window
 DISK_MARGIN_BYTES = 64 * 2**20

@@ -35,12 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import LFTError
+from lft_core.errors import LFTError
 
 BUILTIN = "builtin"
 ENGLISH = "english"
 DEFAULT = ENGLISH  # the corpus of every default: training, caches, recoupling, evaluation, the app
-ENGLISH_FILE = Path(__file__).resolve().parent / "data" / "english.jsonl.gz"
+ENGLISH_FILE = Path(__file__).resolve().parent / "english.jsonl.gz"
 HELDOUT_EVERY = 10  # token block b is held out when b % HELDOUT_EVERY == HELDOUT_EVERY - 1
 SPLIT_BLOCK = 512  # tokens per block of the train / held-out split (independent of the window length)
 SPLIT_RULE = (f"token stream cut into blocks of {SPLIT_BLOCK}; block b held out when b % {HELDOUT_EVERY} == "

@@ -28,18 +28,18 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.special import logsumexp
 
-from .activations import ActivationCache, ensure_activations
-from .corpus import DEFAULT as DEFAULT_CORPUS
-from .corpus import load_corpus
-from .errors import LFTError
-from .flow import LatentFlow, check_replaces
-from .metrics import MetricError, as_float64
-from .span import Span, all_spans, grid_json
+from lft_core.data.activations import ActivationCache, ensure_activations
+from lft_core.data.corpus import DEFAULT as DEFAULT_CORPUS
+from lft_core.data.corpus import load_corpus
+from lft_core.errors import LFTError
+from lft_core.flow.latent import LatentFlow, check_replaces
+from lft_core.analysis.metrics import MetricError, as_float64
+from lft_core.span import Span, all_spans, grid_json
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .teacher import Teacher
+    from lft_core.model.teacher import Teacher
 
 MAX_CROSSING_TOKENS = 2000
 """crossings() looks at all n(n−1)/2 pairs; above this many tokens it refuses instead of eating memory."""
@@ -468,7 +468,7 @@ GRID_FILE_VERSION = 1
 
 def recoupling_grid_path(key: str, pairs: int, seed: int = 0, drop_first: bool = True) -> Path:
     """Where the persisted full recoupling grid of cache entry ``key`` with these settings lives."""
-    from .paths import cache_dir
+    from lft_core.paths import cache_dir
 
     return cache_dir("grids") / f"recoupling-{key}-p{int(pairs)}-s{int(seed)}-{'drop' if drop_first else 'keep'}.json"
 
@@ -477,7 +477,7 @@ def read_recoupling_grid(entry: ActivationCache, pairs: int, seed: int = 0,
                          drop_first: bool = True) -> RecouplingGrid | None:
     """The persisted full grid of ``entry`` with these settings, or None when there is none, it is damaged, or it
     was computed from an earlier build of the entry (the entry's ``created`` stamp differs). Computes nothing."""
-    from .atomic import DamagedRecord, read_record
+    from lft_core.atomic import DamagedRecord, read_record
 
     path = recoupling_grid_path(entry.key, pairs, seed, drop_first)
     try:
@@ -506,7 +506,7 @@ def recoupling_grid_cached(entry: ActivationCache, pairs: int = 512, seed: int =
     the file is written atomically, so a killed computation leaves nothing half-written."""
     from filelock import FileLock
 
-    from .atomic import write_json
+    from lft_core.atomic import write_json
 
     grid = read_recoupling_grid(entry, pairs, seed, drop_first)
     if grid is not None:
@@ -658,7 +658,7 @@ class CouplingView:
 
 def coupling_view(sc: SpanCoupling) -> CouplingView:
     """The page's numbers for a span's coupling (see ``CouplingView``); the projection is cached on disk."""
-    from .projection import project
+    from lft_core.analysis.projection import project
 
     pooled = np.concatenate([sc.x0, sc.x1] + ([sc.x_hat] if sc.x_hat is not None else []))
     projection = project(pooled.astype(np.float32), method="pca")

@@ -20,14 +20,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .errors import LFTError
-from .flow import LatentFlow, Replacement, check_replaces
-from .losses import straight_path
-from .projection import project
-from .span import Span
+from lft_core.errors import LFTError
+from lft_core.flow.latent import LatentFlow, Replacement, check_replaces
+from lft_core.flow.losses import straight_path
+from lft_core.analysis.projection import project
+from lft_core.span import Span
 
 if TYPE_CHECKING:
-    from .teacher import Teacher
+    from lft_core.model.teacher import Teacher
 
 COLUMNS = ["token", "position", "kind", "step", "t", "state"]
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import statistics
 
-from .atomic import DamagedRecord, read_record, write_json
-from .paths import cache_root
+from lft_core.atomic import DamagedRecord, read_record, write_json
+from lft_core.paths import cache_root
 
 KEEP = 5  # durations kept per operation
 

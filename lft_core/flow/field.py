@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import LFTError
+from lft_core.errors import LFTError
 
 # ---------------------------------------------------------------------------------------------------------
 # Specification and teacher weights

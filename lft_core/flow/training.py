@@ -29,20 +29,20 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .activations import ensure_activations
-from .corpus import DEFAULT as DEFAULT_CORPUS
-from .corpus import SPLIT_RULE, load_corpus
-from .errors import LFTError
-from .field import VelocityField
-from .flow import MAX_K, LatentFlow
-from .distributed import Dist, agree, current
-from .losses import LOSSES, Noise, check_method, compute_loss, draw_noise, path_loss
-from .span import Span
-from .store import (NAME_RE, flow_lock, flows_dir, has_training_state, load_flow, load_training_state,
+from lft_core.data.activations import ensure_activations
+from lft_core.data.corpus import DEFAULT as DEFAULT_CORPUS
+from lft_core.data.corpus import SPLIT_RULE, load_corpus
+from lft_core.errors import LFTError
+from lft_core.flow.field import VelocityField
+from lft_core.flow.latent import MAX_K, LatentFlow
+from lft_core.distributed import Dist, agree, current
+from lft_core.flow.losses import LOSSES, Noise, check_method, compute_loss, draw_noise, path_loss
+from lft_core.span import Span
+from lft_core.flow.store import (NAME_RE, flow_lock, flows_dir, has_training_state, load_flow, load_training_state,
                     read_flow_config, save_checkpoint)
 
 if TYPE_CHECKING:
-    from .teacher import Teacher
+    from lft_core.model.teacher import Teacher
 
 METHODS = tuple(LOSSES)  # "sfm", "fw", "hybrid"
 MAX_SEED = 2**63 - 1  # the largest seed every RNG the engine seeds (torch, numpy) takes
@@ -364,7 +364,7 @@ def heldout_nmse(flow: LatentFlow, x0, x1, k: int, batch: int = 8) -> float:
     """Mean over held-out tokens of ||x̂_1 - x1||² / ||x1||² with a k-step Euler walk (original units).
 
     x0, x1: arrays, memmaps or tensors of shape (windows, seq_len, d), read ``batch`` windows at a time."""
-    from .metrics import nmse
+    from lft_core.analysis.metrics import nmse
 
     device = next(flow.parameters()).device
     preds, targets = [], []
@@ -404,7 +404,7 @@ class Objective(nn.Module):
         return loss
 
     def distill_loss(self, ids: torch.Tensor, h_m: torch.Tensor, h_n: torch.Tensor) -> torch.Tensor:
-        from .metrics import kl_per_token
+        from lft_core.analysis.metrics import kl_per_token
 
         assert self.teacher is not None, "distillation needs the teacher"
         n = self.flow.span.n
@@ -432,7 +432,7 @@ def train_flow(
     torchrun (``distributed.init_from_env``) every rank calls this: the global batch ``cfg.batch`` is split
     evenly over the ranks (``BatchPlan``), gradients are averaged by DistributedDataParallel, and rank 0 alone
     holds the lock and writes checkpoints and progress; ``resume`` continues a checkpoint at any world size."""
-    from .loading import load_teacher
+    from lft_core.model.loading import load_teacher
 
     dist = current()
     teacher = teacher or load_teacher(cfg.model)

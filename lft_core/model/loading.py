@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import atomic_folder
-from .paths import cache_dir
-from .teacher import Teacher, TeacherLoadError, family_of
+from lft_core.atomic import atomic_folder
+from lft_core.paths import cache_dir
+from lft_core.model.teacher import Teacher, TeacherLoadError, family_of
 
 DEFAULT_MODEL = "smollm2-135m"
 

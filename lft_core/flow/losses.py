@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .errors import LFTError
-from .solvers import Velocity, integrate
+from lft_core.errors import LFTError
+from lft_core.flow.solvers import Velocity, integrate
 
 
 def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import hashlib
 import re
 
-from .atomic import write_text
-from .errors import LFTError
-from .paths import cache_dir
+from lft_core.atomic import write_text
+from lft_core.errors import LFTError
+from lft_core.paths import cache_dir
 
 MAX_CHARS = 200_000
 _ID = re.compile(r"[0-9a-f]{12}")

@@ -28,11 +28,11 @@ import pandas as pd
 
 import torch
 
-from .span import Span
-from .store import SavedFlow, trained_on
+from lft_core.span import Span
+from lft_core.flow.store import SavedFlow, trained_on
 
 if TYPE_CHECKING:
-    from .teacher import Teacher
+    from lft_core.model.teacher import Teacher
 
 # ---------------------------------------------------------------------------------------------------------
 # Statistics over seeds
@@ -78,7 +78,7 @@ EXTRA_KEYS = ("weights_hash",)
 def recipe_fields() -> list[str]:
     """The config entries that two flows must share to be seeds of one recipe: every ``TrainConfig`` setting
     except ``PER_RUN`` (a setting added to training later joins the recipe by itself), and ``EXTRA_KEYS``."""
-    from .training import TrainConfig
+    from lft_core.flow.training import TrainConfig
 
     return [f.name for f in fields(TrainConfig) if f.name not in PER_RUN] + list(EXTRA_KEYS)
 
@@ -347,8 +347,8 @@ def skip_kl_grid(teacher: Teacher, ids: torch.Tensor, ks: Sequence[int], starts:
     then h_s run on through blocks s + k … L − 1 (``Teacher.logits_from_state``), so the blocks before s are not
     recomputed for every skip. Memory: the hidden states of one batch at every start, and two batches of logits.
     ``progress(done, total)`` after each (batch, start); total = batches × starts."""
-    from .errors import LFTError
-    from .metrics import kl_per_token, nll_per_token
+    from lft_core.errors import LFTError
+    from lft_core.analysis.metrics import kl_per_token, nll_per_token
 
     L = teacher.n_layers
     ks = sorted({int(k) for k in ks})

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from .errors import LFTError
-from .span import Span
-from .store import NAME_RE, being_trained, flows_dir, has_training_state, read_flow_config
-from .training import METHODS, MAX_SEED, TrainConfig
+from lft_core.errors import LFTError
+from lft_core.span import Span
+from lft_core.flow.store import NAME_RE, being_trained, flows_dir, has_training_state, read_flow_config
+from lft_core.flow.training import METHODS, MAX_SEED, TrainConfig
 
 if TYPE_CHECKING:
-    from .teacher import Teacher
+    from lft_core.model.teacher import Teacher
 
 GRID = ("span", "method", "k", "seed")
 """The TrainConfig settings a sweep varies; ``name`` and ``sweep`` are set per cell, the rest is the base."""
@@ -80,7 +80,7 @@ def parse_ints(text: str | Sequence, what: str, low: int, high: int) -> list[int
 
 def parse_grid(spans, methods, ks, seeds) -> tuple[list[Span], list[str], list[int], list[int]]:
     """The four axes from text (CLI flags, the app's inputs) or lists; LFTError with one line on bad input."""
-    from .flow import MAX_K
+    from lft_core.flow.latent import MAX_K
 
     return (parse_spans_list(spans), parse_methods(methods), parse_ints(ks, "k", 1, MAX_K),
             parse_ints(seeds, "seeds", 0, MAX_SEED))
@@ -340,8 +340,8 @@ def _record(cell: Cell, status: str, **kw) -> RunRecord:
 
 def precache(teacher: Teacher, cells: Sequence[Cell], verbose: bool = True) -> None:
     """Cache the hidden states every cell to train needs in one pass per split (instead of one per span)."""
-    from .activations import ensure_activations
-    from .corpus import load_corpus
+    from lft_core.data.activations import ensure_activations
+    from lft_core.data.corpus import load_corpus
 
     todo = [c.config for c in cells if c.action != "skip"]
     if len({c.span for c in todo}) < 2:
@@ -358,7 +358,7 @@ def run_sweep(plan: SweepPlan, teacher: Teacher, progress: Callable[[dict], None
               should_stop: Callable[[], bool] | None = None, verbose: bool = True) -> SweepResult:
     """Train the plan's cells one after another (see the module doc); a run that fails (diverges) is recorded
     as failed and the sweep goes on."""
-    from .training import train_flow
+    from lft_core.flow.training import train_flow
 
     emit = progress or (lambda event: None)
     stop = should_stop or (lambda: False)
