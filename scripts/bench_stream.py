@@ -52,7 +52,7 @@ class Peak(threading.Thread):
 
 
 def synthetic_pairs(folder: Path, tokens: int, seq_len: int = 128, d: int = 576, filled: int = 4096):
-    from lft_core.flow.training import PairSource
+    from lft_core.flow.pairs import PairSource
 
     windows = max(1, tokens // seq_len)
     rng = np.random.default_rng(0)
@@ -77,7 +77,8 @@ def main() -> None:
     a = p.parse_args()
 
     from lft_core.model.loading import load_teacher
-    from lft_core.flow.training import TrainConfig, train_flow
+    from lft_core.flow.config import TrainConfig
+    from lft_core.flow.training import train_flow
 
     with tempfile.TemporaryDirectory(dir=ROOT / "cache") as tmp:
         os.environ["LFT_CACHE_DIR"] = str(Path(tmp) / "cache")

@@ -62,12 +62,14 @@ def main() -> None:
 
     import torch
 
-    from lft_core.analysis.baselines import fit_affine_for_span
+    from lft_core.analysis.affine import fit_affine_for_span
+    from lft_core.analysis.baselines import Prepared, get_baseline
     from lft_core.analysis.evaluation import eval_windows, evaluate, lft_rows
     from lft_core.model.loading import load_teacher
     from lft_core.span import Span
     from lft_core.flow.store import flows_dir, load_flow
-    from lft_core.flow.training import TrainConfig, train_flow
+    from lft_core.flow.config import TrainConfig
+    from lft_core.flow.training import train_flow
 
     teacher = load_teacher(a.model, device=a.device)
     ks = [int(k) for k in a.k.split(",")]
@@ -88,7 +90,8 @@ def main() -> None:
             affine.to(a.device)
             fit_s = time.perf_counter() - t
             for c in corpora:
-                base = evaluate(teacher, None, span, ids[c], ks=[], skips=[1, 2, 3], affine=affine)
+                base = evaluate(teacher, None, span, ids[c], ks=[], skips=[1, 2, 3],
+                                baselines=[Prepared(get_baseline("affine"), affine)])
                 for r in base.rows:
                     emit({"span": str(span), "eval": c, "model": r.model, "k": r.k, "where": r.where,
                           "start": r.start, "kl": r.kl, "ppl": r.ppl, "nmse": r.nmse, "teacher_ppl": base.teacher_ppl,

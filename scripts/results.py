@@ -22,7 +22,8 @@ from lft_core.analysis.evaluation import EvalResult, eval_windows, lft_rows, ski
 from lft_core.model.loading import load_teacher  # noqa: E402
 from lft_core.span import Span  # noqa: E402
 from lft_core.flow.store import flows_dir, open_flow  # noqa: E402
-from lft_core.flow.training import TrainConfig, train_flow  # noqa: E402
+from lft_core.flow.config import TrainConfig  # noqa: E402
+from lft_core.flow.training import train_flow  # noqa: E402
 
 
 def main() -> None:

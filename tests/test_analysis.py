@@ -9,7 +9,8 @@ from lft_core.span import parse_spans
 from lft_core.errors import LFTError
 from lft_core.analysis.trajectories import project_table, trajectory_table
 from lft_core.flow.store import open_flow
-from lft_core.flow.training import TrainConfig, train_flow
+from lft_core.flow.config import TrainConfig
+from lft_core.flow.training import train_flow
 
 
 def test_parse_spans():

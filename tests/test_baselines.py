@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lft_core.analysis.baselines import AffineReplacement, affine_grid, fit_affine, fit_affine_for_span
+from lft_core.analysis.affine import AffineReplacement, affine_grid, fit_affine, fit_affine_for_span
+from lft_core.analysis.baselines import Prepared, get_baseline
 from lft_core.run.cli import main
 from lft_core.errors import LFTError
 from lft_core.analysis.evaluation import eval_windows, evaluate
@@ -138,7 +139,8 @@ def test_affine_kl_is_zero_when_the_span_is_the_identity(identity_span_teacher):
     assert float(affine.weight.abs().max()) == 0.0 and float(affine.bias.abs().max()) == 0.0
     assert affine.heldout_nmse == 0.0
     ids = eval_windows(teacher, "builtin", None, 2, 32)
-    result = evaluate(teacher, None, None, ids, ks=[], skips=[1], best_skip=False, affine=affine)
+    result = evaluate(teacher, None, None, ids, ks=[], skips=[1], best_skip=False,
+                      baselines=[Prepared(get_baseline("affine"), affine)])
     row = next(r for r in result.rows if r.model == "affine")
     assert row.kl < 1e-9 and row.nmse < 1e-12 and row.k == 1
     skip = next(r for r in result.rows if r.model == "skip")
@@ -155,7 +157,7 @@ def test_affine_splices_like_a_flow(tiny_neox):
     assert spliced.shape == tiny_neox.logits(ids).shape and torch.isfinite(spliced).all()
     assert float((by_hand - x[3]).pow(2).sum() / x[3].pow(2).sum()) < float((x[1] - x[3]).pow(2).sum() / x[3].pow(2).sum())
     with pytest.raises(LFTError, match="the affine map replaces 1:3, not 0:2"):
-        evaluate(tiny_neox, None, (0, 2), ids, ks=[], skips=[], affine=affine)
+        evaluate(tiny_neox, None, (0, 2), ids, ks=[], skips=[], baselines=[Prepared(get_baseline("affine"), affine)])
 
 
 def test_affine_end_point_in_the_trajectory_table(tiny_neox):
@@ -213,7 +215,8 @@ def test_cli_affine_grid(tiny_neox_dir, tmp_path, capsys):
 
 
 def test_cli_eval_with_the_affine_baseline(tiny_neox, tiny_neox_dir, tmp_path, capsys):
-    from lft_core.flow.training import TrainConfig, train_flow
+    from lft_core.flow.config import TrainConfig
+    from lft_core.flow.training import train_flow
 
     train_flow(TrainConfig(model=str(tiny_neox_dir), span=(1, 3), steps=2, batch=2, seq_len=32, windows=8,
                            heldout_windows=2, name="t-aff", distill_steps=0), teacher=tiny_neox, verbose=False)

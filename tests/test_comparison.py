@@ -11,7 +11,7 @@ import pytest
 from lft_core.analysis import comparison as cmp
 from lft_core.span import Span
 from lft_core.flow.store import SavedFlow
-from lft_core.flow.training import TrainConfig
+from lft_core.flow.config import TrainConfig
 
 
 def saved(name: str, nmse: float | None = 0.3, history: list[dict] | None = None, **settings) -> SavedFlow:
@@ -149,9 +149,9 @@ def test_kl_vs_blocks_has_flows_as_mean_and_std_baselines_and_the_papers_points(
     by_recipe = cmp.group_evaluation(flow_rows, groups)
     assert list(by_recipe["n"]) == [2, 1] and by_recipe["KL"].iloc[0] == "0.3000 ± 0.1414"
 
-    from app import figures
+    from app.figures.compare import kl_vs_blocks_figure
 
-    fig = figures.kl_vs_blocks_figure(points)
+    fig = kl_vs_blocks_figure(points)
     names = {t.name for t in fig.data}
     assert {"paper, Pythia-410M: skip-k", "paper, Pythia-410M: trained flows", "skip-k in span",
             "skip-k at its best position", "trained flows (FW)", "affine replacement"} <= names

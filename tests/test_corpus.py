@@ -99,7 +99,8 @@ def test_split_rule_is_recorded(tiny_neox, tiny_neox_dir):
     from lft_core.data.corpus import SPLIT_RULE
     from lft_core.analysis.evaluation import eval_windows, evaluate
     from lft_core.flow.store import read_flow_config
-    from lft_core.flow.training import TrainConfig, train_flow
+    from lft_core.flow.config import TrainConfig
+    from lft_core.flow.training import train_flow
 
     train_flow(TrainConfig(model=str(tiny_neox_dir), span=(1, 3), steps=1, batch=2, seq_len=16, windows=4,
                            heldout_windows=1, name="t-split-rule", distill_steps=0), teacher=tiny_neox, verbose=False)

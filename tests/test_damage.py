@@ -18,7 +18,8 @@ from lft_core.run.cli import main
 from lft_core.data.corpus import CorpusError, load_corpus, read_text_file
 from lft_core.run.jobs import jobs_dir, list_jobs, read_job
 from lft_core.flow.store import FlowCheckpointError, flows_dir, list_flows, load_flow
-from lft_core.flow.training import TrainConfig, train_flow
+from lft_core.flow.config import TrainConfig
+from lft_core.flow.training import train_flow
 
 REPO = Path(__file__).resolve().parents[1]
 

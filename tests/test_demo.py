@@ -131,7 +131,7 @@ def test_a_second_run_is_a_no_op(smol):
 
 def test_persisted_grids_equal_a_fresh_computation(smol):
     from lft_core.data.activations import open_activations
-    from lft_core.analysis.baselines import affine_grid, affine_grid_path, read_affine_grid
+    from lft_core.analysis.affine import affine_grid, affine_grid_path, read_affine_grid
     from lft_core.analysis.coupling import read_recoupling_grid, recoupling_for_cache, recoupling_grid_path
 
     ensure_tiny(smol)

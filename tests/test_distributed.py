@@ -22,7 +22,7 @@ from lft_core.data.activations import list_entries
 from lft_core.run.cli import main
 from lft_core.model.loading import load_teacher
 from lft_core.flow.store import flows_dir, load_flow
-from lft_core.flow.training import BatchPlan
+from lft_core.flow.pairs import BatchPlan
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -87,12 +87,13 @@ def test_the_batch_plan_depends_on_the_seed_only():
 
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused(tiny_neox, tiny_neox_dir, monkeypatch):
     from lft_core import distributed
-    from lft_core.flow import training
     from lft_core.errors import LFTError
+    from lft_core.flow import training
+    from lft_core.flow.config import TrainConfig
 
     monkeypatch.setattr(training, "current", lambda: distributed.Dist(rank=0, world=3))
-    cfg = training.TrainConfig(model=str(tiny_neox_dir), span=(1, 3), steps=1, batch=4, seq_len=16, windows=8,
-                               distill_steps=0)
+    cfg = TrainConfig(model=str(tiny_neox_dir), span=(1, 3), steps=1, batch=4, seq_len=16, windows=8,
+                      distill_steps=0)
     with pytest.raises(LFTError, match=r"global batch \(4\) must be a multiple of the number of ranks \(3\)"):
         training.train_flow(cfg, teacher=tiny_neox, verbose=False)
 
@@ -263,7 +264,8 @@ def test_placement_flags_are_checked(tiny_neox_dir, monkeypatch, capsys):
 
 
 def test_training_pairs_stay_on_disk_and_batches_come_back_in_order(tiny_neox, tiny_neox_dir):
-    from lft_core.flow.training import TrainConfig, load_pairs
+    from lft_core.flow.config import TrainConfig
+    from lft_core.flow.pairs import load_pairs
 
     cfg = TrainConfig(model=str(tiny_neox_dir), span=(1, 3), steps=1, batch=2, seq_len=16, windows=6,
                       heldout_windows=2, distill_steps=0)
@@ -278,13 +280,13 @@ def test_training_pairs_stay_on_disk_and_batches_come_back_in_order(tiny_neox, t
 
 
 def test_streamed_normalisation_statistics_equal_the_pooled_ones(monkeypatch):
-    from lft_core.flow import training
+    from lft_core.flow import pairs
 
     rng = np.random.default_rng(0)
     x0 = (rng.standard_normal((7, 5, 3)) * [1, 10, 100] + [0, -5, 1e3]).astype(np.float16)
     x1 = (rng.standard_normal((7, 5, 3)) * 3 + 7).astype(np.float16)
     pooled = np.concatenate([x0.reshape(-1, 3), x1.reshape(-1, 3)]).astype(np.float64)
-    monkeypatch.setattr(training, "STATS_CHUNK_TOKENS", 10)  # 2 windows per chunk, a ragged last chunk
-    mu, sigma = training.normalisation_stats(x0, x1)
+    monkeypatch.setattr(pairs, "STATS_CHUNK_TOKENS", 10)  # 2 windows per chunk, a ragged last chunk
+    mu, sigma = pairs.normalisation_stats(x0, x1)
     assert np.allclose(mu.numpy(), pooled.mean(0), rtol=1e-6)
     assert np.allclose(sigma.numpy(), pooled.std(0, ddof=1), rtol=1e-5)

@@ -9,7 +9,8 @@ from lft_core.errors import LFTError
 from lft_core.analysis.evaluation import evaluate, token_kl
 from lft_core.flow.store import open_flow
 from lft_core.model.teacher import Replace, Skip
-from lft_core.flow.training import TrainConfig, train_flow
+from lft_core.flow.config import TrainConfig
+from lft_core.flow.training import train_flow
 
 
 class ExactFlow(torch.nn.Module):

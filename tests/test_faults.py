@@ -23,7 +23,8 @@ from lft_core.errors import LFTError
 from lft_core.run.jobs import read_job, start_job
 from lft_core.paths import cache_dir
 from lft_core.flow.store import flows_dir, open_flow
-from lft_core.flow.training import TrainConfig, train_flow
+from lft_core.flow.config import TrainConfig
+from lft_core.flow.training import train_flow
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,8 @@ from lft_core.errors import LFTError
 from lft_core.flow.field import BlockWeights, FieldSpec, VelocityField
 from lft_core.flow.latent import LatentFlow
 from lft_core.flow.store import FlowCheckpointError, load_flow, save_flow
-from lft_core.flow.losses import LOSSES, compute_loss, flow_walking_loss, hybrid_loss, sfm_loss, walk_times
+from lft_core.flow.losses import flow_walking_loss, sfm_loss, walk_times
+from lft_core.flow.methods import METHODS, compute_loss
 from lft_core.flow.solvers import Trajectory, integrate
 
 
@@ -195,13 +196,16 @@ def test_hybrid_and_dispatcher():
     g = torch.Generator().manual_seed(3)
     walk_times(8, 3, g)  # the hybrid draws the FW times first, then the SFM times, from the same generator
     sfm = sfm_loss(u, x0, x1, generator=g)
-    hybrid = hybrid_loss(u, x0, x1, k=3, alpha=0.25, generator=torch.Generator().manual_seed(3))
+    hybrid = compute_loss("hybrid", u, x0, x1, k=3, alpha=0.25, generator=torch.Generator().manual_seed(3))
     assert hybrid.item() == pytest.approx((fw + 0.25 * sfm).item(), rel=1e-6)
-    assert set(LOSSES) == {"sfm", "fw", "hybrid"}
-    for method in LOSSES:
+    assert list(METHODS) == ["sfm", "fw", "hybrid"]
+    for method in METHODS:
         assert torch.isfinite(compute_loss(method, u, x0, x1, 3, 0.1, torch.Generator().manual_seed(0)))
     with pytest.raises(LFTError, match="unknown training method 'ot'"):
         compute_loss("ot", u, x0, x1)
+    noise = METHODS["fw"].draw(8, 3, torch.Generator().manual_seed(0), torch.device("cpu"))
+    with pytest.raises(LFTError, match="unknown training method 'ot'"):  # given times, an unknown name still fails
+        compute_loss("ot", u, x0, x1, noise=noise)
 
 
 # ---------------------------------------------------------------------------------------------------------

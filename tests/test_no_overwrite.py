@@ -10,7 +10,9 @@ import pytest
 from lft_core.run.cli import main
 from lft_core.errors import LFTError
 from lft_core.flow.store import NAME_RE, delete_flow, flows_dir, list_flows
-from lft_core.flow.training import TrainConfig, load_pairs, train_flow
+from lft_core.flow.config import TrainConfig
+from lft_core.flow.pairs import load_pairs
+from lft_core.flow.training import train_flow
 
 
 def _digests(folder: Path) -> dict[str, str]:

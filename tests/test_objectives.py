@@ -14,7 +14,8 @@ from lft_core.analysis.metrics import kl_per_token
 from lft_core.flow.solvers import integrate
 from lft_core.flow.store import flows_dir, load_flow
 from lft_core.model.teacher import Replace
-from lft_core.flow.training import TrainConfig, lr_at, train_flow
+from lft_core.flow.config import TrainConfig
+from lft_core.flow.training import lr_at, train_flow
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import torch
 
-from lft_core.analysis.baselines import AffineReplacement
+from lft_core.analysis.affine import AffineReplacement
 from lft_core.model.teacher import Replace, Skip
 
 

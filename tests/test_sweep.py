@@ -15,7 +15,7 @@ import pytest
 from lft_core.errors import LFTError
 from lft_core.span import Span
 from lft_core.run.sweep import cell_name, default_prefix, expand, parse_grid, plan_sweep, run_sweep, saved_train_config
-from lft_core.flow.training import TrainConfig
+from lft_core.flow.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(span=(2, 4), steps=3, windows=8, heldout_windows=2, seq_len=32, batch=2, eval_every=2,

@@ -7,7 +7,8 @@ import torch
 from lft_core.errors import LFTError
 from lft_core.flow.store import open_flow
 from lft_core.model.teacher import Replace
-from lft_core.flow.training import TrainConfig, lr_at, train_flow
+from lft_core.flow.config import TrainConfig
+from lft_core.flow.training import lr_at, train_flow
 
 
 def _cfg(model_dir, **kw):

@@ -78,7 +78,7 @@ EXTRA_KEYS = ("weights_hash",)
 def recipe_fields() -> list[str]:
     """The config entries that two flows must share to be seeds of one recipe: every ``TrainConfig`` setting
     except ``PER_RUN`` (a setting added to training later joins the recipe by itself), and ``EXTRA_KEYS``."""
-    from lft_core.flow.training import TrainConfig
+    from lft_core.flow.config import TrainConfig
 
     return [f.name for f in fields(TrainConfig) if f.name not in PER_RUN] + list(EXTRA_KEYS)
 

@@ -1,8 +1,10 @@
-"""Held-out evaluation of a latent flow against the teacher and against plain layer skipping.
+"""Held-out evaluation of a latent flow against the teacher and against the baselines.
 
 For every token of the evaluation text: KL(P_teacher || P_model) of next-token distributions (the paper's
-"KL of LM logits"), where the model is the LFT (span replaced by the flow, k integration steps) or skip-k
-(k blocks removed). Also NMSE of the flow's end point against h_n, and perplexities.
+"KL of LM logits"), where the model is the LFT (span replaced by the flow, k integration steps) or a baseline
+of ``baselines.BASELINES`` (skip-k: k blocks removed; the affine map; ...). Also NMSE of each replacement's end
+point against h_n, and perplexities. Every model of an evaluation is a ``Planned`` row with its surgery,
+measured in one streamed pass.
 """
 from __future__ import annotations
 
@@ -22,12 +24,13 @@ from lft_core.span import Span
 from lft_core.model.teacher import Replace, Skip, Surgery
 
 if TYPE_CHECKING:
+    from lft_core.analysis.baselines import Prepared
     from lft_core.model.teacher import Teacher
 
 
 @dataclass
 class EvalRow:
-    model: str  # "lft" | "skip" | "affine"
+    model: str  # "teacher" | "lft" | the name of a baseline (baselines.BASELINES: "skip", "affine", ...)
     k: int
     kl: float
     ppl: float
@@ -138,32 +141,48 @@ def end_point_nmse(teacher: Teacher, replacements: Sequence[tuple[Replacement, S
     return [{k: v / count for k, v in acc.items()} for acc in sums]
 
 
-def _lft_models(flow: Replacement, ks: Sequence[int], model: str) -> list[tuple[EvalRow, Surgery]]:
-    return [(EvalRow(model, k, 0.0, 0.0), Replace(flow, k)) for k in ks]
+@dataclass(frozen=True)
+class PlanContext:
+    """What a baseline needs to plan its rows of one evaluation (``baselines.Baseline.plan``): the teacher, the
+    span, the held-out windows ``ids`` (windows, seq_len), the batch size, a progress callback, and the skip-k
+    settings (the k to skip, whether to search the best position, on how many windows)."""
+
+    teacher: Teacher
+    span: Span
+    ids: torch.Tensor
+    batch: int = 8
+    progress: Callable[[str], None] | None = None
+    skips: Sequence[int] = (1, 2, 3)
+    best_skip: bool = True
+    search_windows: int = 2
 
 
-def _skip_models(teacher: Teacher, span: Span, ids: torch.Tensor, skips: Sequence[int], best_skip: bool, batch: int,
-                 search_windows: int, progress: Callable[[str], None] | None) -> list[tuple[EvalRow, Surgery]]:
-    m, n = span
-    say = progress or (lambda s: None)
-    planned = []
-    probe = ids[: max(1, min(len(ids), search_windows))]
-    probe_ref = reference_logits(teacher, probe, batch) if best_skip and skips else None
-    for k in skips:
-        if k <= n - m:
-            planned.append((EvalRow("skip", k, 0.0, 0.0, where="span", start=m), Skip(m, k)))
-        if best_skip:
-            say(f"searching the best position to skip {k} block(s)")
-            start, _ = best_skip_start(teacher, probe, probe_ref, k, batch)
-            planned.append((EvalRow("skip", k, 0.0, 0.0, where="best", start=start), Skip(start, k)))
-    return planned
+@dataclass(frozen=True)
+class Planned:
+    """One model of an evaluation: its row (KL / PPL still 0), its surgery on the teacher, and the replacement of
+    the span whose end-point NMSE is measured at ``row.k`` (None for a model that replaces nothing)."""
+
+    row: EvalRow
+    surgery: Surgery
+    replacement: Replacement | None = None
 
 
-def _measured(teacher: Teacher, ids: torch.Tensor, planned: list[tuple[EvalRow, Surgery]], batch: int,
+def _lft_plan(flow: Replacement, ks: Sequence[int], model: str) -> list[Planned]:
+    return [Planned(EvalRow(model, k, 0.0, 0.0), Replace(flow, k), flow) for k in ks]
+
+
+def _measured(teacher: Teacher, ids: torch.Tensor, planned: Sequence[Planned], batch: int,
               progress: Callable[[str], None] | None) -> list[EvalRow]:
-    """The planned rows with their KL and PPL filled in, from one streamed pass over ``ids``."""
-    metrics = stream_metrics(teacher, ids, [surgery for _, surgery in planned], batch, progress)
-    return [replace(row, kl=kl, ppl=ppl) for (row, _), (kl, ppl) in zip(planned, metrics)]
+    """The planned rows with KL and PPL from one streamed pass over ``ids``, and, for those that replace the
+    span, the end-point NMSE from one hidden-state pass."""
+    metrics = stream_metrics(teacher, ids, [p.surgery for p in planned], batch, progress)
+    rows = [replace(p.row, kl=kl, ppl=ppl) for p, (kl, ppl) in zip(planned, metrics)]
+    ends = [i for i, p in enumerate(planned) if p.replacement is not None]
+    if ends:
+        errors = end_point_nmse(teacher, [(planned[i].replacement, (planned[i].row.k,)) for i in ends], ids, batch)
+        for i, error in zip(ends, errors):
+            rows[i] = replace(rows[i], nmse=error[rows[i].k])
+    return rows
 
 
 def lft_rows(teacher: Teacher, flow: Replacement, ids: torch.Tensor, ks: Sequence[int] = (1, 2, 3),
@@ -172,19 +191,20 @@ def lft_rows(teacher: Teacher, flow: Replacement, ids: torch.Tensor, ks: Sequenc
     ``model`` labels the rows, e.g. "affine") for each k."""
     teacher.check_span(*flow.span)
     _check_ks(ks)
-    rows = _measured(teacher, ids, _lft_models(flow, ks, model), batch, progress)
-    errors, = end_point_nmse(teacher, [(flow, ks)], ids, batch)
-    return [replace(row, nmse=errors[row.k]) for row in rows]
+    return _measured(teacher, ids, _lft_plan(flow, ks, model), batch, progress)
 
 
 def skip_rows(teacher: Teacher, span: Span | tuple[int, int], ids: torch.Tensor, skips: Sequence[int] = (1, 2, 3),
               best_skip: bool = True, batch: int = 8, search_windows: int = 2,
               progress: Callable[[str], None] | None = None) -> list[EvalRow]:
-    """KL / PPL of skip-k: the first k blocks of the span ("span") and, with ``best_skip``, the k blocks whose
-    removal hurts least anywhere in the model ("best", searched on the first ``search_windows`` windows)."""
+    """KL / PPL of skip-k (``baselines.SkipBaseline``): the first k blocks of the span ("span") and, with
+    ``best_skip``, the k blocks whose removal hurts least anywhere in the model ("best", searched on the first
+    ``search_windows`` windows)."""
+    from lft_core.analysis.baselines import get_baseline
+
     _check_skips(teacher, skips)
-    planned = _skip_models(teacher, Span.of(span), ids, skips, best_skip, batch, search_windows, progress)
-    return _measured(teacher, ids, planned, batch, progress)
+    ctx = PlanContext(teacher, Span.of(span), ids, batch, progress, skips, best_skip, search_windows)
+    return _measured(teacher, ids, get_baseline("skip").plan(ctx, None), batch, progress)
 
 
 def evaluate(
@@ -197,41 +217,42 @@ def evaluate(
     best_skip: bool = True,
     batch: int = 8,
     progress: Callable[[str], None] | None = None,
-    affine: Replacement | None = None,
+    baselines: Sequence[Prepared] = (),
 ) -> EvalResult:
-    """Rows of KL / NMSE / PPL for the LFT at each k, the closed-form affine replacement (``affine``, a
-    ``baselines.AffineReplacement`` of the same span, one row with k = 1) and skip-k (in the span, and at the
-    best position), from one streamed pass over the windows (memory does not grow with their number).
+    """Rows of KL / NMSE / PPL for the LFT at each k, skip-k (in the span, and at the best position; ``skips``
+    empty: none) and each of ``baselines`` (``baselines.Prepared``: a registered baseline fitted to this span),
+    from one streamed pass over the windows (memory does not grow with their number).
 
     ``ids`` shape (windows, seq_len), held-out text. ``flow`` is a LatentFlow (or None for baseline rows only);
-    ``span`` defaults to the flow's (or the affine map's) and must agree with them when given. Non-finite
-    results are an LFTError, never a row of NaN.
+    ``span`` defaults to the flow's (or the first baseline's replacement's) and must agree with them when given.
+    Non-finite results are an LFTError, never a row of NaN.
     """
+    from lft_core.analysis.baselines import get_baseline
+
     start_time = time.perf_counter()
+    replacements = [(flow, "the flow")] + [(b.replacement, f"the {b.baseline.name} map") for b in baselines]
     if span is None:
-        if flow is None and affine is None:
+        given = [r for r, _ in replacements if r is not None]
+        if not given:
             raise LFTError("evaluate needs a flow or a span")
-        span = (flow or affine).span
-    m, n = span = teacher.check_span(*span)
-    for replacement, label in ((flow, "the flow"), (affine, "the affine map")):
+        span = given[0].span
+    span = teacher.check_span(*span)
+    for replacement, label in replacements:
         if replacement is not None:
             check_replaces(replacement, span, label)
     if ids.ndim != 2 or ids.shape[1] < 2:
         raise LFTError("evaluation needs token windows of at least 2 tokens")
     _check_ks(ks)  # before any forward pass
     _check_skips(teacher, skips)
-    planned: list[tuple[EvalRow, Surgery | None]] = [(EvalRow("teacher", 0, 0.0, 0.0), None)]
+    ctx = PlanContext(teacher, span, ids, batch, progress, skips, best_skip)
+    planned = [Planned(EvalRow("teacher", 0, 0.0, 0.0), None)]
     if flow is not None:
-        planned += _lft_models(flow, ks, "lft")
-    if affine is not None:
-        planned += _lft_models(affine, (1,), "affine")
-    planned += _skip_models(teacher, span, ids, skips, best_skip, batch, 2, progress)
+        planned += _lft_plan(flow, ks, "lft")
+    for prepared in baselines:
+        if prepared.baseline.name != "skip":  # skip-k is planned from ``skips``, once
+            planned += prepared.plan(ctx)
+    planned += get_baseline("skip").plan(ctx, None)
     teacher_row, *rows = _measured(teacher, ids, planned, batch, progress)
-    ends = [(r, model, steps) for r, model, steps in ((flow, "lft", ks), (affine, "affine", (1,))) if r is not None]
-    if ends:
-        errors = dict(zip((model for _, model, _ in ends),
-                          end_point_nmse(teacher, [(r, steps) for r, _, steps in ends], ids, batch)))
-        rows = [replace(r, nmse=errors[r.model][r.k]) if r.model in errors else r for r in rows]
     result = EvalResult(span=span, tokens=int(ids.numel()), teacher_ppl=teacher_row.ppl, rows=rows,
                         seconds=time.perf_counter() - start_time)
     broken = [f"{r.model} k={r.k}" for r in result.rows

@@ -6,7 +6,7 @@ x0, x1: paired states, shape (batch, ...) (a token's h_m and h_n, or a 2-D toy p
   loss = mean ‖u(x_t, t) − (x1 − x0)‖².
 * Flow Walking (FW): per sample sorted random times 0 < t_1 < … < t_{k−1} < 1, Euler-integrate x0 through
   [0, t_1, …, t_{k−1}, 1] with u (gradients through every step), loss = mean ‖x̂_1 − x1‖².
-* Hybrid: FW + α·SFM.
+* (Hybrid, FW + α·SFM, and every other training method are classes of ``methods``, built from these.)
 * Teacher path (``path_loss``, an extra term of any method): flow matching along the piecewise-linear path
   through the teacher's intermediate states h_{m+1} … h_{n−1} (waypoints at t_l = (l − m)/(n − m)).
 
@@ -15,8 +15,6 @@ All losses are means over every element (batch, seq and feature), computed in fl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 from torch import Tensor
 
@@ -24,7 +22,7 @@ from lft_core.errors import LFTError
 from lft_core.flow.solvers import Velocity, integrate
 
 
-def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+def uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
     """U(0, 1) samples of ``shape`` on ``device``, drawn from ``generator`` (which may live on another device)."""
     if generator is None:
         return torch.rand(shape, device=device)
@@ -59,7 +57,7 @@ def sfm_loss(
     """
     _check_pair(x0, x1)
     if t is None:
-        t = _uniform((x0.shape[0],), generator, x0.device)
+        t = uniform((x0.shape[0],), generator, x0.device)
     t = t.to(device=x0.device, dtype=torch.float32)
     x_t = straight_path(x0, x1, t)
     target = (x1 - x0).float()
@@ -73,7 +71,7 @@ def walk_times(batch: int, k: int, generator: torch.Generator | None = None, dev
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise LFTError(f"Flow Walking needs k >= 1 steps, got {k!r}")
-    inner = _uniform((k - 1, batch), generator, torch.device(device)).sort(dim=0).values
+    inner = uniform((k - 1, batch), generator, torch.device(device)).sort(dim=0).values
     zeros = torch.zeros(1, batch, device=device)
     return torch.cat([zeros, inner, zeros + 1.0], dim=0)
 
@@ -94,23 +92,6 @@ def flow_walking_loss(
     return _weighted_mean((x_hat.float() - x1.float()).pow(2), weight)
 
 
-def hybrid_loss(
-    velocity: Velocity,
-    x0: Tensor,
-    x1: Tensor,
-    k: int = 3,
-    alpha: float = 0.1,
-    generator: torch.Generator | None = None,
-    weight: Tensor | None = None,
-    noise: Noise | None = None,
-) -> Tensor:
-    """FW + α·SFM on the same batch; x0, x1 shape (batch, ...)."""
-    noise = noise or draw_noise("hybrid", x0.shape[0], k, generator, x0.device)
-    return flow_walking_loss(velocity, x0, x1, k=k, weight=weight, times=noise.walk) + alpha * sfm_loss(
-        velocity, x0, x1, t=noise.t, weight=weight
-    )
-
-
 def path_loss(
     velocity: Velocity, path: Tensor, t: Tensor | None = None, generator: torch.Generator | None = None,
     weight: Tensor | None = None,
@@ -126,7 +107,7 @@ def path_loss(
     assert path.dim() >= 2 and path.shape[0] >= 2, f"path must have shape (P+1, batch, ...), got {tuple(path.shape)}"
     pieces, batch = path.shape[0] - 1, path.shape[1]
     if t is None:
-        t = _uniform((batch,), generator, path.device)
+        t = uniform((batch,), generator, path.device)
     t = t.to(device=path.device, dtype=torch.float32)
     seg = (t * pieces).floor().clamp(max=pieces - 1).long()
     frac = (t * pieces - seg).view(-1, *([1] * (path.dim() - 2)))
@@ -151,46 +132,3 @@ class Noise:
         """The times of the samples ``index`` of the batch (a slice or an index tensor)."""
         pick = lambda x: None if x is None else x[index]  # noqa: E731
         return Noise(None if self.walk is None else self.walk[:, index], pick(self.t), pick(self.path))
-
-
-def draw_noise(method: str, batch: int, k: int = 3, generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu", path: bool = False) -> Noise:
-    """The times ``method`` needs for ``batch`` samples, drawn from ``generator`` in a fixed order (Flow
-    Walking's grids first, then SFM's times, the order the losses have always drawn them in; then, with
-    ``path``, the times of the teacher-path term)."""
-    check_method(method)
-    device = torch.device(device)
-    walk = walk_times(batch, k, generator, device) if method in ("fw", "hybrid") else None
-    t = _uniform((batch,), generator, device) if method in ("sfm", "hybrid") else None
-    return Noise(walk, t, _uniform((batch,), generator, device) if path else None)
-
-
-LOSSES: dict[str, Callable[..., Tensor]] = {"sfm": sfm_loss, "fw": flow_walking_loss, "hybrid": hybrid_loss}
-"""Training methods by their short names (``--method`` on the CLI)."""
-
-
-def check_method(method: str) -> None:
-    """LFTError unless ``method`` names a training method of LOSSES."""
-    if method not in LOSSES:
-        raise LFTError(f"unknown training method {method!r}; choose one of {', '.join(LOSSES)}")
-
-
-def compute_loss(
-    method: str,
-    velocity: Velocity,
-    x0: Tensor,
-    x1: Tensor,
-    k: int = 3,
-    alpha: float = 0.1,
-    generator: torch.Generator | None = None,
-    weight: Tensor | None = None,
-    noise: Noise | None = None,
-) -> Tensor:
-    """The loss of ``method`` ("sfm", "fw" or "hybrid") on one batch; ``k`` and ``alpha`` apply where they mean
-    something. The random times are ``noise`` when given, else drawn from ``generator`` (``draw_noise``)."""
-    noise = noise or draw_noise(method, x0.shape[0], k, generator, x0.device)
-    if method == "sfm":
-        return sfm_loss(velocity, x0, x1, t=noise.t, weight=weight)
-    if method == "fw":
-        return flow_walking_loss(velocity, x0, x1, k=k, weight=weight, times=noise.walk)
-    return hybrid_loss(velocity, x0, x1, k=k, alpha=alpha, weight=weight, noise=noise)

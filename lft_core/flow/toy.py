@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from lft_core.errors import LFTError
 from lft_core.flow.latent import MAX_K
-from lft_core.flow.losses import check_method, compute_loss, straight_path
+from lft_core.flow.losses import straight_path
+from lft_core.flow.methods import compute_loss, get_method
 from lft_core.flow.solvers import Trajectory, integrate, uniform_times
 
 
@@ -306,7 +307,7 @@ def train_toy(
     steps (``eval_k`` overrides k). The default lr was chosen by measurement: at 3e-3 Flow Walking is still
     far from converged after 1500 steps (its loss keeps falling with more steps), at 1e-2 all methods are.
     """
-    check_method(method)
+    get_method(method)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise LFTError(f"steps must be an integer >= 1, got {steps!r}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
@@ -391,7 +392,7 @@ def run_toy(
     """Build a built-in dataset and train on it (what ``python -m lft_core toy`` and the toy page call)."""
     if dataset not in DATASETS:
         raise LFTError(f"unknown toy dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    check_method(method)
+    get_method(method)
     if isinstance(n_points, bool) or not isinstance(n_points, int) or not MIN_CSV_ROWS <= n_points <= MAX_CSV_ROWS:
         raise LFTError(f"n_points must be an integer in [{MIN_CSV_ROWS}, {MAX_CSV_ROWS}], got {n_points!r}")
     return train_toy(DATASETS[dataset](n_points, seed), method=method, steps=steps, k=k, alpha=alpha, seed=seed,

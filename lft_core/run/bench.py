@@ -64,7 +64,7 @@ def bench_train(teacher, span=(6, 12), steps: int = 20, batch: int = 8, seq_len:
     """Steps/s and tokens/s of SFM and FW (k steps) on random pairs of the teacher's width, and peak memory."""
     from lft_core.flow.field import VelocityField
     from lft_core.flow.latent import LatentFlow
-    from lft_core.flow.losses import compute_loss
+    from lft_core.flow.methods import compute_loss
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = {"device": device, "span": list(span), "batch": batch, "seq_len": seq_len, "k": k, "steps": steps}
@@ -118,7 +118,8 @@ def bench_baselines(teacher, span=(12, 18), windows: int = 16, seq_len: int = 12
                     eval_windows_: int = 16) -> dict:
     """The affine baseline: the grid of every span from the all-layer caches (cache time reported apart), one
     span's fit on ``fit_windows`` cached training windows, and its evaluation (one spliced forward per window)."""
-    from lft_core.analysis.baselines import affine_grid, fit_affine_for_span
+    from lft_core.analysis.affine import affine_grid, fit_affine_for_span
+    from lft_core.analysis.baselines import Prepared, get_baseline
     from lft_core.analysis.coupling import all_layer_cache
     from lft_core.analysis.evaluation import eval_windows, evaluate
 
@@ -134,7 +135,7 @@ def bench_baselines(teacher, span=(12, 18), windows: int = 16, seq_len: int = 12
     fit_s = time.perf_counter() - t
     ids = eval_windows(teacher, "builtin", None, eval_windows_, seq_len)
     t = time.perf_counter()
-    result = evaluate(teacher, None, span, ids, ks=[], skips=[], affine=affine)
+    result = evaluate(teacher, None, span, ids, ks=[], skips=[], baselines=[Prepared(get_baseline("affine"), affine)])
     eval_s = time.perf_counter() - t
     return {"layers": teacher.n_layers, "spans": int(np.isfinite(grid.matrix).sum()), "grid_windows": windows,
             "grid_tokens": grid.tokens, "grid_heldout_tokens": grid.heldout_tokens,

@@ -23,7 +23,7 @@ from lft_core.data.corpus import DEFAULT as DEFAULT_CORPUS
 from lft_core.errors import LFTError
 from lft_core.model.loading import DEVICE_MAPS
 from lft_core.span import Span
-from lft_core.flow.training import MAX_SEED, TrainConfig
+from lft_core.flow.config import MAX_SEED, TrainConfig
 
 
 def _write_json(path: str | None, data: dict) -> None:
@@ -83,11 +83,12 @@ def _int_list(text: str) -> list[int]:
 
 
 def _baseline_list(text: str) -> list[str]:
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    unknown = sorted(set(names) - {"affine"})
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown baseline(s) {', '.join(unknown)}; known: affine")
-    return names
+    from lft_core.analysis.baselines import parse_names
+
+    try:
+        return parse_names(text)
+    except LFTError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive(text: str) -> int:
@@ -201,6 +202,7 @@ def cmd_sweep(a: argparse.Namespace) -> dict:
 
 
 def cmd_eval(a: argparse.Namespace) -> dict:
+    from lft_core.analysis.baselines import FitData, get_baseline, prepare
     from lft_core.analysis.evaluation import eval_windows, evaluate
     from lft_core.flow.latent import MAX_K
     from lft_core.flow.store import open_flow, read_flow_config, trained_on
@@ -225,16 +227,14 @@ def cmd_eval(a: argparse.Namespace) -> dict:
         text = read_text_file(a.text)  # size limit, empty / binary / not-UTF-8 checks
     # held-out windows of the flow's own training corpus unless told otherwise
     ids = eval_windows(teacher, a.corpus or trained_on(config), text, a.windows, a.seq_len or config.get("seq_len", 128))
-    affine = None
-    if "affine" in a.baselines:  # fitted on the flow's own training data
-        from lft_core.analysis.baselines import fit_affine_for_span
-
-        print("fitting the affine replacement of the flow's span", file=sys.stderr)
-        affine = fit_affine_for_span(teacher, flow.span, trained_on(config),
-                                     int(config.get("seq_len", 128)), int(config.get("windows", 256)),
-                                     int(config.get("heldout_windows", 16)), config.get("sink_weight"))
+    prepared = []
+    for name in a.baselines:  # fitted on the flow's own training data
+        baseline = get_baseline(name)
+        if baseline.fitted:
+            print(f"fitting the {baseline.label} of the flow's span", file=sys.stderr)
+        prepared.append(prepare(name, teacher, flow.span, FitData.of_flow(config)))
     result = evaluate(teacher, flow, None, ids, ks=a.k, skips=a.skip,
-                      progress=lambda s: print(s, file=sys.stderr), affine=affine)
+                      progress=lambda s: print(s, file=sys.stderr), baselines=prepared)
     print(result.table())
     return result.to_json()
 
@@ -255,26 +255,32 @@ def cmd_baselines(a: argparse.Namespace) -> dict:
     teacher = _teacher(a)
     if a.spans is not None:
         return _affine_grid(a, teacher)
-    from lft_core.analysis.baselines import fit_affine_for_span
+    from lft_core.analysis.baselines import BASELINES, FitData, prepare
     from lft_core.analysis.evaluation import eval_windows, evaluate
 
     span = teacher.check_span(*a.span)
+    data = FitData(a.corpus, a.seq_len, a.fit_windows, a.heldout_windows)
     t0 = time.perf_counter()
-    affine = fit_affine_for_span(teacher, span, a.corpus, a.seq_len, a.fit_windows, a.heldout_windows)
+    prepared, fit = [], {"windows": a.fit_windows, "heldout_windows": a.heldout_windows, "seq_len": a.seq_len,
+                         "corpus": a.corpus}
+    for name in a.baselines or list(BASELINES):
+        p = prepare(name, teacher, span, data)
+        prepared.append(p)
+        summary = p.baseline.fit_summary(p.replacement)
+        if summary:
+            fit.update(summary)
+            print(f"{name} fit of {span}: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()), file=sys.stderr)
     fit_seconds = time.perf_counter() - t0
-    print(f"affine fit of {span}: relative ridge {affine.ridge:.0e}, held-out NMSE {affine.heldout_nmse:.4f} "
-          f"({fit_seconds:.1f} s)", file=sys.stderr)
+    skips = a.skip if any(p.baseline.name == "skip" for p in prepared) else []
     ids = eval_windows(teacher, a.corpus, text, a.windows, a.seq_len)
-    result = evaluate(teacher, None, span, ids, ks=[], skips=a.skip, progress=lambda s: print(s, file=sys.stderr),
-                      affine=affine)
+    result = evaluate(teacher, None, span, ids, ks=[], skips=skips, progress=lambda s: print(s, file=sys.stderr),
+                      baselines=prepared)
     print(result.table())
-    return {**result.to_json(), "model_id": teacher.model_id, "fit_seconds": round(fit_seconds, 3),
-            "fit": {"windows": a.fit_windows, "heldout_windows": a.heldout_windows, "seq_len": a.seq_len,
-                    "corpus": a.corpus, "ridge": affine.ridge, "heldout_nmse": affine.heldout_nmse}}
+    return {**result.to_json(), "model_id": teacher.model_id, "fit_seconds": round(fit_seconds, 3), "fit": fit}
 
 
 def _affine_grid(a: argparse.Namespace, teacher) -> dict:
-    from lft_core.analysis.baselines import affine_grid_for_model
+    from lft_core.analysis.affine import affine_grid_for_model
     from lft_core.span import grid_json, parse_spans
 
     spans = parse_spans(a.spans, teacher.n_layers)
@@ -427,8 +433,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type, skip: tu
             del kw["default"]
         else:
             kw["type"] = _positive if meta.get("positive") else meta.get("type", type(f.default))
-            if "choices" in meta:
-                kw["choices"] = list(meta["choices"])
+            if "choices" in meta:  # a registry's names are read when the parser is built
+                choices = meta["choices"]
+                kw["choices"] = list(choices() if callable(choices) else choices)
         parser.add_argument(flag, **kw)
 
 
@@ -496,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=_int_list, default=[1, 2, 3], help="LFT integration steps, e.g. 1,2,3")
     e.add_argument("--skip", type=_int_list, default=[1, 2, 3], help="skip-k baselines, e.g. 1,2,3")
     e.add_argument("--baselines", type=_baseline_list, default=[],
-                   help="closed-form baselines to add: affine (fitted on the flow's training data)")
+                   help="baselines to add beside skip-k (--skip), comma list of registered names, e.g. affine "
+                        "(fitted on the flow's training data)")
     e.add_argument("--json", metavar="PATH")
     placement(e)
 
@@ -506,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     a_.add_argument("--span", type=_span, default=None, help="M:N: skip-k and affine rows for this span")
     a_.add_argument("--spans", default=None, help="all or M:N,M:N: the affine held-out NMSE grid")
     a_.add_argument("--skip", type=_int_list, default=[1, 2, 3], help="skip-k baselines, e.g. 1,2,3")
+    a_.add_argument("--baselines", type=_baseline_list, default=[],
+                    help="--span: comma list of registered baselines (default: every one)")
     a_.add_argument("--text", help="evaluate on this text file instead of held-out corpus windows")
     a_.add_argument("--windows", type=_positive, default=16, help="held-out windows to evaluate on")
     a_.add_argument("--seq-len", type=_positive, default=128)

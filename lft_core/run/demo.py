@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "smollm2-135m"  # = loading.DEFAULT_MODEL (not imported: loading imports torch, status must not)
 MANIFEST_VERSION = 1
-METHOD_CHOICES = ("sfm", "fw", "hybrid")
 MAX_PAIRS = 4096  # as the CLI's recoupling --pairs: the cost matrix is pairs² float64
 LOCK_WAIT_S = 2.0
 """How long ``prepare_demo`` waits for the demo's lock before refusing (``demo_status`` probes the lock for a
@@ -124,13 +123,15 @@ class DemoSettings:
         if self.pairs > available:
             raise LFTError(f"{self.pairs} token pairs per span, but {self.windows} windows x {self.seq_len - 1} "
                            f"positions (position 0 excluded) hold only {available}: use fewer pairs or more windows")
+        from lft_core.flow.methods import METHODS
+
         if not self.methods or len(set(self.methods)) != len(self.methods) or \
-                any(m not in METHOD_CHOICES for m in self.methods):
-            raise LFTError(f"the demo's methods must be distinct names from {', '.join(METHOD_CHOICES)}, "
+                any(m not in METHODS for m in self.methods):
+            raise LFTError(f"the demo's methods must be distinct names from {', '.join(METHODS)}, "
                            f"got {list(self.methods)}")
         from dataclasses import fields
 
-        from lft_core.flow.training import TrainConfig
+        from lft_core.flow.config import TrainConfig
 
         allowed = {f.name for f in fields(TrainConfig)} - {"model", "corpus", "span", "method", "name", "sweep"}
         unknown = sorted(set(self.train) - allowed)
@@ -150,7 +151,7 @@ class DemoSettings:
         and no flag are one demo (imports the training module)."""
         from dataclasses import fields
 
-        from lft_core.flow.training import TrainConfig
+        from lft_core.flow.config import TrainConfig
 
         defaults = {f.name: f.default for f in fields(TrainConfig)}
         train = {k: v for k, v in self.train.items() if not (k in defaults and defaults[k] == v and
@@ -822,7 +823,7 @@ class _Run:
                                                progress=None if skip else self.counter(2, "spans"))
             self.m.setdefault("grids", {})["recoupling"] = _grid_paths(self.m, self.s)[0].name
         elif i == 3:
-            from lft_core.analysis.baselines import affine_grid_from_caches
+            from lft_core.analysis.affine import affine_grid_from_caches
 
             affine = affine_grid_from_caches(self.entry("train"), self.entry("heldout"),
                                              callback=None if skip else self.counter(3, "spans"))
@@ -875,7 +876,7 @@ class _Run:
             self.save()
 
     def config(self, method: str, span: Span):
-        from lft_core.flow.training import TrainConfig
+        from lft_core.flow.config import TrainConfig
 
         return TrainConfig(**{**self.s.train_kwargs(), "span": span, "method": method,
                               "name": self.s.flow_name(method, span)})

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from lft_core.errors import LFTError
 from lft_core.span import Span
 from lft_core.flow.store import NAME_RE, being_trained, flows_dir, has_training_state, read_flow_config
-from lft_core.flow.training import METHODS, MAX_SEED, TrainConfig
+from lft_core.flow.methods import METHODS
+from lft_core.flow.config import MAX_SEED, TrainConfig
 
 if TYPE_CHECKING:
     from lft_core.model.teacher import Teacher
