@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lft_core.analysis.coupling import all_layer_cache, recoupling_for_model, span_coupling
+from lft_core.analysis.recoupling import all_layer_cache, recoupling_for_model
+from lft_core.analysis.crossings import span_coupling
 from lft_core.span import parse_spans
 from lft_core.errors import LFTError
 from lft_core.analysis.trajectories import project_table, trajectory_table
@@ -71,7 +72,7 @@ def test_trajectory_table(tiny_neox, tiny_neox_dir):
 
 
 def test_text_coupling_matches_hidden_states(tiny_neox):
-    from lft_core.analysis.coupling import text_coupling
+    from lft_core.analysis.crossings import text_coupling
 
     ids = tiny_neox.encode("Alpha beta gamma delta epsilon zeta eta theta.")
     res = text_coupling(tiny_neox, ids, (1, 3))

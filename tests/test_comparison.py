@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from lft_core.analysis import comparison as cmp
+from lft_core.analysis import recipes
 from lft_core.span import Span
 from lft_core.flow.store import SavedFlow
 from lft_core.flow.config import TrainConfig
@@ -33,7 +34,7 @@ def saved(name: str, nmse: float | None = 0.3, history: list[dict] | None = None
 
 def test_two_seeds_of_one_recipe_form_one_group_with_mean_and_std():
     flows = [saved("a-s0", 0.2, seed=0), saved("a-s1", 0.4, seed=1)]
-    groups = cmp.group_flows(flows)
+    groups = recipes.group_flows(flows)
     assert len(groups) == 1
     g = groups[0]
     assert g.names == ["a-s0", "a-s1"] and g.seeds == [0, 1]
@@ -45,7 +46,7 @@ def test_two_seeds_of_one_recipe_form_one_group_with_mean_and_std():
 def test_a_different_k_or_lr_splits_the_group_and_is_named_in_the_label():
     flows = [saved("a-s0", 0.2, seed=0), saved("a-s1", 0.4, seed=1), saved("b-s0", 0.5, seed=0, k=2),
              saved("c-s0", 0.6, seed=0, lr=3e-4), saved("c-s1", 0.8, seed=1, lr=3e-4)]
-    groups = cmp.group_flows(flows)
+    groups = recipes.group_flows(flows)
     assert [g.names for g in groups] == [["a-s0", "a-s1"], ["b-s0"], ["c-s0", "c-s1"]]
     labels = [g.label for g in groups]
     assert len(set(labels)) == 3
@@ -57,16 +58,16 @@ def test_a_different_k_or_lr_splits_the_group_and_is_named_in_the_label():
 def test_name_sweep_and_bookkeeping_do_not_split_a_recipe_but_the_corpus_and_span_do():
     flows = [saved("x", 0.1, seed=0, sweep="sw", eval_every=1), saved("y", 0.3, seed=5, sweep="sw", checkpoint_every=2),
              saved("z", 0.3, seed=0, corpus="builtin"), saved("w", 0.3, seed=0, span=(4, 8))]
-    groups = cmp.group_flows(flows)
+    groups = recipes.group_flows(flows)
     assert [g.names for g in groups] == [["x", "y"], ["z"], ["w"]]
     assert groups[0].label.startswith("sw: ") and groups[0].sweep == "sw"
-    table = cmp.groups_table(groups)
+    table = recipes.groups_table(groups)
     assert list(table["n"]) == [2, 1, 1] and table["held-out NMSE"].iloc[0] == "0.2000 ± 0.1414"
 
 
 def test_unreadable_records_are_left_out():
     bad = SavedFlow("broken", Path("/nowhere"), error="unreadable config")
-    assert [g.names for g in cmp.group_flows([bad, saved("a")])] == [["a"]]
+    assert [g.names for g in recipes.group_flows([bad, saved("a")])] == [["a"]]
 
 
 # -- curves -------------------------------------------------------------------------------------------------
@@ -74,13 +75,13 @@ def test_unreadable_records_are_left_out():
 
 def test_time_is_the_recorded_elapsed_field_or_the_sum_of_step_durations():
     f = saved("a")  # 2 windows x 32 tokens per step at 640 tokens/s: 0.1 s a step
-    seconds, how = cmp.history_seconds(f)
+    seconds, how = recipes.history_seconds(f)
     assert how == "summed step times" and np.allclose(seconds, [0.1, 0.2, 0.3, 0.4])
     timed = saved("b", history=[{"step": s, "loss": 1.0, "elapsed_s": 2.0 * s} for s in (1, 2)])
-    seconds, how = cmp.history_seconds(timed)
+    seconds, how = recipes.history_seconds(timed)
     assert how == "recorded" and list(seconds) == [2.0, 4.0]
-    assert cmp.history_seconds(saved("c", history=[{"step": 1, "loss": 1.0}])) is None
-    curve = cmp.history_curve(f, "heldout_nmse", "seconds")
+    assert recipes.history_seconds(saved("c", history=[{"step": 1, "loss": 1.0}])) is None
+    curve = recipes.history_curve(f, "heldout_nmse", "seconds")
     assert np.allclose(curve["x"], [0.2, 0.4]) and np.allclose(curve["y"], [0.6, 0.3])
 
 
@@ -89,14 +90,14 @@ def test_group_curves_average_seeds_on_steps_and_on_time():
     slow_history = [{"step": s, "loss": 3.0 / s, "tokens_per_s": 320.0} for s in range(1, 5)]
     slow_history[-1]["heldout_nmse"] = 0.4
     slow = saved("a-s1", seed=1, history=slow_history)
-    g, = cmp.group_flows([fast, slow])
-    by_step = cmp.group_curves(g, "loss", "step")
+    g, = recipes.group_flows([fast, slow])
+    by_step = recipes.group_curves(g, "loss", "step")
     assert list(by_step["x"]) == [1, 2, 3, 4] and (by_step["n"] == 2).all()
     assert by_step["mean"].iloc[0] == pytest.approx(2.0) and by_step["std"].iloc[0] == pytest.approx(math.sqrt(2))
-    by_time = cmp.group_curves(g, "loss", "seconds")
+    by_time = recipes.group_curves(g, "loss", "seconds")
     # the common range is where both ran: 0.2 s (the slow seed's first step) to 0.4 s (the fast seed's last)
     assert by_time["x"].min() == pytest.approx(0.2) and by_time["x"].max() == pytest.approx(0.4)
-    frame = cmp.curves_frame([g], "step")
+    frame = recipes.curves_frame([g], "step")
     assert set(frame["metric"]) == {"loss", "heldout_nmse"} and set(frame["recipe"]) == {g.label}
 
 
@@ -119,7 +120,7 @@ def test_skip_rows_once_per_span_and_k_however_many_flows_share_the_span():
     assert {k: r.start for k, r in best.items()} == {1: 5, 2: 5, 3: 5}
     flow_rows = [{"flow": name, "span": "2:4", "k": 3, "KL": 0.05 * (i + 1), "PPL": 12.0, "NMSE": 0.1}
                  for i, name in enumerate(["a", "b", "c"])]
-    affine = [{"name": "affine 2:4", "span": "2:4", "KL": 0.3, "PPL": 13.0, "NMSE": 0.2}]
+    affine = [{"baseline": "affine", "name": "affine 2:4", "span": "2:4", "KL": 0.3, "PPL": 13.0, "NMSE": 0.2}]
     table = cmp.evaluation_table(flow_rows, affine, rows, best)
     skip_in = table[table["row"] == "skip-k in span"]
     assert not skip_in.duplicated(["span", "k"]).any() and len(skip_in) == 5
@@ -131,13 +132,13 @@ def test_skip_rows_once_per_span_and_k_however_many_flows_share_the_span():
 
 def test_kl_vs_blocks_has_flows_as_mean_and_std_baselines_and_the_papers_points():
     flows = [saved("a-s0", seed=0), saved("a-s1", seed=1), saved("b", span=(1, 7))]
-    groups = cmp.group_flows(flows)
+    groups = recipes.group_flows(flows)
     flow_rows = [{"flow": "a-s0", "span": "2:4", "k": 3, "KL": 0.2, "PPL": 12.0, "NMSE": 0.1},
                  {"flow": "a-s1", "span": "2:4", "k": 3, "KL": 0.4, "PPL": 12.0, "NMSE": 0.1},
                  {"flow": "b", "span": "1:7", "k": 3, "KL": 0.5, "PPL": 14.0, "NMSE": 0.3}]
     skips = cmp.skip_in_span(grid(), [Span(2, 4), Span(1, 7)], max_k=3)
     points = cmp.kl_vs_blocks(flow_rows, groups, skips, cmp.best_skips(grid()),
-                              [{"name": "affine 2:4", "span": "2:4", "KL": 0.7, "PPL": 20.0}])
+                              [{"baseline": "affine", "name": "affine 2:4", "span": "2:4", "KL": 0.7, "PPL": 20.0}])
     flows_pts = points[points["kind"] == "flow"].set_index("x")
     assert flows_pts.loc[2, "KL"] == pytest.approx(0.3) and flows_pts.loc[2, "err"] == pytest.approx(math.sqrt(0.02))
     assert flows_pts.loc[2, "n"] == 2 and flows_pts.loc[6, "n"] == 1

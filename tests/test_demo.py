@@ -86,7 +86,7 @@ def test_a_full_tiny_demo(smol):
 
     # the spans: lowest and highest R among the 2-block spans starting at block >= 1, from the persisted grid
     from lft_core.data.activations import open_activations
-    from lft_core.analysis.coupling import read_recoupling_grid
+    from lft_core.analysis.recoupling import read_recoupling_grid
 
     manifest = read_manifest()
     grid = read_recoupling_grid(open_activations(manifest["cache"]["train"]), TINY.pairs)
@@ -132,7 +132,7 @@ def test_a_second_run_is_a_no_op(smol):
 def test_persisted_grids_equal_a_fresh_computation(smol):
     from lft_core.data.activations import open_activations
     from lft_core.analysis.affine import affine_grid, affine_grid_path, read_affine_grid
-    from lft_core.analysis.coupling import read_recoupling_grid, recoupling_for_cache, recoupling_grid_path
+    from lft_core.analysis.recoupling import read_recoupling_grid, recoupling_for_cache, recoupling_grid_path
 
     ensure_tiny(smol)
     manifest = read_manifest()

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from lft_core.analysis import coupling
+from lft_core.analysis import recoupling as recoupling_module
 from lft_core.analysis import metrics
 from lft_core.errors import LFTError
-from lft_core.analysis.coupling import crossings, cost_matrix, flow_recoupled, recoupling_grid, recoupling_ratio, sinkhorn_recoupling
+from lft_core.analysis.recoupling import cost_matrix, recoupling_grid, recoupling_ratio, sinkhorn_recoupling
+from lft_core.analysis.crossings import crossings, flow_recoupled
 from lft_core.flow.losses import straight_path
 from lft_core.analysis.metrics import MetricError, kl_per_token, nll_per_token, nmse, perplexity
 
@@ -269,7 +270,7 @@ def test_grid_matches_direct_ratio_reads_each_layer_once_and_reports_progress(mo
         return np.load(tmp_path / f"layer_{i:02d}.npy", mmap_mode="r")
 
     seen: list[tuple[int, int]] = []
-    monkeypatch.setattr(coupling, "_GRID_BLOCK_ELEMENTS", 2 * 30 * 30)  # force several blocks per start layer
+    monkeypatch.setattr(recoupling_module, "_GRID_BLOCK_ELEMENTS", 2 * 30 * 30)  # force several blocks per start layer
     spans = [(0, 6), (0, 2), (1, 3), (2, 6), (0, 3)]
     grid = recoupling_grid(layer, L, pairs=30, spans=spans, seed=7, progress=lambda a, b: seen.append((a, b)))
     assert sorted(calls) == [0, 1, 2, 3, 6]  # each needed layer read once

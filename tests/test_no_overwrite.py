@@ -90,10 +90,10 @@ def test_a_new_flow_appears_whole_or_not_at_all_on_a_full_disk(tiny_neox, tiny_n
 
 
 def test_a_cache_entry_deleted_while_training_reads_it_is_computed_again(tiny_neox, tiny_neox_dir, monkeypatch):
-    import lft_core.flow.training as training
+    import lft_core.flow.pairs as pairs
     from lft_core.data.activations import delete_entry
 
-    real = training.ensure_activations
+    real = pairs.ensure_activations
     deleted: list[str] = []
 
     def ensure_then_delete(*args, **kwargs):
@@ -103,7 +103,7 @@ def test_a_cache_entry_deleted_while_training_reads_it_is_computed_again(tiny_ne
             deleted.append(entry.key)
         return entry
 
-    monkeypatch.setattr(training, "ensure_activations", ensure_then_delete)
+    monkeypatch.setattr(pairs, "ensure_activations", ensure_then_delete)
     cfg = _tiny(tiny_neox_dir, "t-gone", seq_len=24)
     data = load_pairs(tiny_neox, cfg, progress=False)
     assert deleted and data.x0.shape == (4, 24, tiny_neox.d_model)

@@ -60,6 +60,8 @@ class Baseline:
     symbol: ClassVar[str] = "x"
     """The plotly marker of its points."""
     help: ClassVar[str] = ""
+    note: ClassVar[str] = ""
+    """A few words after a point's name in a figure's hover ("closed form")."""
     fitted: ClassVar[bool] = False
     """It learns from data (``fit``), so it is offered beside a flow and fitted on the flow's training data."""
 
@@ -105,6 +107,7 @@ class AffineBaseline(Baseline):
 
     name, label, colour, symbol = "affine", "affine replacement", "#bcbd22", "x"
     help = "the span replaced by one affine map fitted in closed form on the flow's training windows"
+    note = "closed form"
     fitted = True
 
     def fit(self, teacher: Teacher, span: Span, data: FitData, progress: bool = True) -> Replacement:

@@ -312,7 +312,8 @@ def train_toy(
         raise LFTError(f"steps must be an integer >= 1, got {steps!r}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise LFTError(f"k must be an integer between 1 and {MAX_K}, got {k!r}")
-    from lft_core.analysis.coupling import flow_recoupled, recoupling_ratio
+    from lft_core.analysis.recoupling import recoupling_ratio
+    from lft_core.analysis.crossings import flow_recoupled
 
     start = time.perf_counter()
     with _one_thread():
@@ -403,7 +404,7 @@ def crossing_marks(x0: np.ndarray, x1: np.ndarray, top: int = 300) -> np.ndarray
     """Where the ``top`` most crossing pairs (largest saving of a swap) come closest: for each pair (i, j) the
     midpoint of the two straight-path points at their t*. x0, x1 shape (n, 2) with n <= 2000 (crossings
     examines every pair; no marks above that); returns shape (c, 2), c <= top."""
-    from lft_core.analysis.coupling import MAX_CROSSING_TOKENS, crossings
+    from lft_core.analysis.crossings import MAX_CROSSING_TOKENS, crossings
 
     if len(x0) > MAX_CROSSING_TOKENS:
         return np.zeros((0, 2))

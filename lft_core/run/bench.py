@@ -103,8 +103,8 @@ def bench_train(teacher, span=(6, 12), steps: int = 20, batch: int = 8, seq_len:
 
 def bench_recoupling(teacher, pairs: int = 512, windows: int = 16, seq_len: int = 128) -> dict:
     """Recoupling grid over every span from an all-layer cache (cache time reported separately)."""
-    from lft_core.analysis.coupling import all_layer_cache
-    from lft_core.analysis.coupling import recoupling_grid
+    from lft_core.analysis.recoupling import all_layer_cache
+    from lft_core.analysis.recoupling import recoupling_grid
 
     t = time.perf_counter()
     cache = all_layer_cache(teacher, "builtin", seq_len, windows, progress=False)
@@ -120,7 +120,7 @@ def bench_baselines(teacher, span=(12, 18), windows: int = 16, seq_len: int = 12
     span's fit on ``fit_windows`` cached training windows, and its evaluation (one spliced forward per window)."""
     from lft_core.analysis.affine import affine_grid, fit_affine_for_span
     from lft_core.analysis.baselines import Prepared, get_baseline
-    from lft_core.analysis.coupling import all_layer_cache
+    from lft_core.analysis.recoupling import all_layer_cache
     from lft_core.analysis.evaluation import eval_windows, evaluate
 
     t = time.perf_counter()

@@ -1,0 +1,344 @@
+"""The commands of ``python -m lft_core``: each takes the parsed arguments, calls library functions, prints a
+readable summary to stdout (progress to stderr) and returns its results as a dict (``--json`` writes it).
+Parsing, output paths and errors are ``cli``'s.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from lft_core.atomic import write_json
+from lft_core.errors import LFTError
+from lft_core.flow.config import TrainConfig
+
+
+def write_result(path: str | None, data: dict) -> None:
+    if path:
+        write_json(Path(path), data, indent=2)
+
+
+
+def _teacher(a: argparse.Namespace, spec: str | None = None):
+    """The command's teacher: on ``--device`` (default: the CPU, or under torchrun with CUDA each rank's own
+    GPU), or spread by ``--device-map`` over the devices (Accelerate's big-model loading)."""
+    from lft_core.distributed import current
+    from lft_core.model.loading import load_teacher, parse_max_memory
+
+    device_map = getattr(a, "device_map", None)
+    if device_map and getattr(a, "device", None):
+        raise LFTError("give --device or --device-map, not both")
+    if getattr(a, "max_memory", None) and not device_map:
+        raise LFTError("--max-memory goes with --device-map")
+    dist = current()
+    if device_map and dist.active:
+        raise LFTError("--device-map spreads one teacher over all of a machine's devices, so it runs in one process: "
+                       "cache with `python -m lft_core cache --device-map auto ...`, then train under torchrun "
+                       "from that cache")
+    default = dist.device() if dist.active else "cpu"
+    device = None if device_map else (getattr(a, "device", None) or default)
+    return load_teacher(spec or a.model, device=device, trust_remote_code=getattr(a, "trust_remote_code", False),
+                        device_map=device_map, max_memory=parse_max_memory(getattr(a, "max_memory", None)))
+
+
+def cmd_cache(a: argparse.Namespace) -> dict:
+    from lft_core.data.activations import ensure_activations, parse_layers
+    from lft_core.data.corpus import load_corpus
+    from lft_core.distributed import current
+
+    teacher = _teacher(a)
+    corpus = load_corpus(a.corpus)
+    if corpus.skipped_lines and current().main:
+        print(f"note: skipped {corpus.skipped_lines} .jsonl lines without a non-empty \"text\" field",
+              file=sys.stderr)
+    layers = parse_layers(a.layers, teacher.n_layers)
+    cache = ensure_activations(teacher, corpus, a.seq_len, a.windows, layers, split=a.split,
+                               batch_size=a.batch_size, progress=current().main)
+    tokens = a.windows * a.seq_len
+    result = {
+        "key": cache.key, "dir": str(cache.dir), "layers": cache.layers, "windows": a.windows,
+        "seq_len": a.seq_len, "d_model": teacher.d_model, "hit": cache.hit, "seconds": round(cache.seconds, 4),
+        "tokens_per_second": round(tokens / cache.seconds, 1) if cache.seconds > 0 else None,
+        "computed_layers": list(cache.computed_layers), "skipped_lines": corpus.skipped_lines,
+        "world_size": current().world,
+    }
+    print(f"{'hit' if cache.hit else 'computed'} {cache.key}: layers {cache.layers} in {cache.seconds:.2f} s")
+    return result
+
+
+def cmd_train(a: argparse.Namespace) -> dict:
+    from lft_core.distributed import current
+    from lft_core.flow.training import train_flow
+
+    cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
+    stop_file = Path(a.stop_file) if a.stop_file else None
+    progress = _progress_writer(Path(a.progress_file)) if a.progress_file else None
+
+    teacher = _teacher(a)
+    result = train_flow(cfg, teacher=teacher, progress=progress,
+                        should_stop=(lambda: stop_file.exists()) if stop_file else None, resume=a.resume)
+    out = {**result.to_json(), "world_size": current().world}
+    print(f"{'stopped' if result.stopped else 'trained'} {result.name}: loss {result.final_loss:.5f}, "
+          f"held-out NMSE {result.heldout_nmse:.4f}, {result.seconds:.1f} s on {result.device}")
+    return out
+
+
+def _progress_writer(path: Path) -> Callable[[dict], None]:
+    """Append one JSON line per progress event (read by the app's job view)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(event: dict) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(event) + "\n")
+
+    return write
+
+
+def cmd_sweep(a: argparse.Namespace) -> dict:
+    """Train the grid spans × methods × k × seeds one flow after another (``lft_core.run.sweep``)."""
+    from lft_core.run.sweep import GRID, parse_grid, plan_sweep, run_sweep
+
+    grid = parse_grid(a.spans, a.methods, a.k, a.seeds)  # bad text fails before the model loads
+    base = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)
+                          if f.name not in (*GRID, "name", "sweep")})
+    stop_file = Path(a.stop_file) if a.stop_file else None
+    progress = _progress_writer(Path(a.progress_file)) if a.progress_file else None
+    teacher = _teacher(a)
+    plan = plan_sweep(base, *grid, prefix=a.name, teacher=teacher)  # the whole grid, before any training
+    result = run_sweep(plan, teacher, progress=progress,
+                       should_stop=(lambda: stop_file.exists()) if stop_file else None)
+    print(result.table())
+    out = result.to_json()
+    if result.failed:  # the JSON still lists every run
+        write_result(a.json, out)
+        raise LFTError(f"{len(result.failed)} of {len(result.runs)} runs failed; first: {result.failed[0].name}: "
+                       f"{result.failed[0].error}")
+    if result.stopped:
+        print(f"stopped; run the same command again to continue the sweep {result.prefix}", file=sys.stderr)
+    return out
+
+
+def cmd_eval(a: argparse.Namespace) -> dict:
+    from lft_core.analysis.baselines import FitData, get_baseline, prepare
+    from lft_core.analysis.evaluation import eval_windows, evaluate
+    from lft_core.flow.latent import MAX_K
+    from lft_core.flow.store import open_flow, read_flow_config, trained_on
+
+    if a.text and a.corpus_given:
+        raise LFTError("give either --text or --corpus, not both")
+    for k in a.k:  # checked before any model is loaded
+        if not 1 <= k <= MAX_K:
+            raise LFTError(f"--k values must be between 1 and {MAX_K}, got {k}")
+    for k in a.skip:
+        if k < 1:
+            raise LFTError(f"--skip values must be at least 1, got {k}")
+    config = read_flow_config(a.flow)
+    teacher = _teacher(a, a.model or config["model"])
+    flow, config = open_flow(a.flow, teacher)
+    if not teacher.dispatched:
+        flow.to(teacher.device)
+    text = None
+    if a.text:
+        from lft_core.data.corpus import read_text_file
+
+        text = read_text_file(a.text)  # size limit, empty / binary / not-UTF-8 checks
+    # held-out windows of the flow's own training corpus unless told otherwise
+    ids = eval_windows(teacher, a.corpus or trained_on(config), text, a.windows, a.seq_len or config.get("seq_len", 128))
+    prepared = []
+    for name in a.baselines:  # fitted on the flow's own training data
+        baseline = get_baseline(name)
+        if baseline.fitted:
+            print(f"fitting the {baseline.label} of the flow's span", file=sys.stderr)
+        prepared.append(prepare(name, teacher, flow.span, FitData.of_flow(config)))
+    result = evaluate(teacher, flow, None, ids, ks=a.k, skips=a.skip,
+                      progress=lambda s: print(s, file=sys.stderr), baselines=prepared)
+    print(result.table())
+    return result.to_json()
+
+
+def cmd_baselines(a: argparse.Namespace) -> dict:
+    if (a.span is None) == (a.spans is None):
+        raise LFTError("give either --span M:N (baselines of one span) or --spans all (the affine grid)")
+    if a.text and a.span is None:
+        raise LFTError("--text goes with --span")
+    for k in a.skip:
+        if k < 1:
+            raise LFTError(f"--skip values must be at least 1, got {k}")
+    text = None
+    if a.text:
+        from lft_core.data.corpus import read_text_file
+
+        text = read_text_file(a.text)
+    teacher = _teacher(a)
+    if a.spans is not None:
+        return _affine_grid(a, teacher)
+    from lft_core.analysis.baselines import BASELINES, FitData, prepare
+    from lft_core.analysis.evaluation import eval_windows, evaluate
+
+    span = teacher.check_span(*a.span)
+    data = FitData(a.corpus, a.seq_len, a.fit_windows, a.heldout_windows)
+    t0 = time.perf_counter()
+    prepared, fit = [], {"windows": a.fit_windows, "heldout_windows": a.heldout_windows, "seq_len": a.seq_len,
+                         "corpus": a.corpus}
+    for name in a.baselines or list(BASELINES):
+        p = prepare(name, teacher, span, data)
+        prepared.append(p)
+        summary = p.baseline.fit_summary(p.replacement)
+        if summary:
+            fit.update(summary)
+            print(f"{name} fit of {span}: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()), file=sys.stderr)
+    fit_seconds = time.perf_counter() - t0
+    skips = a.skip if any(p.baseline.name == "skip" for p in prepared) else []
+    ids = eval_windows(teacher, a.corpus, text, a.windows, a.seq_len)
+    result = evaluate(teacher, None, span, ids, ks=[], skips=skips, progress=lambda s: print(s, file=sys.stderr),
+                      baselines=prepared)
+    print(result.table())
+    return {**result.to_json(), "model_id": teacher.model_id, "fit_seconds": round(fit_seconds, 3), "fit": fit}
+
+
+def _affine_grid(a: argparse.Namespace, teacher) -> dict:
+    from lft_core.analysis.affine import affine_grid_for_model
+    from lft_core.span import grid_json, parse_spans
+
+    spans = parse_spans(a.spans, teacher.n_layers)
+    with _span_progress("affine grid") as progress:
+        grid = affine_grid_for_model(teacher, a.corpus, a.seq_len, a.grid_windows, a.grid_heldout_windows, spans,
+                                     callback=progress)
+    values = grid.matrix[np.isfinite(grid.matrix)]
+    print(f"affine held-out NMSE over {values.size} spans of {teacher.model_id} ({grid.tokens} tokens fitted, "
+          f"{grid.heldout_tokens} scored, position 0 and {grid.massive_dropped} massive activations excluded): "
+          f"min {values.min():.3f}, median "
+          f"{np.median(values):.3f}, max {values.max():.3f} in {grid.seconds:.1f} s")
+    return {"model": teacher.model_id, "layers": teacher.n_layers, "metric": "nmse", "matrix": grid_json(grid.matrix),
+            "ridge": grid_json(grid.ridge), "tokens": grid.tokens, "heldout_tokens": grid.heldout_tokens,
+            "massive_dropped": grid.massive_dropped,
+            "seconds": round(grid.seconds, 3)}
+
+
+@contextmanager
+def _span_progress(desc: str) -> Iterator[Callable[[int, int], None]]:
+    """A tqdm bar on stderr fed by ``progress(done, total)`` (spans of a grid), closed when the block ends, also
+    by an error, so that the error line stays the last line."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=desc, unit="span", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        yield progress
+    finally:
+        bar.close()
+
+
+def cmd_recoupling(a: argparse.Namespace) -> dict:
+    from lft_core.analysis.recoupling import recoupling_for_model
+    from lft_core.span import parse_spans
+
+    teacher = _teacher(a)
+    spans = parse_spans(a.spans, teacher.n_layers)
+    with _span_progress("recoupling") as progress:
+        grid = recoupling_for_model(teacher, a.corpus, a.pairs, spans, a.seq_len, a.windows,
+                                    drop_first=not a.include_first, seed=a.seed, progress=progress)
+    L = teacher.n_layers
+    values = grid.matrix[np.isfinite(grid.matrix)]
+    print(f"recoupling ratio over {values.size} spans of {teacher.model_id} ({grid.pairs} pairs, first positions "
+          f"{'included' if a.include_first else 'excluded'}): min {values.min():.3f}, median "
+          f"{np.median(values):.3f}, max {values.max():.3f} in {grid.seconds:.1f} s")
+    return {"model": teacher.model_id, "layers": L, "pairs": grid.pairs, "drop_first": grid.drop_first,
+            "matrix": grid.to_json_matrix(), "seconds": round(grid.seconds, 3)}
+
+
+def cmd_toy(a: argparse.Namespace) -> dict:
+    from lft_core.flow.toy import run_toy
+
+    result = run_toy(a.dataset, a.method, a.steps, k=a.k, n_points=a.points, seed=a.seed)
+    out = result.to_json()
+    print(f"{a.dataset} {a.method}: data R {out['data_recoupling_ratio']:.3f}, endpoint MSE "
+          f"{out['endpoint_mse']:.4f}, recoupled by the flow {out['flow_recoupled_fraction']:.3f} "
+          f"({out['seconds']:.1f} s)")
+    return out
+
+
+def cmd_flows(a: argparse.Namespace) -> dict:
+    from lft_core.flow.store import delete_flow, list_flows
+
+    if a.delete:
+        delete_flow(a.delete)
+        print(f"deleted flow {a.delete}")
+        return {"deleted": a.delete}
+    flows = list_flows()
+    for f in flows:
+        if f.error:
+            print(f"{f.name}: {f.error}")
+        else:
+            done = lambda v: "?" if v is None else v  # noqa: E731
+            print(f"{f.name}: {f.model} span {f.span} {f.method.upper()} k={f.k} {f.status} "
+                  f"({done(f.steps_done)}/{done(f.steps)} steps)")
+    if not flows:
+        print("no saved flows")
+    keep = ("name", "model", "span", "method", "k", "status", "steps_done", "steps", "error")
+    return {"flows": [{k: (list(getattr(f, k)) if k == "span" else getattr(f, k)) for k in keep
+                       if getattr(f, k) is not None and not (f.error and k == "method")} for f in flows]}
+
+
+def cmd_bench(a: argparse.Namespace) -> dict:
+    from lft_core.run import bench
+
+    return bench.run(a.what.split(","), a.model)
+
+
+def cmd_demo(a: argparse.Namespace) -> dict:
+    """Build the demo (cache, recoupling and affine grids, flows: ``lft_core.run.demo``), or with --status say how far
+    it is."""
+    from lft_core.run.demo import DemoSettings, demo_status, prepare_demo
+
+    train = {key: value for key, value in (("steps", a.steps), ("distill_steps", a.distill_steps),
+                                           ("windows", a.train_windows), ("heldout_windows", a.heldout_windows),
+                                           ("batch", a.batch)) if value is not None}
+    settings = DemoSettings(model=a.model, corpus=a.corpus, seq_len=a.seq_len, windows=a.windows, pairs=a.pairs,
+                            blocks=a.blocks, train=train)
+    if a.status:
+        status = demo_status(settings)
+        print(status.line)
+        for i, (label, state) in enumerate(status.steps, 1):
+            print(f"  {i}. [{state}] {label}")
+        return status.to_json()
+    stop_file = Path(a.stop_file) if a.stop_file else None
+    write = _progress_writer(Path(a.progress_file)) if a.progress_file else None
+    job_dir = Path(a.progress_file).parent if a.progress_file else None
+    job = job_dir.name if job_dir is not None and (job_dir / "job.json").is_file() else None
+
+    def progress(event: dict) -> None:
+        if write is not None:
+            write(event)
+        state, where = event.get("state"), f"[{event['step']}/{event['steps']}] {event['label']}"
+        if state == "start" and event.get("detail"):
+            print(f"{where}: {event['detail']}", file=sys.stderr)
+        elif state == "start":
+            print(f"{where} ...", file=sys.stderr)
+        elif state in ("done", "skipped", "stopped", "failed"):
+            what = {"done": f"done in {event.get('seconds', 0):.1f} s", "skipped": "done already",
+                    "stopped": "stopped", "failed": f"failed: {event.get('error')}"}[state]
+            print(f"{where}: {what}", file=sys.stderr)
+
+    result = prepare_demo(settings, progress=progress, should_stop=(lambda: stop_file.exists()) if stop_file else None,
+                          verbose=True, job=job)
+    print(result.summary())
+    return result.to_json()
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {
+    "cache": cmd_cache, "train": cmd_train, "eval": cmd_eval, "recoupling": cmd_recoupling, "toy": cmd_toy,
+    "flows": cmd_flows, "bench": cmd_bench, "baselines": cmd_baselines, "sweep": cmd_sweep, "demo": cmd_demo,
+}
