@@ -111,6 +111,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type, skip: tu
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command; the method and baseline choices are the registries' names now."""
+    from lft_core.analysis.baselines import BASELINES
+    from lft_core.flow.methods import METHODS
+
     p = argparse.ArgumentParser(prog="python -m lft_core", description="LFT Explorer engine (Latent Flow Transformers)")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -151,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("sweep", help="train the grid spans x methods x k x seeds, one flow after another "
                                      "(resumable: run it again to continue)")
     w.add_argument("--spans", required=True, help="comma list of spans, e.g. 6:12,12:18")
-    w.add_argument("--methods", default="fw", help="comma list of methods: fw, sfm, hybrid (default fw)")
+    w.add_argument("--methods", default="fw", help=f"comma list of methods: {', '.join(METHODS)} (default fw)")
     w.add_argument("--k", default="3", help="comma list of integration steps, e.g. 1,3 (default 3)")
     w.add_argument("--seeds", default="0", help="comma list of seeds, e.g. 0,1,2 (default 0)")
     w.add_argument("--name", default=None, metavar="PREFIX",
@@ -174,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=_int_list, default=[1, 2, 3], help="LFT integration steps, e.g. 1,2,3")
     e.add_argument("--skip", type=_int_list, default=[1, 2, 3], help="skip-k baselines, e.g. 1,2,3")
     e.add_argument("--baselines", type=_baseline_list, default=[],
-                   help="baselines to add beside skip-k (--skip), comma list of registered names, e.g. affine "
-                        "(fitted on the flow's training data)")
+                   help=f"baselines to add beside skip-k (--skip), comma list of {', '.join(BASELINES)} (fitted "
+                        "ones on the flow's training data)")
     e.add_argument("--json", metavar="PATH")
     placement(e)
 
@@ -186,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     a_.add_argument("--spans", default=None, help="all or M:N,M:N: the affine held-out NMSE grid")
     a_.add_argument("--skip", type=_int_list, default=[1, 2, 3], help="skip-k baselines, e.g. 1,2,3")
     a_.add_argument("--baselines", type=_baseline_list, default=[],
-                    help="--span: comma list of registered baselines (default: every one)")
+                    help=f"--span: comma list of {', '.join(BASELINES)} (default: every one)")
     a_.add_argument("--text", help="evaluate on this text file instead of held-out corpus windows")
     a_.add_argument("--windows", type=_positive, default=16, help="held-out windows to evaluate on")
     a_.add_argument("--seq-len", type=_positive, default=128)
@@ -208,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     y = sub.add_parser("toy", help="2-D teaching lab: SFM vs Flow Walking on paired point clouds")
     y.add_argument("--dataset", default="mirror", help="mirror, rotation, swap or identity")
-    y.add_argument("--method", choices=["sfm", "fw", "hybrid"], default="fw")
+    y.add_argument("--method", choices=list(METHODS), default="fw")
     y.add_argument("--steps", type=_positive, default=1500)
     y.add_argument("--k", type=_positive, default=3)
     y.add_argument("--points", type=_positive, default=256)
