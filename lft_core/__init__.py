@@ -1,22 +1,24 @@
 """LFT Explorer engine: Latent Flow Transformers (Wu et al., 2025, arXiv 2505.14513).
 
-Data flows one way: corpus -> teacher -> activations -> training -> flow -> metrics/projection.
-No Streamlit in here; the CLI (``python -m lft_core``) and the app call the same functions.
+Data flows one way: data -> model -> flow -> analysis -> run (and the app). No Streamlit in here; the CLI
+(``python -m lft_core``) and the app call the same functions. One package per concept:
 
-One module per concept:
-
-* nouns: ``span`` (Span, the blocks m … n−1), ``errors`` (LFTError);
-* the model: ``loading`` (model specs -> a Teacher), ``teacher`` (the family table and all surgery: hidden
+* ``data``: corpora -> token windows with a held-out split (``corpus``), the float16 activation cache
+  (``activations``), texts saved on this server (``texts``);
+* ``model``: model specs -> a Teacher (``loading``), the family table and all surgery (``teacher``: hidden
   states, Replace / Skip);
-* the data: ``corpus`` (text -> token windows, train / held-out split), ``activations`` (the float16 cache);
-* the flow: ``field`` (the velocity field u_θ), ``flow`` (LatentFlow: normalisation + field + solver),
-  ``solvers`` (Euler, midpoint), ``losses`` (SFM, Flow Walking, hybrid; the straight path);
-* runs: ``training`` (TrainConfig, train_flow), ``store`` (saved flows: save, load, list, lock, delete),
-  ``jobs`` (background CLI processes), ``bench``;
-* analysis: ``metrics`` (KL, NLL, PPL, NMSE), ``evaluation`` (vs skip-k), ``baselines`` (the closed-form
-  affine replacement of a span, and its grid), ``coupling`` (recoupling ratio,
-  crossings), ``trajectories``, ``projection`` (PCA / UMAP), ``toy`` (the 2-D lab);
-* plumbing: ``atomic`` (every write), ``paths`` (the cache folder), ``cli``.
+* ``flow``: the velocity field u_θ (``field``), ``LatentFlow`` (``latent``), integrators (``solvers``), the
+  straight path and losses (``losses``), the training methods' registry (``methods``: SFM, FW, hybrid),
+  ``TrainConfig`` (``config``), training pairs (``pairs``), the trainer (``training``), saved flows
+  (``store``), the 2-D lab (``toy``);
+* ``analysis``: KL / NLL / PPL / NMSE (``metrics``), held-out evaluation (``evaluation``), the baselines'
+  registry (``baselines``: skip-k, affine) and the affine fit (``affine``), recoupling ratio (``recoupling``),
+  crossings (``crossings``), ``trajectories``, ``projection`` (PCA / UMAP), recipes over seeds (``recipes``),
+  the Compare page's tables (``comparison``);
+* ``run``: the CLI (``cli``, ``commands``), background jobs (``jobs``), the demo (``demo``), ``sweep``,
+  ``bench``, ``timings``;
+* nouns and plumbing at the top: ``span`` (Span), ``errors`` (LFTError), ``atomic`` (every write), ``paths``
+  (the cache folder), ``distributed`` (the torchrun rank context).
 """
 from lft_core.errors import LFTError
 

@@ -41,7 +41,7 @@ def main() -> None:
         print(f"| {page} | {cold:.2f} | {warm:.2f} | {bool(at.exception)} |", flush=True)
     _, at = run_page("kl", state)
     at.text_area(key="w_text").set_value(TEXT)
-    from app.common import get_teacher
+    from app.engine import get_teacher
 
     n_tokens = get_teacher("smollm2-135m").encode(TEXT).shape[1]
     t = time.perf_counter()

@@ -20,7 +20,8 @@ TINY_SPAN = (2, 4)
 def tiny_flow(smol) -> dict:
     """A 3-step Flow Walking flow for span 2:4 of the embedded model (a few seconds on CPU)."""
     from lft_core.flow.store import read_flow_config
-    from lft_core.flow.training import TrainConfig, train_flow
+    from lft_core.flow.config import TrainConfig
+    from lft_core.flow.training import train_flow
 
     from lft_core.flow.store import flows_dir
 

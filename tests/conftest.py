@@ -13,6 +13,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW = os.environ.get("LFT_SLOW") == "1"
+"""LFT_SLOW=1 (`make test-slow`) also runs the tests marked ``@pytest.mark.slow``: long integration runs whose
+points a quicker test of the default run covers too (each one's docstring names it). `make test` skips them, so
+that it stays within 6 minutes on 2 cores."""
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: a long integration run, only with LFT_SLOW=1 (make test-slow)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if SLOW:
+        return
+    skip = pytest.mark.skip(reason="long integration run: LFT_SLOW=1 (make test-slow) runs it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session", autouse=True)

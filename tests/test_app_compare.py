@@ -18,7 +18,8 @@ SEEDS = {"cmp-s1": 1, "cmp-s2": 2}
 def two_seeds(smol):
     """Two tiny Flow Walking flows of span 2:4 that differ only in seed (and name)."""
     from lft_core.flow.store import flows_dir
-    from lft_core.flow.training import TrainConfig, train_flow
+    from lft_core.flow.config import TrainConfig
+    from lft_core.flow.training import train_flow
 
     import shutil
 
@@ -119,10 +120,10 @@ def test_compare_inputs_survive_a_page_switch(two_seeds):
     at.toggle(key="w_cmp_affine").set_value(False)
     at.radio(key="w_cmp_x").set_value("wall time (s)").run()
     assert_clean(at)
-    from lft_core.analysis import comparison
+    from lft_core.analysis import recipes
     from lft_core.flow.store import list_flows
 
-    seconds, _ = comparison.history_seconds(next(f for f in list_flows() if f.name == "cmp-s2"))
+    seconds, _ = recipes.history_seconds(next(f for f in list_flows() if f.name == "cmp-s2"))
     curves = at.session_state["compare_curve_table"]
     loss = curves[curves["metric"] == "loss"]
     assert loss["x"].tolist() == pytest.approx(seconds.tolist())  # seconds, not steps

@@ -130,7 +130,8 @@ def test_a_sweep_job_stops_when_asked(tiny_flow):
 @pytest.fixture
 def stopped_flow(smol, tiny_flow):
     """A 3-step flow stopped after its first step."""
-    from lft_core.flow.training import TrainConfig, train_flow
+    from lft_core.flow.config import TrainConfig
+    from lft_core.flow.training import train_flow
 
     calls = {"n": 0}
 

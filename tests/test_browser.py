@@ -1,9 +1,11 @@
 """End to end in a real browser: `streamlit run` + headless Debian Chromium driven by Playwright.
 
-From a fresh cache folder, presses **Prepare the demo** on the start page and waits for "Demo ready" (with small
-training budgets given through LFT_DEMO_ARGS, so it takes a few minutes on 2 cores), then walks every page of the
-path, checks each draws without an exception and screenshots it into tests/artifacts/; on the per-token KL page it
-enters a sentence and checks the coloured tokens. With LFT_SCREENSHOTS=1 the demo runs with the default recipe
+From a fresh cache folder, presses **Prepare the demo** on the start page and waits for "Demo ready" (the
+default cache and grids, but tiny flows given through LFT_DEMO_ARGS: about half a minute on 2 cores), then walks
+every page of the path, checks each draws without an exception and screenshots it into tests/artifacts/; on the
+per-token KL page it enters a sentence and checks the coloured tokens, on the Compare page it evaluates the flows on
+a small held-out sample (the page's full evaluation is test_app_compare's).
+The test takes about a minute and a half on 2 cores. With LFT_SCREENSHOTS=1 the demo runs with the default recipe
 (about 40 minutes on 2 CPU cores; or point LFT_DEMO_CACHE at a cache folder where `python -m lft_core demo` has
 run) and the screenshots go to docs/screenshots/ for the README. Skipped (with the reason) when /usr/bin/chromium
 or playwright is missing.
@@ -27,7 +29,9 @@ CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "tests" / "artifacts"
 SCREENSHOTS = REPO / "docs" / "screenshots"
 FULL = os.environ.get("LFT_SCREENSHOTS") == "1"
-TINY_DEMO = "--steps 4 --distill-steps 2 --train-windows 8 --heldout-windows 2 --batch 2"
+# Tiny flows (no distillation: tests/test_objectives.py and test_training.py cover it) on the demo's default cache
+# and grids, which the pages read at their default settings (128-token windows, 16 windows, 256 pairs).
+TINY_DEMO = "--steps 2 --distill-steps 0 --train-windows 4 --heldout-windows 2 --batch 2"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VIEWPORT = {"width": 1280, "height": 1000}  # the issue's narrowest supported page width
@@ -137,7 +141,7 @@ def capture(page, path: Path) -> None:
     page.set_viewport_size({"width": VIEWPORT["width"], "height": max(VIEWPORT["height"], min(int(height) + 20, 4000))})
     page.evaluate("() => document.activeElement && document.activeElement.blur()")
     page.mouse.move(0, 0)
-    time.sleep(1.5)  # plotly redraws at the new size
+    time.sleep(1.5 if FULL else 0.5)  # plotly redraws at the new size (the README's screenshots get more time)
     page.screenshot(path=str(path))
     page.set_viewport_size(VIEWPORT)
 
@@ -153,6 +157,9 @@ PAGES = (("Setup & cache", "setup"), ("Choose a span", "span"), ("Train", "train
          ("Latent trajectories", "trajectories"), ("Coupling crossings", "crossings"), ("Per-token KL", "kl"),
          ("Compare spans", "compare"), ("Teaching lab (2-D)", "toy"))
 BUTTONS = {"span": "Compute skip-k KL", "compare": "Evaluate", "toy": "Train SFM and FW"}
+COMPARE_SMALL = {"Held-out windows": 1, "Tokens per window": 16, "skip-k up to k =": 1}
+"""The Compare page's evaluation on a small sample in the test (its defaults, 4 x 128 tokens and skip-k up to 3 at
+every position, take about a minute on 2 cores); LFT_SCREENSHOTS=1 keeps the defaults."""
 
 
 def prepare_demo(page, url: str) -> None:
@@ -202,6 +209,9 @@ def test_demo_then_every_page_in_a_real_browser(app_url, tmp_path):
                 if name == "kl":
                     per_token_kl(page)
                 elif name in BUTTONS:
+                    if name == "compare" and not FULL:
+                        for label, value in COMPARE_SMALL.items():
+                            set_number(page, label, value)
                     page.get_by_role("button", name=BUTTONS[name]).first.click()
                     wait_idle(page)
                 if name not in ("setup", "train"):

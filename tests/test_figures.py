@@ -12,7 +12,18 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from app import figures
+from app.figures.compare import params_nmse_scatter
+from app.figures.coupling import crossings_figure, matching_figure
+from app.figures.kl import kl_per_position
+from app.figures.span import (affine_heatmap, colour_limit, log_colour_range, recoupling_heatmap, skip_kl_bars,
+                              span_heatmap)
+from lft_core.analysis.baselines import BASELINES
+from app.figures.style import (FLOW_PALETTE, MODEBAR_BAND, STRAIGHT_COLOUR, TEACHER_COLOUR,
+                               TITLE_CHARS, _finish, flow_colours, projection_axis_titles, readable_label, to_html)
+from app.figures.training import training_curves
+from app.figures.trajectories import trajectory_figure
+
+SKIP_COLOUR, AFFINE_COLOUR = BASELINES["skip"].colour, BASELINES["affine"].colour  # the registry's colours
 
 FLOWS = ["fw-6-12-k3", "sfm-6-12", "fw-12-18", "hybrid-4-10", "fw-6-12-long"]
 
@@ -85,20 +96,20 @@ def all_figures() -> dict[str, go.Figure]:
     p0, p1, p_hat, tokens, cost, assignment = _crossing_inputs()
     kl = {"LFT k=3": np.linspace(0.1, 0.9, 20), "affine": np.full(20, 0.5), "skip 2 @ 6": np.linspace(0.9, 0.2, 20)}
     return {
-        "recoupling_heatmap": figures.recoupling_heatmap(matrix, (1, 3), 512),
-        "affine_heatmap": figures.affine_heatmap(np.where(np.isfinite(matrix), 0.3 * matrix + 0.01, np.nan), (1, 3)),
-        "span_heatmap": figures.span_heatmap(matrix, None, "Some value of every span", "value", zmax=1.0),
-        "skip_kl_bars": figures.skip_kl_bars(pd.DataFrame({"k": [1, 2, 3], "kl": [0.2, 0.5, 0.9]})),
-        "training_curves": figures.training_curves({FLOWS[0]: _history(), FLOWS[1]: _history(20)}),
-        "training_curves_seconds": figures.training_curves({FLOWS[0]: _history()}, x="seconds"),
-        "training_curves_toy": figures.training_curves(
+        "recoupling_heatmap": recoupling_heatmap(matrix, (1, 3), 512),
+        "affine_heatmap": affine_heatmap(np.where(np.isfinite(matrix), 0.3 * matrix + 0.01, np.nan), (1, 3)),
+        "span_heatmap": span_heatmap(matrix, None, "Some value of every span", "value", zmax=1.0),
+        "skip_kl_bars": skip_kl_bars(pd.DataFrame({"k": [1, 2, 3], "kl": [0.2, 0.5, 0.9]})),
+        "training_curves": training_curves({FLOWS[0]: _history(), FLOWS[1]: _history(20)}),
+        "training_curves_seconds": training_curves({FLOWS[0]: _history()}, x="seconds"),
+        "training_curves_toy": training_curves(
             {"SFM": [{"step": i + 1, "loss": 1.0 / (i + 1)} for i in range(50)]}, height=320),
-        "trajectory_figure": figures.trajectory_figure(_trajectory_table()),
-        "crossings_figure": figures.crossings_figure(p0, p1, tokens, np.arange(16) < 5, (0, 1), p_hat,
-                                                     np.arange(16) % 4 == 0, explained_variance=(0.3, 0.1)),
-        "matching_figure": figures.matching_figure(cost, assignment, tokens),
-        "kl_per_position": figures.kl_per_position([f" w{i}" for i in range(20)], kl, flow=FLOWS[0]),
-        "params_nmse_scatter": figures.params_nmse_scatter(_compare_table()),
+        "trajectory_figure": trajectory_figure(_trajectory_table()),
+        "crossings_figure": crossings_figure(p0, p1, tokens, np.arange(16) < 5, (0, 1), p_hat,
+                                             np.arange(16) % 4 == 0, explained_variance=(0.3, 0.1)),
+        "matching_figure": matching_figure(cost, assignment, tokens),
+        "kl_per_position": kl_per_position([f" w{i}" for i in range(20)], kl, flow=FLOWS[0]),
+        "params_nmse_scatter": params_nmse_scatter(_compare_table()),
     }
 
 
@@ -110,7 +121,7 @@ def _axes(fig: go.Figure) -> dict[str, go.layout.XAxis]:
 
 
 def test_html_export_embeds_plotly_and_fetches_nothing():
-    page = figures.to_html(figures.skip_kl_bars(pd.DataFrame({"k": [1, 2], "kl": [0.2, 0.4]})))
+    page = to_html(skip_kl_bars(pd.DataFrame({"k": [1, 2], "kl": [0.2, 0.4]})))
     assert "<html>" in page[:200].lower()
     assert not re.search(r"<script[^>]*\bsrc\s*=", page, flags=re.IGNORECASE)  # no external script at all
     assert not re.search(r"src\s*=\s*[\"']?(https?:)?//", page, flags=re.IGNORECASE)
@@ -134,9 +145,9 @@ def test_every_figure_titles_its_axes_and_leaves_the_toolbar_room(name):
     # the toolbar floats over the top MODEBAR_BAND px: the title starts below them, the plot below the title
     height = fig.layout.height
     assert fig.layout.title.yref == "container" and fig.layout.title.yanchor == "top"
-    assert fig.layout.title.y <= 1 - figures.MODEBAR_BAND / height + 1e-9
+    assert fig.layout.title.y <= 1 - MODEBAR_BAND / height + 1e-9
     lines = title.count("<br>") + 1
-    assert fig.layout.margin.t >= figures.MODEBAR_BAND + 20 * lines
+    assert fig.layout.margin.t >= MODEBAR_BAND + 20 * lines
     assert fig.layout.width is None  # the page decides the width (1280 px pages, half-page columns)
     # a legend never lies over the data: beside the plot (x >= 1) or under it
     if fig.layout.showlegend is not False and len([t for t in fig.data if t.showlegend is not False]) > 1:
@@ -164,26 +175,26 @@ def test_no_internal_names_in_titles_and_legends(name):
 
 
 def test_readable_labels():
-    assert figures.readable_label("LFT k=3") == "LFT, k = 3"
-    assert figures.readable_label("skip 2 @ 6") == "skip 2 blocks from block 6"
-    assert figures.readable_label("skip 1 @ 0") == "skip 1 block from block 0"
-    assert figures.readable_label("heldout_nmse") == "held-out NMSE"
-    assert figures.readable_label("affine") == "affine"
+    assert readable_label("LFT k=3") == "LFT, k = 3"
+    assert readable_label("skip 2 @ 6") == "skip 2 blocks from block 6"
+    assert readable_label("skip 1 @ 0") == "skip 1 block from block 0"
+    assert readable_label("heldout_nmse") == "held-out NMSE"
+    assert readable_label("affine") == "affine"
     names = [t.name for t in all_figures()["kl_per_position"].data]
     assert names == ["LFT, k = 3", "affine", "skip 2 blocks from block 6"]
 
 
 def test_long_titles_wrap_below_the_toolbar():
     long = "A very long title " * 8
-    fig = figures._finish(go.Figure(), long, 400)
+    fig = _finish(go.Figure(), long, 400)
     assert fig.layout.title.text.count("<br>") >= 1
-    assert max(len(line) for line in fig.layout.title.text.split("<br>")) <= figures.TITLE_CHARS
-    short = figures._finish(go.Figure(), "Short", 400)
-    assert fig.layout.margin.t > short.layout.margin.t >= figures.MODEBAR_BAND + 20
+    assert max(len(line) for line in fig.layout.title.text.split("<br>")) <= TITLE_CHARS
+    short = _finish(go.Figure(), "Short", 400)
+    assert fig.layout.margin.t > short.layout.margin.t >= MODEBAR_BAND + 20
 
 
 def test_span_heatmap_axis_titles_name_the_span_ends():
-    fig = figures.recoupling_heatmap(_span_matrix())
+    fig = recoupling_heatmap(_span_matrix())
     assert fig.layout.xaxis.title.text == "end of span n (block)"
     assert fig.layout.yaxis.title.text == "start of span m (block)"
 
@@ -207,7 +218,7 @@ def test_recoupling_colours_resolve_low_values_and_hover_keeps_exact_values():
     finite = matrix[np.isfinite(matrix)]
     low = finite[finite < 0.1]
     assert low.size > 0.8 * finite.size  # most spans are low, a few (from block 0) near 1
-    fig = figures.recoupling_heatmap(matrix, (1, 3), 512)
+    fig = recoupling_heatmap(matrix, (1, 3), 512)
     heat, cells = fig.data[0], fig.data[1]
     # the median span is drawn well up the colour bar (on a linear 0..1 scale it would sit at ~0.03) ...
     assert _colour_position(heat, float(np.median(finite))) > 0.3
@@ -226,7 +237,7 @@ def test_affine_nmse_colour_scale_is_clipped_when_values_cluster():
     matrix = np.where(np.isfinite(_span_matrix()), 0.01 + 0.2 * _span_matrix(), np.nan)
     matrix[0, 3:] = 0.02  # two spans from block 0 stay high: most values cluster low
     finite = matrix[np.isfinite(matrix)]
-    fig = figures.affine_heatmap(matrix)
+    fig = affine_heatmap(matrix)
     heat, cells = fig.data[0], fig.data[1]
     assert heat.zmax < 0.5 * finite.max()
     assert "clipped at" in heat.colorbar.title.text and heat.colorbar.ticktext[-1].startswith("≥")
@@ -234,18 +245,18 @@ def test_affine_nmse_colour_scale_is_clipped_when_values_cluster():
     np.testing.assert_array_equal(custom[:, 2], matrix[custom[:, 0].astype(int), custom[:, 1].astype(int)])
     # values spread evenly: no clipping
     even = np.where(np.isfinite(matrix), np.linspace(0.01, 0.3, matrix.size).reshape(matrix.shape), np.nan)
-    assert "clipped" not in figures.affine_heatmap(even).data[0].colorbar.title.text
+    assert "clipped" not in affine_heatmap(even).data[0].colorbar.title.text
 
 
 def test_colour_limit():
     values = np.r_[np.full(95, 0.03), [0.9, 0.95, 1.0, 0.97, 0.99], [np.nan]]
-    limit, clipped = figures.colour_limit(values, quantile=0.9, floor=0.05)
+    limit, clipped = colour_limit(values, quantile=0.9, floor=0.05)
     assert clipped and limit == 0.05
-    limit, clipped = figures.colour_limit(np.linspace(0, 0.8, 50))
+    limit, clipped = colour_limit(np.linspace(0, 0.8, 50))
     assert not clipped and limit >= 0.8
-    assert figures.colour_limit(np.array([np.nan]))[1] is False
-    assert figures.log_colour_range(np.array([0.0, 0.0039, 0.2, 1.0])) == (0.005, 1.0)
-    assert figures.log_colour_range(np.zeros(5))[0] > 0
+    assert colour_limit(np.array([np.nan]))[1] is False
+    assert log_colour_range(np.array([0.0, 0.0039, 0.2, 1.0])) == (0.005, 1.0)
+    assert log_colour_range(np.zeros(5))[0] > 0
 
 
 # -- 4. PCA axes with their share of variance ------------------------------------------------------------------
@@ -277,7 +288,7 @@ def test_pca_explained_variance_reaches_the_trajectory_axis_titles():
     projected = project_table(df, "pca").drop(columns="state")  # as the trajectories page does
     assert projected.attrs["projection"] == "pca"
     np.testing.assert_allclose(projected.attrs["explained_variance"], expected, rtol=1e-4)
-    fig = figures.trajectory_figure(projected, axis="PC")
+    fig = trajectory_figure(projected, axis="PC")
     assert fig.layout.xaxis.title.text == f"PC1 ({expected[0] * 100:.0f}% of variance)"
     assert fig.layout.yaxis.title.text == f"PC2 ({expected[1] * 100:.0f}%)"
     # a cache hit (the same points again) reports the same shares
@@ -287,22 +298,22 @@ def test_pca_explained_variance_reaches_the_trajectory_axis_titles():
     import pickle
 
     kept = pickle.loads(pickle.dumps(projected[projected["kind"] == "teacher"]))
-    assert figures.trajectory_figure(kept).layout.xaxis.title.text == fig.layout.xaxis.title.text
+    assert trajectory_figure(kept).layout.xaxis.title.text == fig.layout.xaxis.title.text
 
 
 def test_projection_axis_titles_without_variance_and_for_umap():
     df = _trajectory_table(with_projection=False)
-    fig = figures.trajectory_figure(df, axis="PC")
+    fig = trajectory_figure(df, axis="PC")
     assert (fig.layout.xaxis.title.text, fig.layout.yaxis.title.text) == ("PC1", "PC2")
-    fig = figures.trajectory_figure(df, axis="UMAP")
+    fig = trajectory_figure(df, axis="UMAP")
     assert (fig.layout.xaxis.title.text, fig.layout.yaxis.title.text) == ("UMAP 1", "UMAP 2")
     df.attrs.update(projection="umap")
-    assert figures.trajectory_figure(df, axis="PC").layout.xaxis.title.text == "UMAP 1"
-    assert figures.projection_axis_titles("PC", (0.004, 0.002)) == ("PC1 (0.4% of variance)", "PC2 (0.2%)")
+    assert trajectory_figure(df, axis="PC").layout.xaxis.title.text == "UMAP 1"
+    assert projection_axis_titles("PC", (0.004, 0.002)) == ("PC1 (0.4% of variance)", "PC2 (0.2%)")
     p0, p1, p_hat, tokens, _, _ = _crossing_inputs()
-    fig = figures.crossings_figure(p0, p1, tokens, np.zeros(16, bool), explained_variance=(0.3, 0.12))
+    fig = crossings_figure(p0, p1, tokens, np.zeros(16, bool), explained_variance=(0.3, 0.12))
     assert fig.layout.xaxis.title.text == "PC1 (30% of variance)" and fig.layout.yaxis.title.text == "PC2 (12%)"
-    assert figures.crossings_figure(p0, p1, tokens, np.zeros(16, bool)).layout.xaxis.title.text == "PC1"
+    assert crossings_figure(p0, p1, tokens, np.zeros(16, bool)).layout.xaxis.title.text == "PC1"
 
 
 # -- training curves: wall time, raw vs smoothed ---------------------------------------------------------------
@@ -310,32 +321,32 @@ def test_projection_axis_titles_without_variance_and_for_umap():
 
 def test_training_curves_against_wall_time():
     history = _history(120, seconds_per_step=0.25)
-    fig = figures.training_curves({FLOWS[0]: history}, x="seconds")
+    fig = training_curves({FLOWS[0]: history}, x="seconds")
     assert fig.layout.xaxis.title.text == "wall time (s)" and fig.layout.xaxis2.title.text == "wall time (s)"
     raw = next(t for t in fig.data if t.name.endswith("(raw)"))
     np.testing.assert_allclose(raw.x, [e["elapsed_s"] for e in history])
     nmse = next(t for t in fig.data if t.xaxis == "x2")
     np.testing.assert_allclose(nmse.x, [e["elapsed_s"] for e in history if "heldout_nmse" in e])
     assert "s<br>" in raw.hovertemplate
-    by_step = figures.training_curves({FLOWS[0]: history})
+    by_step = training_curves({FLOWS[0]: history})
     assert by_step.layout.xaxis.title.text == "training step"
     assert list(next(t for t in by_step.data if t.name.endswith("(raw)")).x) == [e["step"] for e in history]
     # runs that did not record wall time: steps, and the axis says why
-    old = figures.training_curves({FLOWS[0]: _history(seconds_per_step=None)}, x="seconds")
+    old = training_curves({FLOWS[0]: _history(seconds_per_step=None)}, x="seconds")
     assert old.layout.xaxis.title.text.startswith("training step") and "not recorded" in old.layout.xaxis.title.text
-    mixed = figures.training_curves({FLOWS[0]: history, FLOWS[1]: _history(seconds_per_step=None)}, x="seconds")
+    mixed = training_curves({FLOWS[0]: history, FLOWS[1]: _history(seconds_per_step=None)}, x="seconds")
     assert "not recorded" in mixed.layout.xaxis.title.text  # never steps and seconds on one axis
     # a 'seconds' field (the other spelling lft_core.analysis.comparison reads) works too
     renamed = [{("seconds" if k == "elapsed_s" else k): v for k, v in e.items()} for e in history]
-    fig = figures.training_curves({FLOWS[0]: renamed}, x="seconds")
+    fig = training_curves({FLOWS[0]: renamed}, x="seconds")
     assert fig.layout.xaxis.title.text == "wall time (s)"
     np.testing.assert_allclose(fig.data[0].x, [e["seconds"] for e in renamed])
     with pytest.raises(ValueError, match="x must be"):
-        figures.training_curves({FLOWS[0]: history}, x="tokens")
+        training_curves({FLOWS[0]: history}, x="tokens")
 
 
 def test_training_curves_legend_says_raw_and_smoothed():
-    fig = figures.training_curves({FLOWS[0]: _history(120), FLOWS[1]: _history(20)})
+    fig = training_curves({FLOWS[0]: _history(120), FLOWS[1]: _history(20)})
     shown = [t.name for t in fig.data if t.showlegend is not False]
     assert f"{FLOWS[0]} (raw)" in shown and f"{FLOWS[0]} (smoothed, EMA 0.1)" in shown
     assert FLOWS[1] in shown  # 20 points: drawn as they are, nothing to smooth
@@ -350,26 +361,26 @@ def test_training_curves_legend_says_raw_and_smoothed():
 
 
 def test_flow_colours_are_stable_across_subsets_and_orders():
-    alone = {name: figures.flow_colours([name])[name] for name in FLOWS}
+    alone = {name: flow_colours([name])[name] for name in FLOWS}
     assert len(set(alone.values())) == len(FLOWS)  # these names hash to distinct colours
     rng = np.random.default_rng(0)
     for _ in range(20):
         subset = list(rng.permutation(FLOWS)[: rng.integers(1, len(FLOWS) + 1)])
-        assert figures.flow_colours(subset) == {name: alone[name] for name in subset}
+        assert flow_colours(subset) == {name: alone[name] for name in subset}
     # decorated labels of a flow get its colour
-    colours = figures.flow_colours(["FW fw-6-12-k3", "FW fw-6-12-k3 (fine)", "fw-6-12-k3 (FW, k=3, span 6:12)"])
+    colours = flow_colours(["FW fw-6-12-k3", "FW fw-6-12-k3 (fine)", "fw-6-12-k3 (FW, k=3, span 6:12)"])
     assert set(colours.values()) == {alone["fw-6-12-k3"]}
     # references keep fixed colours that no flow gets
-    fixed = figures.flow_colours(["teacher", "straight", "skip 2 @ 6", "affine", *FLOWS])
-    assert fixed["teacher"] == figures.TEACHER_COLOUR and fixed["straight"] == figures.STRAIGHT_COLOUR
-    assert fixed["skip 2 @ 6"] == figures.SKIP_COLOUR and fixed["affine"] == figures.AFFINE_COLOUR
-    reserved = {figures.TEACHER_COLOUR, figures.STRAIGHT_COLOUR, figures.SKIP_COLOUR, figures.AFFINE_COLOUR}
-    assert not reserved & set(figures.FLOW_PALETTE)
+    fixed = flow_colours(["teacher", "straight", "skip 2 @ 6", "affine", *FLOWS])
+    assert fixed["teacher"] == TEACHER_COLOUR and fixed["straight"] == STRAIGHT_COLOUR
+    assert fixed["skip 2 @ 6"] == SKIP_COLOUR and fixed["affine"] == AFFINE_COLOUR
+    reserved = {TEACHER_COLOUR, STRAIGHT_COLOUR, SKIP_COLOUR, AFFINE_COLOUR}
+    assert not reserved & set(FLOW_PALETTE)
     # the same in another process: md5, not Python's salted hash()
     import subprocess
     import sys
 
-    code = "from app import figures; print(figures.flow_colours(['fw-6-12-k3']))"
+    code = "from app.figures.style import flow_colours; print(flow_colours(['fw-6-12-k3']))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(Path(__file__).resolve().parents[1]))
     assert alone["fw-6-12-k3"] in out.stdout
@@ -377,13 +388,13 @@ def test_flow_colours_are_stable_across_subsets_and_orders():
 
 def test_flows_shown_together_never_share_a_colour():
     names = [f"flow-{i}" for i in range(40)]
-    alone = {name: figures.flow_colours([name])[name] for name in names}
+    alone = {name: flow_colours([name])[name] for name in names}
     a = names[0]
     b = next(n for n in names[1:] if alone[n] == alone[a])  # two names whose hashes pick the same colour
-    together = figures.flow_colours([a, b])
+    together = flow_colours([a, b])
     assert together[a] != together[b] and together[min(a, b)] == alone[min(a, b)]
-    many = figures.flow_colours(names[: len(figures.FLOW_PALETTE)])
-    assert len(set(many.values())) == len(figures.FLOW_PALETTE)
+    many = flow_colours(names[: len(FLOW_PALETTE)])
+    assert len(set(many.values())) == len(FLOW_PALETTE)
 
 
 def _trace_colour(trace) -> str:
@@ -393,20 +404,20 @@ def _trace_colour(trace) -> str:
 
 
 def test_a_flow_has_one_colour_on_every_figure():
-    colour = figures.flow_colours([FLOWS[0]])[FLOWS[0]]
-    curves = figures.training_curves({FLOWS[0]: _history(), FLOWS[1]: _history()})
+    colour = flow_colours([FLOWS[0]])[FLOWS[0]]
+    curves = training_curves({FLOWS[0]: _history(), FLOWS[1]: _history()})
     assert {_trace_colour(t) for t in curves.data if t.legendgroup == FLOWS[0]} == {colour}
-    scatter = figures.params_nmse_scatter(_compare_table())
+    scatter = params_nmse_scatter(_compare_table())
     assert next(t for t in scatter.data if t.name.startswith(FLOWS[0])).marker.color == colour
-    trajectories = figures.trajectory_figure(_trajectory_table())
+    trajectories = trajectory_figure(_trajectory_table())
     flow_markers = {t.marker.color for t in trajectories.data
                     if t.text is not None and len(t.text) and t.text[0] == "FW fw-6-12-k3"}
     assert flow_markers == {colour}
     legend = next(t for t in trajectories.data if t.legend == "legend2" and t.name == "FW fw-6-12-k3")
     assert legend.marker.color == colour
     affine = next(t for t in trajectories.data if t.legend == "legend2" and t.name.startswith("affine"))
-    assert affine.marker.color == figures.AFFINE_COLOUR
-    kl = figures.kl_per_position([" a", " b", " c"], {"LFT, k = 3": np.zeros(3), "skip 1 block from 2": np.ones(3),
+    assert affine.marker.color == AFFINE_COLOUR
+    kl = kl_per_position([" a", " b", " c"], {"LFT, k = 3": np.zeros(3), "skip 1 block from 2": np.ones(3),
                                                        "affine": np.ones(3)}, flow=FLOWS[0])
-    assert [t.line.color for t in kl.data] == [colour, figures.SKIP_COLOUR, figures.AFFINE_COLOUR]
-    assert figures.skip_kl_bars(pd.DataFrame({"k": [1], "kl": [0.3]})).data[0].marker.color == figures.SKIP_COLOUR
+    assert [t.line.color for t in kl.data] == [colour, SKIP_COLOUR, AFFINE_COLOUR]
+    assert skip_kl_bars(pd.DataFrame({"k": [1], "kl": [0.3]})).data[0].marker.color == SKIP_COLOUR

@@ -36,7 +36,8 @@ from lft_core.flow.store import FlowCheckpointError, load_flow, open_flow, save_
 from lft_core.paths import cache_dir, cache_root
 from lft_core.model.loading import load_teacher
 from lft_core.model.teacher import Replace, TeacherLoadError
-from lft_core.flow.training import TrainConfig, train_flow
+from lft_core.flow.config import TrainConfig
+from lft_core.flow.training import train_flow
 
 REPO = Path(__file__).resolve().parents[1]
 FLOW = "hard-neox"  # the flow every flow case starts from (span 1:3 of the tiny GPT-NeoX)
@@ -597,7 +598,7 @@ def test_pickle_weights_and_remote_code_are_refused(world):
 
 def test_uploads_are_size_limited_and_stay_in_cache():
     pytest.importorskip("streamlit")
-    from app.common import UPLOAD_LIMIT_MB, save_upload
+    from app.uploads import UPLOAD_LIMIT_MB, save_upload
 
     uploads = cache_dir("uploads").resolve()
     text = b"A small corpus about rivers and bridges.\n" * 10

@@ -20,6 +20,7 @@ from lft_core.flow.losses import Noise, sfm_loss
 from lft_core.flow.methods import Method
 from lft_core.run.cli import main
 from lft_core.span import Span
+from app_fixtures import tiny_flow  # noqa: F401 (a fixture)
 
 
 class DriftMatching(Method):
@@ -119,3 +120,41 @@ def main_help(argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit):
         main(argv)
     return capsys.readouterr().out
+
+
+def test_the_toy_method_and_baseline_on_the_pages_and_in_the_figures(toys, smol, tiny_flow):
+    """Train offers the toy method by its label; Compare offers the toy baseline, evaluates it beside the flow and
+    draws it in the paper's plot with the registry's colour and marker; the NMSE scatter marks the method."""
+    import pandas as pd
+    from streamlit.testing.v1 import AppTest
+
+    from app.figures.compare import kl_vs_blocks_figure, params_nmse_scatter
+    from app_fixtures import APP, SMALL, TINY_SPAN
+
+    at = AppTest.from_file(str(APP), default_timeout=240)
+    for key, value in {**SMALL, "span": TINY_SPAN}.items():
+        at.session_state[key] = value
+    at.run()
+    at.switch_page("views/train.py").run()
+    assert not at.exception
+    assert "Toy drift matching" in at.selectbox(key="w_method").options
+
+    at.switch_page("views/compare.py").run()
+    assert not at.exception and at.toggle(key="w_cmp_shift").value is True
+    at.toggle(key="w_cmp_affine").set_value(False)
+    at.toggle(key="w_cmp_best").set_value(False)
+    at.number_input(key="w_cmp_windows").set_value(1)
+    at.number_input(key="w_cmp_skip_max").set_value(1)
+    at.multiselect(key="w_cmp_flows").set_value(["tiny-fw"]).run()
+    at = next(b for b in at.button if b.label.startswith("Evaluate")).click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    table = at.session_state["compare_eval_table"]
+    shift = table[table["row"] == "shift"]
+    assert len(shift) == 1 and shift["span"].iloc[0] == "2:4" and shift["NMSE"].iloc[0] > 0
+    points = at.session_state["compare_kl_points"]
+    trace = next(t for t in kl_vs_blocks_figure(points).data if t.name == "mean shift")
+    assert trace.marker.color == "#17becf" and trace.marker.symbol == "triangle-up"
+
+    scatter = params_nmse_scatter(pd.DataFrame({"name": ["toy-drift"], "method": ["drift"], "blocks": [2],
+                                                "heldout_nmse": [0.1]}))
+    assert scatter.data[0].marker.symbol == "star" and "DRIFT" in scatter.data[0].name

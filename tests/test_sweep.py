@@ -158,9 +158,16 @@ def test_a_stopped_sweep_resumes_its_interrupted_cell(smol):
     assert cfg == again.cells[0].config
 
 
+@pytest.mark.slow
 def test_sweep_job_and_cli_round_trip(smol):
     """A 2-run sweep as a background job (progress events, result, command); the same command run again by
-    hand is a no-op; a bad grid fails with one line before the model loads."""
+    hand is a no-op.
+
+    Slow (LFT_SLOW=1): the default run covers it with test_app_train's
+    test_a_sweep_job_from_the_page_shows_its_command_and_results (the same `python -m lft_core sweep` job end to
+    end: its command, results, and the same sweep again trains nothing) and test_a_sweep_job_stops_when_asked
+    (its progress events), and with test_a_tiny_sweep_runs_then_is_a_no_op here (events, a second run is a
+    no-op with the same numbers)."""
     from lft_core.run.jobs import read_job, start_job
 
     args = ["--spans", "2:4", "--methods", "fw,sfm", "--k", "2", "--seeds", "3", "--name", "cli", *TINY_FLAGS]
@@ -192,6 +199,12 @@ def test_sweep_job_and_cli_round_trip(smol):
     assert [r["heldout_nmse"] for r in again["runs"]] == pytest.approx(
         [r["heldout_nmse"] for r in job.result["runs"]], rel=1e-4)
     assert "complete already" in proc.stderr and "2 complete already" in proc.stderr
+
+
+def test_cli_sweep_bad_grid_is_one_line(tmp_path):
+    """A bad grid fails with one line before the model loads (a real process)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "sweep-bad.json"
     bad = subprocess.run([sys.executable, "-m", "lft_core", "sweep", "--spans", "2:4,9", "--json", str(out)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == \

@@ -10,7 +10,7 @@ import shlex
 
 import streamlit as st
 
-from app import common as c
+from app import pages, progress, state
 from lft_core.data.activations import list_entries
 from lft_core.errors import LFTError
 from lft_core.run.jobs import list_jobs, start_job
@@ -27,7 +27,7 @@ st.markdown(
 
 # -- the demo -----------------------------------------------------------------------------------------------
 st.subheader("The demo, in one click")
-demo = c.demo_status()
+demo = state.demo_status()
 demo_jobs = [j for j in list_jobs("demo") if j.status in ("running", "stopping")]
 st.caption("Builds everything the pages need for a ready-made story on the embedded model and the built-in English "
            "text: the hidden-state cache, the recoupling and affine maps of every span, and four flows (SFM and FW "
@@ -55,16 +55,16 @@ else:
 @st.fragment(run_every=2 if demo_jobs else None)
 def demo_panel() -> None:
     jobs = [j for j in list_jobs("demo") if j.status in ("running", "stopping")]
-    state = c.demo_status()
-    if state is None:
+    status = state.demo_status()
+    if status is None:
         return
     if jobs:
-        fraction, line = c.job_progress(jobs[0])
+        fraction, line = progress.job_progress(jobs[0])
         st.progress(fraction or 0.0, text=f"Preparing the demo: {line}")
-    if jobs or (0 < state.done < state.total):
+    if jobs or (0 < status.done < status.total):
         icons = {"done": ":green[:material/check_circle:]", "running": ":material/hourglass_top:",
                  "pending": ":material/radio_button_unchecked:", "failed": ":red[:material/error:]"}
-        st.markdown("  \n".join(f"{icons.get(s, '')} {i}. {label}" for i, (label, s) in enumerate(state.steps, 1)))
+        st.markdown("  \n".join(f"{icons.get(s, '')} {i}. {label}" for i, (label, s) in enumerate(status.steps, 1)))
     failed = [j for j in list_jobs("demo")[:1] if j.status == "failed"]
     if failed and not jobs:
         st.error(f"The last preparation failed: {failed[0].error_line() or failed[0].log_tail(3)}. Press the "
@@ -81,14 +81,14 @@ visited = st.session_state.get("_visited", set())
 entries = list_entries()
 cached = any(len((e["meta"] or {}).get("layers", [])) == ((e["meta"] or {}).get("n_layers", -2) + 1) for e in entries)
 trained = any(f.status == "complete" for f in list_flows() if f.error is None)
-done = [cached, c.SPAN in st.session_state or "Choose a span" in visited, trained] + \
-       [title in visited for _, title, _ in c.PATH[3:]]
+done = [cached, state.SPAN in st.session_state or pages.SPAN.title in visited, trained] + \
+       [page.title in visited for page in pages.PATH[3:]]
 following = next((i for i, d in enumerate(done) if not d), None)
-for i, ((page, _, title), is_done) in enumerate(zip(c.PATH, done)):
+for i, (page, is_done) in enumerate(zip(pages.PATH, done)):
     mark = ":green[:material/check_circle:] done" if is_done else (
         ":blue[:material/arrow_forward:] **next**" if i == following else ":material/radio_button_unchecked:")
     col_link, col_state = st.columns([3, 2], vertical_alignment="center")
-    col_link.page_link(page, label=f"{i + 1}. {title}")
+    col_link.page_link(page.file, label=f"{i + 1}. {page.step}")
     col_state.markdown(mark)
 st.caption("Steps 1–3 are done for you by the demo. Words you do not know are in the **Glossary** of the sidebar; "
            "**Presenter mode** there enlarges everything for a projector.")

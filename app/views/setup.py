@@ -7,15 +7,16 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from app import common as c
+from app import engine, frame, pages, progress, state
+from app.uploads import UPLOAD_LIMIT_MB, save_upload
 from lft_core.data.activations import delete_entry, list_entries
 from lft_core.paths import cache_dir
 from lft_core.data.corpus import BUILTIN, ENGLISH, SPLIT_BLOCK
 from lft_core.data.corpus import DEFAULT as DEFAULT_CORPUS
 from lft_core.model.loading import DEFAULT_MODEL
 
-c.page_intro(
-    "Setup & cache",
+frame.page_intro(
+    pages.SETUP,
     "The model whose blocks are replaced, the text its hidden states are computed on, and the cache of those "
     "hidden states. Every other page uses these choices.",
     "The embedded SmolLM2-135M and the built-in everyday-English text work offline; hidden states are cached on "
@@ -27,19 +28,19 @@ st.subheader("Model")
 
 
 def _use_default() -> None:
-    st.session_state[c.MODEL] = DEFAULT_MODEL
+    st.session_state[state.MODEL] = DEFAULT_MODEL
     st.session_state["w_model"] = DEFAULT_MODEL
 
 
-c.persistent_widget("w_model", c.MODEL)
+state.persistent_widget("w_model", state.MODEL)
 col_model, col_btn = st.columns([4, 1], vertical_alignment="bottom")
 col_model.text_input(
-    "Model", key="w_model", persist_state=c.KEEP, on_change=c.copy_to(c.MODEL, "w_model"),
+    "Model", key="w_model", persist_state=state.KEEP, on_change=state.copy_to(state.MODEL, "w_model"),
     help="`smollm2-135m` is embedded and always works offline; or a Hugging Face id (from the local HF cache "
          "when offline, e.g. EleutherAI/pythia-410m) or a local folder with config.json and safetensors weights.",
 )
-col_btn.button("Use embedded default", on_click=_use_default, disabled=c.model_spec() == DEFAULT_MODEL)
-teacher = c.teacher_or_error()
+col_btn.button("Use embedded default", on_click=_use_default, disabled=state.model_spec() == DEFAULT_MODEL)
+teacher = engine.teacher_or_error()
 if teacher is not None:
     cols = st.columns(4)
     cols[0].metric("Blocks (L)", teacher.n_layers)
@@ -65,70 +66,70 @@ def _source_of(spec: str) -> str:
 def _source_changed() -> None:
     chosen = st.session_state["w_corpus_source"]
     if chosen in BUILT_IN:
-        st.session_state[c.CORPUS] = BUILT_IN[chosen]
+        st.session_state[state.CORPUS] = BUILT_IN[chosen]
 
 
 if "w_corpus_source" not in st.session_state:
-    st.session_state["w_corpus_source"] = _source_of(c.corpus_spec())
-source = st.radio("Text source", SOURCES, key="w_corpus_source", persist_state=c.KEEP, horizontal=True,
+    st.session_state["w_corpus_source"] = _source_of(state.corpus_spec())
+source = st.radio("Text source", SOURCES, key="w_corpus_source", persist_state=state.KEEP, horizontal=True,
                   on_change=_source_changed)
 if source == SOURCES[2]:
     upload = st.file_uploader(
-        f"A .txt, .md or .jsonl file (one JSON object a line with a \"text\" field), at most {c.UPLOAD_LIMIT_MB} MB",
-        type=["txt", "md", "jsonl"], max_upload_size=c.UPLOAD_LIMIT_MB, key="w_upload",
+        f"A .txt, .md or .jsonl file (one JSON object a line with a \"text\" field), at most {UPLOAD_LIMIT_MB} MB",
+        type=["txt", "md", "jsonl"], max_upload_size=UPLOAD_LIMIT_MB, key="w_upload",
     )
     if upload is not None:
-        with c.engine_errors(stop=False):
-            saved = c.save_upload(upload.name, upload.getvalue())
-            st.session_state[c.CORPUS] = str(saved)
+        with engine.engine_errors(stop=False):
+            saved = save_upload(upload.name, upload.getvalue())
+            st.session_state[state.CORPUS] = str(saved)
 elif source == SOURCES[3]:
     if "w_corpus_path" not in st.session_state:
-        st.session_state["w_corpus_path"] = "" if c.corpus_spec() in BUILT_IN.values() else c.corpus_spec()
+        st.session_state["w_corpus_path"] = "" if state.corpus_spec() in BUILT_IN.values() else state.corpus_spec()
 
     def _path_changed() -> None:
-        st.session_state[c.CORPUS] = st.session_state["w_corpus_path"].strip() or DEFAULT_CORPUS
+        st.session_state[state.CORPUS] = st.session_state["w_corpus_path"].strip() or DEFAULT_CORPUS
 
-    st.text_input("Path to a .txt / .jsonl file or a folder of them", key="w_corpus_path", persist_state=c.KEEP,
+    st.text_input("Path to a .txt / .jsonl file or a folder of them", key="w_corpus_path", persist_state=state.KEEP,
                   on_change=_path_changed,
                   placeholder="/data/my_corpus.txt")
 
-corpus = c.corpus_or_error()
+corpus = engine.corpus_or_error()
 if corpus is not None:
     extra = f", {corpus.skipped_lines} bad lines skipped" if corpus.skipped_lines else ""
     st.caption(f"Corpus **{Path(corpus.id).name}**: {len(corpus.texts)} texts, {corpus.n_chars:,} characters"
                f"{extra} (content hash `{corpus.content_hash}`). Every 10th block of {SPLIT_BLOCK} tokens is held "
                "out for evaluation, whatever the window length.")
 
-c.persistent_widget("w_seq_len", c.SEQ_LEN)
-c.persistent_widget("w_windows", c.WINDOWS)
+state.persistent_widget("w_seq_len", state.SEQ_LEN)
+state.persistent_widget("w_windows", state.WINDOWS)
 col1, col2, col3 = st.columns([1, 1, 2])
-col1.number_input("Window length (tokens)", min_value=8, max_value=2048, step=16, key="w_seq_len", persist_state=c.KEEP,
-                  on_change=c.copy_to(c.SEQ_LEN, "w_seq_len"))
-col2.number_input("Windows to cache", min_value=1, max_value=4096, step=4, key="w_windows", persist_state=c.KEEP,
-                  on_change=c.copy_to(c.WINDOWS, "w_windows"),
+col1.number_input("Window length (tokens)", min_value=8, max_value=2048, step=16, key="w_seq_len",
+                  persist_state=state.KEEP, on_change=state.copy_to(state.SEQ_LEN, "w_seq_len"))
+col2.number_input("Windows to cache", min_value=1, max_value=4096, step=4, key="w_windows", persist_state=state.KEEP,
+                  on_change=state.copy_to(state.WINDOWS, "w_windows"),
                   help="Used by the span heatmap and the crossings page (training picks its own count).")
 if teacher is not None:
-    size = (teacher.n_layers + 1) * c.n_windows() * c.seq_len() * teacher.d_model * 2
+    size = (teacher.n_layers + 1) * state.n_windows() * state.seq_len() * teacher.d_model * 2
     col3.caption(f"All {teacher.n_layers + 1} hidden states h_0 … h_{teacher.n_layers} of "
-                 f"{c.n_windows()} × {c.seq_len()} tokens take {size / 2**20:.1f} MiB as float16.")
+                 f"{state.n_windows()} × {state.seq_len()} tokens take {size / 2**20:.1f} MiB as float16.")
 
 # -- cache ------------------------------------------------------------------------------------------------
 st.subheader("Activation cache")
 if teacher is not None and corpus is not None:
-    entry = c.find_cache(teacher, corpus, c.seq_len(), c.n_windows())
+    entry = engine.find_cache(teacher, corpus, state.seq_len(), state.n_windows())
     have_all = entry is not None and len(entry.layers) == teacher.n_layers + 1
     if have_all:
-        st.success(f"All layers of {c.n_windows()} × {c.seq_len()} tokens are cached (`{entry.key}`).")
+        st.success(f"All layers of {state.n_windows()} × {state.seq_len()} tokens are cached (`{entry.key}`).")
     else:
         running = st.session_state.get("_cache_running", False)
         if st.button("Cache all layers", type="primary", disabled=running,
                      help="Runs `python -m lft_core cache ... --layers all` in the background."):
-            with c.engine_errors(stop=False):
-                c.start_cache_job(c.model_spec(), c.corpus_spec(), c.seq_len(), c.n_windows())
-c.cache_jobs_panel()
+            with engine.engine_errors(stop=False):
+                progress.start_cache_job(state.model_spec(), state.corpus_spec(), state.seq_len(), state.n_windows())
+progress.cache_jobs_panel()
 
 entries = list_entries()
-if c.presenter():
+if state.presenter():
     pass  # the cache listing is a technical control
 elif entries:
     rows = []
@@ -151,12 +152,13 @@ elif entries:
         })
     table = pd.DataFrame(rows)
     st.caption("Select rows to delete them.")
-    event = c.show_table(table, "activation_cache", key="cache_table", on_select="rerun", selection_mode="multi-row")
+    event = frame.show_table(table, "activation_cache", key="cache_table", on_select="rerun",
+                             selection_mode="multi-row")
     chosen = [rows[i]["key"] for i in event.selection.rows] if event is not None else []
     if chosen and st.button(f"Delete {len(chosen)} selected entr{'y' if len(chosen) == 1 else 'ies'}",
                             icon=":material/delete:"):
         for key in chosen:
-            with c.engine_errors(stop=False):
+            with engine.engine_errors(stop=False):
                 delete_entry(key)
         st.rerun()
 else:

@@ -5,12 +5,12 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app import common as c
-from app import figures
+from app import engine, frame, pages, progress, state
+from app.figures.span import affine_heatmap, recoupling_heatmap, skip_kl_bars
 from lft_core.span import Span, grid_frame, lowest_of_length
 
-c.page_intro(
-    "Choose a span",
+frame.page_intro(
+    pages.SPAN,
     "For a span [m, n) every token gives a pair (x0, x1) = (h_m, h_n). The **recoupling ratio** R is the share of "
     "tokens that the optimal transport assignment of starts to targets sends to *another* token's target: at R = 0 "
     "straight paths agree with the true pairing, a high R means flow matching will mix tokens up. Beside it, the "
@@ -18,9 +18,9 @@ c.page_intro(
     "Click a cell or use the slider to pick the span; the link of this page keeps it (?span=m:n).",
 )
 
-teacher = c.require_teacher()
-span = c.current_span(teacher)
-corpus = c.corpus_or_error()
+teacher = engine.require_teacher()
+span = state.current_span(teacher)
+corpus = engine.corpus_or_error()
 if corpus is None:
     st.stop()
 L = teacher.n_layers
@@ -31,7 +31,7 @@ def recoupling_matrix(cache_key: str, pairs: int, seed: int = 0) -> tuple[np.nda
     """R(m, n) for all spans from an all-layer cache entry (position 0 of each window excluded); computed once
     per cache entry on this server and saved (the demo saves the same grid)."""
     from lft_core.data.activations import open_activations
-    from lft_core.analysis.coupling import recoupling_grid_cached
+    from lft_core.analysis.recoupling import recoupling_grid_cached
 
     grid = recoupling_grid_cached(open_activations(cache_key), pairs=pairs, seed=seed, drop_first=True)
     return grid.matrix, grid.seconds
@@ -44,9 +44,9 @@ AFFINE_HELDOUT_WINDOWS = 4  # held-out windows that choose each span's ridge str
 def affine_matrix(spec: str, corpus_spec: str, seq_len: int, windows: int, cache_key: str) -> np.ndarray:
     """Held-out NMSE of the affine replacement of every span (``cache_key``: the all-layer entry it reads, so a
     rebuilt cache gives a new result); computed once on this server and saved (the demo saves the same grid)."""
-    from lft_core.analysis.baselines import affine_grid_cached
+    from lft_core.analysis.affine import affine_grid_cached
 
-    return affine_grid_cached(c.get_teacher(spec), corpus_spec, seq_len, windows, AFFINE_HELDOUT_WINDOWS,
+    return affine_grid_cached(engine.get_teacher(spec), corpus_spec, seq_len, windows, AFFINE_HELDOUT_WINDOWS,
                               progress=False).matrix
 
 
@@ -55,7 +55,7 @@ def skip_kl(spec: str, corpus_spec: str, span: Span, ks: tuple[int, ...], window
             seq_len: int) -> pd.DataFrame:
     from lft_core.analysis.evaluation import eval_windows, evaluate
 
-    teacher = c.get_teacher(spec)
+    teacher = engine.get_teacher(spec)
     ids = eval_windows(teacher, corpus_spec, windows=windows, seq_len=seq_len)
     result = evaluate(teacher, None, span, ids, ks=[], skips=list(ks), best_skip=False)
     return pd.DataFrame([{"k": r.k, "skipped blocks": f"{r.start}..{r.start + r.k - 1}", "kl": r.kl, "ppl": r.ppl}
@@ -66,26 +66,26 @@ def skip_kl(spec: str, corpus_spec: str, span: Span, ks: tuple[int, ...], window
 def _slider_changed() -> None:
     m, n = st.session_state["w_span_slider"]
     if m < n:
-        c.set_span((m, n))
+        state.set_span((m, n))
 
 
 if st.session_state.get("w_span_slider") != span:
     st.session_state["w_span_slider"] = span
 left, right = st.columns([3, 1], vertical_alignment="bottom")
 left.slider("Span [m, n): blocks m … n−1 are replaced (m < n)", min_value=0, max_value=L, key="w_span_slider",
-            persist_state=c.KEEP,
-            on_change=_slider_changed, disabled=c.presenter())
+            persist_state=state.KEEP,
+            on_change=_slider_changed, disabled=state.presenter())
 right.metric("Blocks replaced", span.blocks, help=f"span {span} of {L} blocks")
 
 # -- heatmap ------------------------------------------------------------------------------------------------
-cache = c.find_cache(teacher, corpus, c.seq_len(), c.n_windows())
+cache = engine.find_cache(teacher, corpus, state.seq_len(), state.n_windows())
 if cache is None or len(cache.layers) < L + 1:
-    st.info(f"The heatmap needs every hidden state h_0 … h_{L} of {c.n_windows()} windows × {c.seq_len()} tokens "
-            "of the corpus. Cache them once (about half a minute for the embedded model):")
+    st.info(f"The heatmap needs every hidden state h_0 … h_{L} of {state.n_windows()} windows × {state.seq_len()} "
+            "tokens of the corpus. Cache them once (about half a minute for the embedded model):")
     if st.button("Cache all layers", type="primary", disabled=st.session_state.get("_cache_running", False)):
-        with c.engine_errors(stop=False):
-            c.start_cache_job(c.model_spec(), c.corpus_spec(), c.seq_len(), c.n_windows())
-    c.cache_jobs_panel()
+        with engine.engine_errors(stop=False):
+            progress.start_cache_job(state.model_spec(), state.corpus_spec(), state.seq_len(), state.n_windows())
+    progress.cache_jobs_panel()
 else:
     available = cache.shape[0] * (cache.shape[1] - 1)
     options = [p for p in (64, 128, 256, 512, 1024) if p <= available] or [available]
@@ -93,16 +93,16 @@ else:
     if st.session_state["w_pairs"] not in options:
         st.session_state["w_pairs"] = options[-1]
     col_pairs, col_note = st.columns([1, 3], vertical_alignment="bottom")
-    pairs = col_pairs.selectbox("Token pairs per span", options, key="w_pairs", persist_state=c.KEEP,
+    pairs = col_pairs.selectbox("Token pairs per span", options, key="w_pairs", persist_state=state.KEEP,
                                 help="More pairs: a steadier estimate, slower (512 pairs ~ 10-20 s on 2 cores).")
-    col_note.caption(f"From the cached hidden states of {c.n_windows()} windows × {c.seq_len()} tokens. "
+    col_note.caption(f"From the cached hidden states of {state.n_windows()} windows × {state.seq_len()} tokens. "
                      "Position 0 of every window is excluded from both maps: attention-sink "
                      "tokens have huge norms and would dominate the distances (the affine map also leaves out the "
                      "few other massive-activation tokens). The same tokens are used for every span.")
-    with c.engine_errors():
-        matrix, seconds = c.with_progress(f"Solving {L * (L + 1) // 2} optimal assignments of {pairs} tokens",
-                                          f"recoupling grid {L} blocks {pairs} pairs", recoupling_matrix, cache.key,
-                                          int(pairs))
+    with engine.engine_errors():
+        matrix, seconds = progress.with_progress(f"Solving {L * (L + 1) // 2} optimal assignments of {pairs} tokens",
+                                                 f"recoupling grid {L} blocks {pairs} pairs", recoupling_matrix,
+                                                 cache.key, int(pairs))
     st.session_state["recoupling_matrix"] = matrix
 
     def pick_from(event, chart: str) -> None:
@@ -112,26 +112,27 @@ else:
             picked = (int(round(points[0]["y"])), int(round(points[0]["x"])))
             if picked[0] < picked[1] and picked != span and picked != st.session_state.get(f"_last_click_{chart}"):
                 st.session_state[f"_last_click_{chart}"] = picked
-                c.set_span(picked)
+                state.set_span(picked)
                 st.rerun()
 
     col_r, col_a = st.columns(2)
     with col_r:
-        event = c.show_figure(figures.recoupling_heatmap(matrix, span, int(pairs)), f"recoupling_{c.model_spec()}",
-                              key="heatmap", on_select="rerun", selection_mode="points")
+        event = frame.show_figure(recoupling_heatmap(matrix, span, int(pairs)), f"recoupling_{state.model_spec()}",
+                                  key="heatmap", on_select="rerun", selection_mode="points")
         pick_from(event, "r")
         st.markdown("**How much would flow matching mix tokens here?** R is the share of tokens that optimal "
                     "transport pairs with another token's target. Most spans have a small R, so the colours are on "
                     "a log scale; hover a cell for its exact value.")
     with col_a:
-        with c.engine_errors():
-            affine = c.with_progress(f"Fitting the affine replacement of all {L * (L + 1) // 2} spans (ridge least "
-                                     "squares)", f"affine grid {L} blocks {c.n_windows()}x{c.seq_len()}",
-                                     affine_matrix, c.model_spec(), c.corpus_spec(), c.seq_len(), c.n_windows(),
-                                     cache.key)
+        with engine.engine_errors():
+            affine = progress.with_progress(f"Fitting the affine replacement of all {L * (L + 1) // 2} spans (ridge "
+                                            "least squares)",
+                                            f"affine grid {L} blocks {state.n_windows()}x{state.seq_len()}",
+                                            affine_matrix, state.model_spec(), state.corpus_spec(), state.seq_len(),
+                                            state.n_windows(), cache.key)
         st.session_state["affine_matrix"] = affine
-        event = c.show_figure(figures.affine_heatmap(affine, span), f"affine_nmse_{c.model_spec()}",
-                              key="affine_heatmap", on_select="rerun", selection_mode="points")
+        event = frame.show_figure(affine_heatmap(affine, span), f"affine_nmse_{state.model_spec()}",
+                                  key="affine_heatmap", on_select="rerun", selection_mode="points")
         pick_from(event, "affine")
         st.markdown("**How linear is this span?** The held-out NMSE ‖x̂ − h_n‖² / ‖h_n‖² of h_n ≈ h_m + A·h_m + b "
                     "fitted in closed form: a flow must beat this to be worth training.")
@@ -147,13 +148,13 @@ else:
                        help=f"the {span.blocks}-block span with the lowest {name}")
     finite = matrix[np.isfinite(matrix)]
     st.caption(f"R over all {finite.size} spans: min {finite.min():.3f}, median {np.median(finite):.3f}, max "
-               f"{finite.max():.3f}. The affine maps are fitted on the same {c.n_windows()} windows and scored on "
+               f"{finite.max():.3f}. The affine maps are fitted on the same {state.n_windows()} windows and scored on "
                f"{AFFINE_HELDOUT_WINDOWS} held-out windows; with few windows they overfit, so read the map for its "
                "pattern more than its values.")
-    st.page_link("views/train.py", label="Train a flow for this span", icon=":material/model_training:")
+    st.page_link(pages.TRAIN.file, label="Train a flow for this span", icon=pages.TRAIN.icon)
     table = grid_frame(matrix, "R").merge(grid_frame(affine, "affine NMSE"), on=["m", "n", "blocks"])
     with st.expander("All spans as a table"):
-        c.show_table(table, f"spans_{c.model_spec()}", key="recoupling_table")
+        frame.show_table(table, f"spans_{state.model_spec()}", key="recoupling_table")
 
 # -- skip-k -------------------------------------------------------------------------------------------------
 st.subheader("Reference: skipping blocks")
@@ -162,18 +163,18 @@ st.markdown(f"KL(teacher ‖ model) of next-token distributions when the first k
             "skipping fewer blocks.")
 ks = tuple(range(1, min(3, span.blocks) + 1))
 SKIP_EVAL_WINDOWS = 4  # held-out windows for the skip-k reference (a few seconds on 2 cores)
-key = (c.model_spec(), c.corpus_spec(), span, ks, SKIP_EVAL_WINDOWS, min(c.seq_len(), 128))
+key = (state.model_spec(), state.corpus_spec(), span, ks, SKIP_EVAL_WINDOWS, min(state.seq_len(), 128))
 if st.button(f"Compute skip-k KL for k = {', '.join(map(str, ks))}", key="skip_button"):
     st.session_state["skip_shown"] = key
 if st.session_state.get("skip_shown") == key:
-    with c.engine_errors():
-        skip_table = c.with_progress(f"Running the teacher with 1 to {len(ks)} blocks removed", f"skip-k {len(ks)}",
-                                     skip_kl, *key)
+    with engine.engine_errors():
+        skip_table = progress.with_progress(f"Running the teacher with 1 to {len(ks)} blocks removed",
+                                            f"skip-k {len(ks)}", skip_kl, *key)
     st.session_state["skip_table"] = skip_table
     col_t, col_f = st.columns([1, 1])
     with col_t:
         st.caption(f"{SKIP_EVAL_WINDOWS} held-out windows of {key[-1]} tokens; teacher perplexity "
                    f"{skip_table['teacher_ppl'].iloc[0]:.2f}.")
-        c.show_table(skip_table.drop(columns="teacher_ppl"), f"skip_kl_{span}", key="skip_table_df")
+        frame.show_table(skip_table.drop(columns="teacher_ppl"), f"skip_kl_{span}", key="skip_table_df")
     with col_f:
-        c.show_figure(figures.skip_kl_bars(skip_table), f"skip_kl_{span}", key="skip_fig")
+        frame.show_figure(skip_kl_bars(skip_table), f"skip_kl_{span}", key="skip_fig")

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import common as c
-from app import figures
+from app import engine, frame, pages, progress, state
+from app.figures.toy import toy_pair_animation
+from app.figures.training import training_curves
 from lft_core.flow.toy import DATASETS, LAB_DEFAULTS, LabRun
 
-c.page_intro(
-    "Teaching lab (2-D)",
+frame.page_intro(
+    pages.TOY,
     "Each point x0_i must travel to **its own** partner x1_i. Where straight paths cross, standard flow matching "
     "(SFM) learns the average velocity at the crossing, and its flow **misroutes** points: it delivers them "
     "nearer another point's target than their own. Flow Walking (FW) trains the k-step walk end to end and can "
@@ -55,22 +56,22 @@ def use_preset() -> None:
 
 
 # Defaults go through session state (the widgets take no value argument), so kept values win.
-c.valid_choice("w_toy_dataset", OPTIONS, "mirror")
+state.valid_choice("w_toy_dataset", OPTIONS, "mirror")
 preset = LAB_DEFAULTS.get(st.session_state["w_toy_dataset"], LAB_DEFAULTS["mirror"])
 st.session_state.setdefault("w_toy_points", POINTS)
 st.session_state.setdefault("w_toy_steps", preset.steps)
 st.session_state.setdefault("w_toy_k", preset.k)  # the lab's own k (the other pages' k is a real flow's)
 
 col_d, col_n, col_k, col_s = st.columns([2, 1, 1, 1])
-dataset = col_d.selectbox("Dataset", OPTIONS, key="w_toy_dataset", persist_state=c.KEEP, on_change=use_preset,
+dataset = col_d.selectbox("Dataset", OPTIONS, key="w_toy_dataset", persist_state=state.KEEP, on_change=use_preset,
                           help="Choosing a built-in dataset sets its k and training steps, where its lesson shows.")
 if dataset != CSV:
     col_d.caption(describe(dataset))
-n_points = col_n.slider("Points", 32, 1024, step=32, key="w_toy_points", persist_state=c.KEEP,
+n_points = col_n.slider("Points", 32, 1024, step=32, key="w_toy_points", persist_state=state.KEEP,
                         disabled=dataset == CSV)
-k = col_k.slider("k (steps)", *K_RANGE, key="w_toy_k", persist_state=c.KEEP,
+k = col_k.slider("k (steps)", *K_RANGE, key="w_toy_k", persist_state=state.KEEP,
                  help="Euler steps of the learned flow (FW also trains through exactly these k steps).")
-steps = col_s.slider("Training steps", 100, 3000, step=100, key="w_toy_steps", persist_state=c.KEEP)
+steps = col_s.slider("Training steps", 100, 3000, step=100, key="w_toy_steps", persist_state=state.KEEP)
 if dataset in LESSONS:
     preset = LAB_DEFAULTS[dataset]
     st.info(f"**{dataset}**: {LESSONS[dataset]}  \nPreset: k = {preset.k}, {preset.steps} training steps, "
@@ -105,11 +106,11 @@ if st.session_state.get("toy_params") != params:
     st.caption("Set the sliders and press **Train SFM and FW** (a few seconds each).")
 else:
     runs: dict[str, LabRun] = {}
-    with c.engine_errors():
+    with engine.engine_errors():
         for method, name in (("sfm", "SFM"), ("fw", "FW")):
-            runs[name] = c.with_progress(f"Training {name} for {steps} steps", f"toy {method} {steps} steps "
-                                         f"{n_points} points", toy_run, dataset, method, int(steps), int(k),
-                                         int(n_points), csv_bytes)
+            runs[name] = progress.with_progress(f"Training {name} for {steps} steps", f"toy {method} {steps} steps "
+                                                f"{n_points} points", toy_run, dataset, method, int(steps), int(k),
+                                                int(n_points), csv_bytes)
     st.session_state["toy_runs"] = {name: r.metrics for name, r in runs.items()}
 
     sfm, fw = runs["SFM"], runs["FW"]
@@ -119,10 +120,10 @@ else:
                    "point's target: a property of the data before any training (0: the straight paths keep every "
                    "pairing)")
     titles = {"SFM": f"SFM: standard flow matching, k = {k}", "FW": f"FW: Flow Walking, k = {k}"}
-    fig = figures.toy_pair_animation(sfm.x0, sfm.x1, sfm.times,
-                                     {titles[name]: (r.frames, r.recoupled) for name, r in runs.items()},
-                                     cross_marks=sfm.marks)
-    c.show_figure(fig, f"toy_{dataset}_k{k}", key="toy_pair_fig")
+    fig = toy_pair_animation(sfm.x0, sfm.x1, sfm.times,
+                             {titles[name]: (r.frames, r.recoupled) for name, r in runs.items()},
+                             cross_marks=sfm.marks)
+    frame.show_figure(fig, f"toy_{dataset}_k{k}", key="toy_pair_fig")
     st.caption("One time slider drives both flows. Blue: the point ends nearest its own target; red: the flow "
                "misroutes it (ends nearer another point's target). Green circles are the targets x1, faint lines "
                "the straight paths x0 → x1, small orange crosses where two crossing straight paths come closest "
@@ -160,15 +161,15 @@ else:
 
     st.subheader("Training loss")
     histories = {name: [{"step": i + 1, "loss": v} for i, v in enumerate(r.losses)] for name, r in runs.items()}
-    loss_fig = figures.training_curves(histories, height=320)
+    loss_fig = training_curves(histories, height=320)
     loss_fig.update_xaxes(title="training step")
     loss_fig.layout.yaxis.title = "loss (log scale)"
-    c.show_figure(loss_fig, f"toy_{dataset}_losses", key="toy_losses")
+    frame.show_figure(loss_fig, f"toy_{dataset}_losses", key="toy_losses")
     st.caption("Loss against training step, one colour per method: the faint line is the loss at every step, the "
                "bold line its exponential moving average (smoothed). The two losses measure different things (SFM: "
                "velocity regression; FW: end-point error), so compare the endpoint MSE above rather than the "
                "loss values.")
 
 # The lab is the last step of the path (the frame adds no "Next:" here): point back to the real model.
-st.page_link("views/trajectories.py", label="Now on a real model: its latent trajectories",
+st.page_link(pages.TRAJECTORIES.file, label="Now on a real model: its latent trajectories",
              icon=":material/arrow_forward:")

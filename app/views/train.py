@@ -7,30 +7,36 @@ import math
 import pandas as pd
 import streamlit as st
 
-from app import common as c
-from app import figures
+from app import engine, frame, pages, progress, state
+from app.figures.training import training_curves
 from lft_core.errors import LFTError
 from lft_core.run.jobs import list_jobs, read_job, start_job, stop_job
 from lft_core.flow.store import being_trained, delete_flow, list_flows
 from lft_core.run.sweep import parse_grid, plan_sweep, saved_train_config
 from lft_core.run.sweep import cli_args as sweep_cli_args
-from lft_core.flow.training import METHODS, TrainConfig
+from lft_core.flow.config import TrainConfig
+from lft_core.flow.methods import METHODS
 
-c.page_intro(
-    "Train a latent flow",
+frame.page_intro(
+    pages.TRAIN,
     "**Standard flow matching (SFM)** regresses the velocity u(x_t, t) on x1 − x0 along straight interpolants "
     "x_t = (1 − t) x0 + t x1. **Flow Walking (FW)** integrates k steps from x0 and trains the end point x̂_1 "
     "towards x1, so crossing token paths do not get averaged. *Hybrid* = FW + α·SFM.",
     "Training runs as a background process: you can leave this page or reload it and come back.",
 )
 
-teacher = c.require_teacher()
-span = c.current_span(teacher)
+teacher = engine.require_teacher()
+span = state.current_span(teacher)
 st.markdown(f"Span **{span}**: {span.blocks} blocks of {teacher.n_layers}, "
             f"{teacher.span_params(*span) / 1e6:.1f} M teacher parameters replaced by about one block's worth.")
-st.page_link("views/span.py", label="Change the span", icon=":material/grid_on:")
+st.page_link(pages.SPAN.file, label="Change the span", icon=pages.SPAN.icon)
 
-METHOD_NAMES = {"fw": "Flow Walking (FW)", "sfm": "Standard flow matching (SFM)", "hybrid": "Hybrid (FW + α·SFM)"}
+
+def method_label(name: str) -> str:
+    """A training method as the menus show it (the registry's label)."""
+    return METHODS[name].label if name in METHODS else name
+
+
 SWEEP_MAX_RUNS = 64  # a sweep queued from here (the CLI takes more)
 ACTIVE = ("running", "stopping")
 
@@ -47,13 +53,13 @@ for key, value in {
     "w_sweep_windows": D.windows, "w_sweep_heldout_windows": D.heldout_windows,
 }.items():
     st.session_state.setdefault(key, value)
-c.valid_choice("w_method", METHODS, D.method)
-c.valid_choice("w_sweep_methods", METHODS, ["fw", "sfm"], multi=True)
+state.valid_choice("w_method", list(METHODS), D.method)
+state.valid_choice("w_sweep_methods", list(METHODS), ["fw", "sfm"], multi=True)
 # the sweep's spans start at the current span, and follow it while the user has not typed other spans
 if st.session_state.get("w_sweep_spans") in (None, st.session_state.get("_sweep_spans_default")):
     st.session_state["w_sweep_spans"] = str(span)
 st.session_state["_sweep_spans_default"] = str(span)
-KEEP = c.KEEP
+KEEP = state.KEEP
 
 
 def running_jobs() -> list:
@@ -66,13 +72,13 @@ def training_now(name: str) -> bool:
 
 
 # -- one flow -----------------------------------------------------------------------------------------------
-if c.presenter():
+if state.presenter():
     st.caption("Presenter mode: the training forms are hidden (switch it off in the sidebar to train).")
 else:
 
     with st.form("train_form"):
         col1, col2, col3, col4 = st.columns(4)
-        method = col1.selectbox("Method", METHODS, format_func=METHOD_NAMES.get, key="w_method", persist_state=KEEP)
+        method = col1.selectbox("Method", list(METHODS), format_func=method_label, key="w_method", persist_state=KEEP)
         k = col2.number_input("k (integration steps)", min_value=1, max_value=16, key="w_k", persist_state=KEEP)
         steps = col3.number_input("Flow steps", min_value=1, max_value=100_000, step=50, key="w_steps", persist_state=KEEP,
                                   help="Flow-matching steps on (h_m, h_n) pairs.")
@@ -80,7 +86,7 @@ else:
                                     key="w_distill_steps", persist_state=KEEP,
                                     help="Then fine-tune on KL(teacher ‖ spliced model) through the rest of the model: "
                                          "the lever that lowers KL most (docs/RESULTS.md). 0: off.")
-        st.caption(f"The defaults are the project's default recipe: {D.steps} steps of {METHOD_NAMES[D.method]}, then "
+        st.caption(f"The defaults are the project's default recipe: {D.steps} steps of {method_label(D.method)}, then "
                    f"{D.distill_steps} distillation steps; about 10 minutes for a 6-block span on 2 CPU cores.")
         col5, col6, col7, col8 = st.columns(4)
         batch = col5.number_input("Batch (windows)", min_value=1, max_value=256, key="w_batch", persist_state=KEEP)
@@ -108,12 +114,12 @@ else:
                                          key="w_distill_lr", persist_state=KEEP)
             distill_batch = b3.number_input("Distillation batch", min_value=1, max_value=256, key="w_distill_batch",
                                             persist_state=KEEP)
-            st.caption(f"Windows of {c.seq_len()} tokens from the corpus chosen on the Setup page.")
+            st.caption(f"Windows of {state.seq_len()} tokens from the corpus chosen on the Setup page.")
         submitted = st.form_submit_button("Start training", type="primary")
 
     if submitted:
-        cfg = TrainConfig(model=c.model_spec(), corpus=c.corpus_spec(), span=span, method=method, k=int(k),
-                          alpha=float(alpha), steps=int(steps), batch=int(batch), seq_len=c.seq_len(),
+        cfg = TrainConfig(model=state.model_spec(), corpus=state.corpus_spec(), span=span, method=method, k=int(k),
+                          alpha=float(alpha), steps=int(steps), batch=int(batch), seq_len=state.seq_len(),
                           windows=int(windows), heldout_windows=int(heldout), lr=float(lr), seed=int(seed),
                           init_from_teacher=bool(init), eval_every=int(eval_every), waypoints=float(waypoints),
                           distill_steps=int(distill), distill_lr=float(distill_lr), distill_batch=int(distill_batch),
@@ -140,7 +146,7 @@ else:
             s1, s2, s3, s4 = st.columns([2, 2, 1, 1])
             sweep_spans = s1.text_input("Spans", key="w_sweep_spans", persist_state=KEEP,
                                         help="Comma list of M:N, e.g. 6:12, 12:18.")
-            sweep_methods = s2.multiselect("Methods", METHODS, format_func=METHOD_NAMES.get, key="w_sweep_methods",
+            sweep_methods = s2.multiselect("Methods", list(METHODS), format_func=method_label, key="w_sweep_methods",
                                            persist_state=KEEP)
             sweep_ks = s3.text_input("k", key="w_sweep_ks", persist_state=KEEP, help="Comma list, e.g. 1, 3.")
             sweep_seeds = s4.text_input("Seeds", key="w_sweep_seeds", persist_state=KEEP,
@@ -167,7 +173,8 @@ else:
             if runs > SWEEP_MAX_RUNS:
                 raise LFTError(f"{runs} runs ({' × '.join(str(len(a)) for a in grid)}) are too many for one sweep from "
                                f"here (at most {SWEEP_MAX_RUNS}); use fewer spans, methods, k or seeds, or the CLI")
-            base = TrainConfig(model=c.model_spec(), corpus=c.corpus_spec(), seq_len=c.seq_len(), steps=int(sweep_steps),
+            base = TrainConfig(model=state.model_spec(), corpus=state.corpus_spec(), seq_len=state.seq_len(),
+                               steps=int(sweep_steps),
                                distill_steps=int(sweep_distill), batch=int(sweep_batch), windows=int(sweep_windows),
                                heldout_windows=int(sweep_heldout), distill_batch=min(D.distill_batch, int(sweep_windows)))
             plan = plan_sweep(base, *grid, prefix=sweep_prefix, teacher=teacher)  # the whole grid, before it starts
@@ -195,12 +202,12 @@ def draw_sweep(job) -> None:
     steps = [e for e in job.events if e.get("event") == "step"]
     if job.status in ACTIVE:
         if not job.events:
-            done = c.tqdm_progress(job.log_tail(5), "caching")
+            done = progress.tqdm_progress(job.log_tail(5), "caching")
             st.progress(done[0] / max(done[1], 1) if done else 0.0,
                         text="Preparing data: loading the model, caching h_m and h_n of every span"
                              + (f" ({done[0]}/{done[1]} windows)" if done else " ..."))
         else:
-            fraction, line = c.job_progress(job)
+            fraction, line = progress.job_progress(job)
             st.progress(min(1.0, fraction), text=line)
     current = [e for e in steps if e["label"] == last.get("label")]
     if current and job.status in ACTIVE:
@@ -213,7 +220,7 @@ def draw_sweep(job) -> None:
         histories: dict[str, list[dict]] = {}
         for e in steps:
             histories.setdefault(e["label"], []).append({**e, "step": e["flow_step"]})
-        c.show_figure(figures.training_curves(histories), f"sweep_{job.id}", key=f"curves-{job.id}")
+        frame.show_figure(training_curves(histories), f"sweep_{job.id}", key=f"curves-{job.id}")
     result = job.result if isinstance(job.result, dict) else None
     if result and isinstance(result.get("runs"), list):
         runs = pd.DataFrame([{
@@ -230,21 +237,21 @@ def draw_sweep(job) -> None:
         st.session_state.setdefault("sweep_results", {})[job.id] = {"runs": runs, "summary": summary}
         if not summary.empty:
             st.markdown("**Held-out NMSE, mean ± standard deviation over seeds**")
-            c.show_table(summary, f"sweep_summary_{job.id}", key=f"sweep-summary-{job.id}")
+            frame.show_table(summary, f"sweep_summary_{job.id}", key=f"sweep-summary-{job.id}")
         with st.expander(f"The {len(runs)} runs"):
-            c.show_table(runs, f"sweep_runs_{job.id}", key=f"sweep-runs-{job.id}")
+            frame.show_table(runs, f"sweep_runs_{job.id}", key=f"sweep-runs-{job.id}")
 
 
 def draw_train(job) -> None:
     last = job.last
     if job.status in ACTIVE:
         if not job.events:
-            done = c.tqdm_progress(job.log_tail(5), "caching")
+            done = progress.tqdm_progress(job.log_tail(5), "caching")
             text = "Preparing data: caching h_m and h_n of the training and held-out windows"
             st.progress(done[0] / max(done[1], 1) if done else 0.0,
                         text=text + (f" ({done[0]}/{done[1]} windows)" if done else " ..."))
         else:
-            fraction, line = c.job_progress(job)
+            fraction, line = progress.job_progress(job)
             st.progress(fraction, text=line)
     if job.events:
         nmse = [e["heldout_nmse"] for e in job.events if e.get("heldout_nmse") is not None]
@@ -254,8 +261,8 @@ def draw_train(job) -> None:
                        help="‖x̂_1 − h_n‖² / ‖h_n‖² on held-out windows")
         cols[2].metric("Tokens / s", f"{last.get('tokens_per_s', 0):,.0f}")
         cols[3].metric("Learning rate", f"{last.get('lr', 0):.2e}")
-        c.show_figure(figures.training_curves({job.label: job.events}), f"training_{job.label}",
-                      key=f"curves-{job.id}")
+        frame.show_figure(training_curves({job.label: job.events}), f"training_{job.label}",
+                          key=f"curves-{job.id}")
     if job.status == "complete" and job.result:
         r = job.result
         st.success(f"Saved flow **{r['name']}**: final loss {r['final_loss']:.4g}, held-out NMSE "
@@ -341,7 +348,7 @@ def resume_flow(saved) -> None:
     """Start a train job that continues ``saved`` with its own settings (config.json), unless one trains it."""
     if training_now(saved.name):
         raise LFTError(f"flow {saved.name!r} is being trained by a job already")
-    cfg = saved_train_config(saved.config, model=c.model_spec())
+    cfg = saved_train_config(saved.config, model=state.model_spec())
     cfg.name = saved.name
     cfg.validate(teacher.n_layers)
     job = start_job("train", [*cfg.cli_args(), "--resume"], label=saved.name)
@@ -352,7 +359,7 @@ def resume_flow(saved) -> None:
 st.subheader("Saved flows")
 if deleted := st.session_state.pop("flow_deleted", None):
     st.success(f"Deleted flow **{deleted}**.")
-flows = c.flows_for(teacher)
+flows = engine.flows_for(teacher)
 unreadable = [f for f in list_flows() if f.error]
 if unreadable:
     with st.expander(f":orange[:material/warning:] {len(unreadable)} saved flow(s) cannot be read"):
@@ -368,7 +375,7 @@ if flows:
         "params (M)": round(f.params / 1e6, 2), "replaced params (M)": round(f.teacher_span_params / 1e6, 2),
     } for f in flows])
     st.session_state["flows_table"] = table
-    c.show_table(table, "flows", key="flows_table_df")
+    frame.show_table(table, "flows", key="flows_table_df")
     resumable = [f for f in flows if f.status in ("stopped", "interrupted")]
     with st.expander(f"Resume a flow ({len(resumable)} stopped or interrupted)", icon=":material/play_arrow:"):
         if not resumable:
@@ -376,7 +383,7 @@ if flows:
                        "checkpoint with their own settings.")
         else:
             by_name = {f.name: f for f in resumable}
-            c.valid_choice("w_resume_flow", list(by_name), resumable[0].name)
+            state.valid_choice("w_resume_flow", list(by_name), resumable[0].name)
             chosen = st.selectbox("Flow", list(by_name), key="w_resume_flow", persist_state=KEEP,
                                   format_func=lambda n: f"{n} ({by_name[n].status} at step {by_name[n].steps_done} "
                                                         f"of {by_name[n].steps})")
@@ -387,7 +394,7 @@ if flows:
                     st.error(str(e))
     with st.expander("Delete a flow"):
         names = [f.name for f in flows]
-        c.valid_choice("w_delete_flow", names, names[0])
+        state.valid_choice("w_delete_flow", names, names[0])
         st.session_state.setdefault("w_delete_sure", False)
         with st.form("delete_flow_form", border=False):
             st.selectbox("Flow", names, key="w_delete_flow", persist_state=KEEP)
@@ -402,9 +409,9 @@ else:
 with st.expander("All jobs"):
     jobs = list_jobs()
     if jobs:
-        c.show_table(pd.DataFrame([{"id": j.id, "kind": j.kind, "label": j.label, "status": j.status,
-                                    "created": j.created, "command": j.command if j.args else ""} for j in jobs]),
-                     "jobs", key="jobs_table")
+        frame.show_table(pd.DataFrame([{"id": j.id, "kind": j.kind, "label": j.label, "status": j.status,
+                                        "created": j.created, "command": j.command if j.args else ""} for j in jobs]),
+                         "jobs", key="jobs_table")
     else:
         st.caption("No jobs yet.")
 

@@ -20,7 +20,7 @@ x0, so R is near 1 whatever the blocks do (docs/RESULTS.md section 4)."""
 
 @dataclass
 class DemoSettings:
-    """What the demo builds. The defaults are the app's (app/common.py DEFAULTS, the Span page's 256 token pairs
+    """What the demo builds. The defaults are the app's (app/state.py DEFAULTS, the Span page's 256 token pairs
     with seed 0 and position 0 excluded, its 4 held-out windows for the affine grid) and the default training
     recipe (``train`` empty); ``train`` holds TrainConfig overrides (tests and small machines). Training uses
     ``seq_len`` too unless ``train`` sets its own."""

@@ -1,0 +1,305 @@
+"""Shared session state: the keys, their defaults, inputs that persist across pages, and the URL of a view.
+
+Session-state keys, all of them, by kind:
+
+* shared choices (set on the Setup page or by the span picker, read everywhere; constants below):
+  ``model_spec`` (the teacher, default the embedded smollm2-135m), ``corpus_spec`` ("english" by default,
+  "builtin" for the Python docs, an uploaded file under cache/uploads, or a path), ``seq_len`` and ``n_windows``
+  (the activation cache used for analysis),
+  ``span`` (a ``Span``, mirrored in the URL as ``?span=m:n`` so a link reproduces the view);
+* the story a link reproduces (besides the span): ``w_text`` (one text for Trajectories, Crossings and Per-token
+  KL; saved by lft_core.data.texts and named in the URL as ``?text=<id>``), ``k`` and ``proj`` (inputs of
+  several pages, in the URL as ``?k=`` and ``?proj=``), the flows a page shows (``?flows=a,b``, handed to the page once as ``_link_flows``),
+  ``presenter`` (the sidebar's presenter-mode toggle, bound to ``?presenter=``); bookkeeping ``_span_qp``,
+  ``_span_error``, ``_text_qp``, ``_text_error``, ``_flows_qp``, ``_visited`` (page titles opened);
+* widget keys ``w_<page>_<input>``: each page's own inputs, all drawn with ``persist_state=KEEP`` so they survive
+  leaving the page; a page resets the ones that follow the span when the span changed (``_traj_flows_span``,
+  ``_cross_flow_span``, ``_kl_span``, ``_traj_path_options``); the Train page's sweep form keeps
+  ``_sweep_spans_default``;
+* background jobs this session started: ``cache_job``, ``train_job``, ``sweep_job``, ``demo_job`` (job ids), and
+  the bookkeeping of running jobs ``_cache_running``, ``_train_running``, ``_sweep_runs``; the heatmaps' last
+  clicks ``_last_click_r``, ``_last_click_affine``;
+* "show this result" gates, holding the inputs of the last request: ``skip_shown``, ``cmp_params``,
+  ``toy_params``; ``flow_deleted`` / ``flow_delete_problem`` carry a deletion's outcome from the Delete button's
+  callback to the page;
+* results each page publishes for its tests (AppTest reads them; pages never read another page's):
+  ``recoupling_matrix``, ``affine_matrix``, ``skip_table``, ``flows_table``, ``trajectory_table``, ``crossings_result``,
+  ``kl_result``, ``compare_table``, ``compare_eval``, ``compare_groups``, ``compare_curve_table``,
+  ``compare_eval_table``, ``compare_eval_groups``, ``compare_kl_points``, ``toy_runs``, ``sweep_results``.
+
+The other modules of the app: app.pages (the registry of pages), app.engine (cached engine objects,
+``engine_errors``), app.progress (progress bars and background jobs), app.frame (what every page shows around
+its content), app.uploads (uploaded corpus files), app.figures (every figure, no Streamlit).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import streamlit as st
+
+from lft_core.data.corpus import DEFAULT as DEFAULT_CORPUS
+from lft_core.errors import LFTError
+from lft_core.model.loading import DEFAULT_MODEL
+from lft_core.span import Span
+from lft_core.model.teacher import Teacher
+
+
+MODEL, CORPUS, SEQ_LEN, WINDOWS, SPAN = "model_spec", "corpus_spec", "seq_len", "n_windows", "span"
+DEFAULTS = {MODEL: DEFAULT_MODEL, CORPUS: DEFAULT_CORPUS, SEQ_LEN: 128, WINDOWS: 16}
+DEFAULT_TEXT = "The capital of France is Paris. It is known for the Eiffel Tower and its museums."
+DEFAULT_PARAGRAPH = (
+    "The river flows quietly through the old town, past the market and the stone bridge. In the morning, "
+    "fishermen cast their nets while children walk to school. By noon the square is full of people buying "
+    "bread, fruit and flowers, and the church bell rings twelve times."
+)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared state
+
+
+def init_state() -> None:
+    """Give every shared key its default (called by the frame on every run)."""
+    for key, value in DEFAULTS.items():
+        st.session_state.setdefault(key, value)
+
+
+def model_spec() -> str:
+    return st.session_state.get(MODEL, DEFAULT_MODEL)
+
+
+def corpus_spec() -> str:
+    return st.session_state.get(CORPUS, DEFAULT_CORPUS)
+
+
+def seq_len() -> int:
+    return int(st.session_state.get(SEQ_LEN, DEFAULTS[SEQ_LEN]))
+
+
+def n_windows() -> int:
+    return int(st.session_state.get(WINDOWS, DEFAULTS[WINDOWS]))
+
+
+KEEP = "session"
+"""Every input widget of every page is drawn with ``key="w_..."`` and ``persist_state=state.KEEP`` (Streamlit >= 1.67),
+so its value survives leaving the page and coming back. The inputs a link reproduces are synced with the URL by
+the frame (``sync_span_query``, ``sync_text_query``, ``sync_flows_query``, ``sync_linked_query``) rather than by
+Streamlit's ``bind="query-params"``, which drops a page's parameters when another page opens."""
+
+
+def valid_choice(key: str, options: Sequence, default=None, multi: bool = False) -> None:
+    """Before drawing a selectbox, radio, pills or multiselect ``key`` over ``options``: a kept value that is no
+    longer an option (a deleted flow, a flow of another span) is replaced by ``default`` (multi: filtered), and a
+    missing one is set to ``default``. Draw the widget without value/index/default arguments afterwards."""
+    options = list(options)
+    if key in st.session_state:
+        value = st.session_state[key]
+        if multi:
+            value = list(value or [])
+            kept = [v for v in value if v in options]
+            if len(kept) != len(value):
+                st.session_state[key] = kept
+            return
+        if value in options:
+            return
+    if multi:
+        st.session_state[key] = [v for v in (default or []) if v in options]
+    else:
+        st.session_state[key] = default if default in options else (options[0] if options else None)
+
+
+def persistent_widget(widget_key: str, state_key: str) -> None:
+    """Before drawing a page-local widget ``widget_key`` that edits the shared ``state_key``: give it the shared
+    value when Streamlit has forgotten it (it does when the user leaves the page)."""
+    if widget_key not in st.session_state:
+        st.session_state[widget_key] = st.session_state.get(state_key, DEFAULTS.get(state_key))
+
+
+def copy_to(state_key: str, widget_key: str) -> Callable[[], None]:
+    """An on_change callback copying a widget's value into a shared key."""
+
+    def callback() -> None:
+        st.session_state[state_key] = st.session_state[widget_key]
+
+    return callback
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Span <-> URL
+
+
+def default_span(n_layers: int) -> Span:
+    """A middle span of about a fifth of the blocks (6:12 for a 30-block model)."""
+    m = n_layers // 5
+    return Span(m, min(n_layers, m + max(1, n_layers // 5)))
+
+
+def story_span(teacher: Teacher) -> Span | None:
+    """The span the demo tells its story on (its high-R span, where FW and SFM differ), when the demo is ready
+    for the chosen model and corpus."""
+    demo = demo_status()
+    if demo is None or not demo.ready or not demo.spans or model_spec() != demo.model or \
+            corpus_spec() != demo.corpus:
+        return None
+    try:
+        return teacher.check_span(*demo.spans[-1])
+    except LFTError:
+        return None
+
+
+def set_span(span: Span | tuple[int, int]) -> None:
+    span = Span.of(span)
+    st.session_state[SPAN] = span
+    st.session_state["_span_qp"] = str(span)
+    st.query_params["span"] = str(span)
+
+
+def sync_span_query() -> None:
+    """Frame, every run: a new ``?span=`` in the URL wins; otherwise write the current span into the URL (page
+    switches clear query parameters)."""
+    given = st.query_params.get("span")
+    if given is not None and given != st.session_state.get("_span_qp"):
+        st.session_state["_span_qp"] = given
+        try:
+            st.session_state[SPAN] = Span.parse(given)
+            st.session_state.pop("_span_error", None)
+        except LFTError as e:
+            st.session_state["_span_error"] = f"the link's span: {e}"
+    elif SPAN in st.session_state:
+        text = str(Span.of(st.session_state[SPAN]))
+        if given != text:
+            st.query_params["span"] = text
+        st.session_state["_span_qp"] = text
+
+
+def current_span(teacher: Teacher) -> Span:
+    """The shared span checked against the teacher; a bad one is reported and replaced by the default (the
+    demo's story span once the demo is prepared for this model, else a middle span)."""
+    fallback = story_span(teacher) or default_span(teacher.n_layers)
+    problem = st.session_state.pop("_span_error", None)
+    span = st.session_state.get(SPAN)
+    if problem:
+        st.error(f"{problem}; showing span {span or fallback} instead")
+    span = fallback if span is None else Span.of(span)
+    try:
+        span = teacher.check_span(*span)
+    except LFTError as e:
+        st.error(f"{e}. Showing span {fallback} instead.")
+        span = fallback
+    if st.session_state.get(SPAN) != span:
+        set_span(span)
+    return span
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Presenter mode, the story text and the flows a link names
+
+
+PRESENTER = "presenter"  # the sidebar toggle's key, also a URL parameter (?presenter=true)
+
+
+def presenter() -> bool:
+    """True in presenter mode: larger text and plots, technical controls hidden, the story (span, flows, text)
+    fixed."""
+    return bool(st.session_state.get(PRESENTER, False))
+
+
+TEXT = "w_text"  # the text the Trajectories, Crossings and Per-token KL pages analyse (one text for the story)
+
+
+def sync_text_query() -> None:
+    """Frame, every run: a new ``?text=<id>`` in the URL loads that saved text into the shared text."""
+    from lft_core.data.texts import load_text
+
+    given = st.query_params.get("text")
+    if given is not None and given != st.session_state.get("_text_qp"):
+        st.session_state["_text_qp"] = given
+        try:
+            st.session_state[TEXT] = load_text(given)
+        except LFTError as e:
+            st.session_state["_text_error"] = f"the link's text: {e}"
+
+
+LINKED = {"k": (int, range(1, 9)), "proj": (str, ("PCA", "UMAP"))}
+"""Widget keys a link carries as themselves (``?k=3&proj=UMAP``): (type, allowed values)."""
+
+
+def sync_linked_query() -> None:
+    """Frame, every run: a new ``?k=`` or ``?proj=`` in the URL sets that input; otherwise the current value is
+    written into the URL (the same for every page, so a page switch keeps it)."""
+    for name, (kind, allowed) in LINKED.items():
+        given = st.query_params.get(name)
+        seen = f"_{name}_qp"
+        if given is not None and given != st.session_state.get(seen):
+            st.session_state[seen] = given
+            try:
+                value = kind(given)
+            except ValueError:
+                value = None
+            if value in allowed:
+                st.session_state[name] = value
+            else:
+                st.session_state["_link_error"] = f"the link's {name}={given!r} is not one of {list(allowed)}"
+        elif name in st.session_state:
+            text = str(st.session_state[name])
+            st.session_state[seen] = text
+            if given != text:
+                st.query_params[name] = text
+
+
+def sync_flows_query() -> None:
+    """Frame, every run: a new ``?flows=a,b`` in the URL is handed to the page (``linked_flows``)."""
+    given = st.query_params.get("flows")
+    if given is not None and given != st.session_state.get("_flows_qp"):
+        st.session_state["_flows_qp"] = given
+        st.session_state["_link_flows"] = [name for name in given.split(",") if name]
+
+
+def linked_flows() -> list[str] | None:
+    """The flow names a just-opened link asks for (once), or None."""
+    return st.session_state.pop("_link_flows", None)
+
+
+def link_flows(names: Sequence[str]) -> None:
+    """Put the flows a page shows into its link (``?flows=a,b``)."""
+    text = ",".join(names)
+    st.session_state["_flows_qp"] = text
+    if st.query_params.get("flows", "") != text:
+        if text:
+            st.query_params["flows"] = text
+        elif "flows" in st.query_params:
+            del st.query_params["flows"]
+
+
+def story_text(label: str = "Text", height: int = 100, help: str | None = None) -> str:
+    """The shared text area (kept across pages; fixed in presenter mode); its id goes into the page link."""
+    from lft_core.data.texts import save_text
+
+    if problem := st.session_state.pop("_text_error", None):
+        st.warning(problem)
+    st.session_state.setdefault(TEXT, DEFAULT_PARAGRAPH)
+    text = st.text_area(label, key=TEXT, height=height, help=help, persist_state=KEEP, disabled=presenter())
+    if text.strip():
+        try:
+            tid = save_text(text)
+        except LFTError as e:
+            st.error(str(e))
+            st.stop()
+        st.session_state["_text_qp"] = tid
+        if st.query_params.get("text") != tid:
+            st.query_params["text"] = tid
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The demo's story
+
+
+def demo_status():
+    """The demo's state (cheap: reads its manifest and checks its files), or None when it cannot be read."""
+    from lft_core.run.demo import demo_status as status
+
+    try:
+        return status()
+    except LFTError:
+        return None
