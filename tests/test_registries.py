@@ -73,9 +73,9 @@ def toys():
 def test_registries_refuse_unknown_and_duplicate_names():
     with pytest.raises(LFTError, match="unknown training method 'ot'; choose one of sfm, fw, hybrid"):
         methods.get_method("ot")
-    with pytest.raises(LFTError, match="unknown baseline 'pca'; choose from skip, affine"):
+    with pytest.raises(LFTError, match="unknown baseline 'pca'; choose one of skip, affine"):
         baselines.get_baseline("pca")
-    with pytest.raises(LFTError, match="cannot register method 'fw'"):
+    with pytest.raises(LFTError, match="cannot register training method 'fw'"):
         methods.register(methods.FlowWalking())
     with pytest.raises(LFTError, match="cannot register baseline 'affine'"):
         baselines.register(baselines.AffineBaseline())
@@ -84,8 +84,8 @@ def test_registries_refuse_unknown_and_duplicate_names():
 def test_cli_bad_names_are_one_line(capsys):
     for argv, message in ((["train", "--span", "1:3", "--method", "ot"], "invalid choice: 'ot' (choose from 'sfm', "
                                                                          "'fw', 'hybrid')"),
-                          (["eval", "--flow", "x", "--baselines", "pca"], "unknown baseline 'pca'; choose from skip, "
-                                                                          "affine")):
+                          (["eval", "--flow", "x", "--baselines", "pca"], "unknown baseline 'pca'; choose one of "
+                                                                          "skip, affine")):
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert stop.value.code == 2

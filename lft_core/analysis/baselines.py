@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, ClassVar, Mapping, Sequence
 
 from lft_core.analysis.evaluation import EvalRow, Planned, PlanContext, best_skip_start, reference_logits
 from lft_core.data.corpus import DEFAULT as DEFAULT_CORPUS
-from lft_core.errors import LFTError
 from lft_core.model.teacher import Replace, Skip
+from lft_core.registry import Registry
 from lft_core.span import Span
 
 if TYPE_CHECKING:
@@ -120,29 +120,9 @@ class AffineBaseline(Baseline):
         return {"ridge": replacement.ridge, "heldout_nmse": replacement.heldout_nmse}
 
 
-BASELINES: dict[str, Baseline] = {}
-"""Every baseline by name, in menu order."""
-
-
-def register(baseline: Baseline) -> Baseline:
-    """Add ``baseline`` to ``BASELINES`` (its name must be new and a plain word)."""
-    if not baseline.name.isidentifier() or baseline.name in BASELINES or baseline.name in ("lft", "teacher"):
-        raise LFTError(f"cannot register baseline {baseline.name!r}: the name is taken or not a plain word")
-    BASELINES[baseline.name] = baseline
-    return baseline
-
-
-def unregister(name: str) -> None:
-    """Remove a registered baseline (tests that add a toy one)."""
-    BASELINES.pop(name, None)
-
-
-def get_baseline(name: str) -> Baseline:
-    """The baseline called ``name``; one LFTError naming the known ones otherwise."""
-    try:
-        return BASELINES[name]
-    except (KeyError, TypeError):
-        raise LFTError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}") from None
+BASELINES: Registry[Baseline] = Registry("baseline", reserved=("lft", "teacher"))
+"""Every baseline by name, in menu order (an evaluation's rows are named "lft", "teacher" or a baseline's name)."""
+register, unregister, get_baseline = BASELINES.register, BASELINES.unregister, BASELINES.lookup
 
 
 def fitted_baselines() -> list[Baseline]:

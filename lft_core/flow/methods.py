@@ -19,9 +19,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from lft_core.errors import LFTError
 from lft_core.flow.losses import Noise, flow_walking_loss, sfm_loss, uniform, walk_times
 from lft_core.flow.solvers import Velocity
+from lft_core.registry import Registry
 
 
 class Method:
@@ -88,29 +88,9 @@ class Hybrid(Method):
                 + alpha * sfm_loss(velocity, x0, x1, t=noise.t, weight=weight))
 
 
-METHODS: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("training method")
 """Every training method by name, in menu order."""
-
-
-def register(method: Method) -> Method:
-    """Add ``method`` to ``METHODS`` (its name must be new and a valid word of a flow name)."""
-    if not method.name.isidentifier() or method.name in METHODS:
-        raise LFTError(f"cannot register method {method.name!r}: the name is taken or not a plain word")
-    METHODS[method.name] = method
-    return method
-
-
-def unregister(name: str) -> None:
-    """Remove a registered method (tests that add a toy one)."""
-    METHODS.pop(name, None)
-
-
-def get_method(name: str) -> Method:
-    """The method called ``name``; one LFTError naming the known ones otherwise."""
-    try:
-        return METHODS[name]
-    except (KeyError, TypeError):
-        raise LFTError(f"unknown training method {name!r}; choose one of {', '.join(METHODS)}") from None
+register, unregister, get_method = METHODS.register, METHODS.unregister, METHODS.lookup
 
 
 for _method in (StandardFlowMatching(), FlowWalking(), Hybrid()):

@@ -212,28 +212,27 @@ class CacheStep(Step):
 
 
 @dataclass(frozen=True)
-class RecouplingGridStep(Step):
-    """The recoupling grid of every span from the cache (``recoupling.recoupling_grid_cached``: persisted, so the
-    Span page reads it instead of recomputing)."""
+class GridStep(Step):
+    """A value for every span computed from the all-layer cache entries and persisted under cache/grids/: done when
+    its file is there and says it was computed from these entries (``expect``). Subclasses name the file, what it
+    must say, and compute it (``_grid``), which also reads it back when it was done before."""
 
-    kind: ClassVar[str] = "recoupling"
+    def file_name(self, keys: tuple[str, str], settings: DemoSettings) -> str:
+        raise NotImplementedError
 
-    def label(self, settings: DemoSettings, spans: dict | None = None) -> str:
-        return f"Recoupling grid: {settings.pairs} token pairs per span"
+    def expect(self, train: dict, held: dict, settings: DemoSettings) -> dict:
+        raise NotImplementedError
 
-    @staticmethod
-    def file(manifest: dict, settings: DemoSettings) -> Path | None:
+    def file(self, manifest: dict, settings: DemoSettings) -> Path | None:
         keys = _cache_keys(manifest)
-        return None if keys is None else cache_dir("grids") / f"recoupling-{keys[0]}-p{settings.pairs}-s0-drop.json"
+        return None if keys is None else cache_dir("grids") / self.file_name(keys, settings)
 
     def state(self, found: Artefacts) -> str:
         train, held = found.entries
         if train is None or held is None:
             return "pending"
         path = self.file(found.manifest, found.settings)
-        ok = path is not None and _grid_file_ok(path, {"entry_created": str(train.get("created")),
-                                                       "pairs": found.settings.pairs, "seed": 0,
-                                                       "drop_first": True})
+        ok = path is not None and _grid_file_ok(path, self.expect(train, held, found.settings))
         return "done" if ok else "pending"
 
     def run(self, run: _Run, progress: StepProgress, should_stop: Callable[[], bool] | None) -> bool:
@@ -244,6 +243,26 @@ class RecouplingGridStep(Step):
         self._grid(run, None)
 
     def _grid(self, run: _Run, callback) -> None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class RecouplingGridStep(GridStep):
+    """The recoupling grid of every span from the cache (``recoupling.recoupling_grid_cached``: persisted, so the
+    Span page reads it instead of recomputing)."""
+
+    kind: ClassVar[str] = "recoupling"
+
+    def label(self, settings: DemoSettings, spans: dict | None = None) -> str:
+        return f"Recoupling grid: {settings.pairs} token pairs per span"
+
+    def file_name(self, keys: tuple[str, str], settings: DemoSettings) -> str:
+        return f"recoupling-{keys[0]}-p{settings.pairs}-s0-drop.json"
+
+    def expect(self, train: dict, held: dict, settings: DemoSettings) -> dict:
+        return {"entry_created": str(train.get("created")), "pairs": settings.pairs, "seed": 0, "drop_first": True}
+
+    def _grid(self, run: _Run, callback) -> None:
         from lft_core.analysis.recoupling import recoupling_grid_cached
 
         run.grid = recoupling_grid_cached(run.entry("train"), pairs=run.settings.pairs, seed=0, drop_first=True,
@@ -252,7 +271,7 @@ class RecouplingGridStep(Step):
 
 
 @dataclass(frozen=True)
-class AffineGridStep(Step):
+class AffineGridStep(GridStep):
     """The affine grid of every span (``affine.affine_grid_from_caches``, persisted likewise); then the two
     spans are chosen (``choose_spans``) and the flows planned in the manifest."""
 
@@ -261,26 +280,11 @@ class AffineGridStep(Step):
     def label(self, settings: DemoSettings, spans: dict | None = None) -> str:
         return "Affine grid: held-out NMSE of every span"
 
-    @staticmethod
-    def file(manifest: dict, settings: DemoSettings) -> Path | None:
-        keys = _cache_keys(manifest)
-        return None if keys is None else cache_dir("grids") / f"affine-{keys[0]}-{keys[1]}.json"
+    def file_name(self, keys: tuple[str, str], settings: DemoSettings) -> str:
+        return f"affine-{keys[0]}-{keys[1]}.json"
 
-    def state(self, found: Artefacts) -> str:
-        train, held = found.entries
-        if train is None or held is None:
-            return "pending"
-        path = self.file(found.manifest, found.settings)
-        ok = path is not None and _grid_file_ok(path, {"train_created": str(train.get("created")),
-                                                       "heldout_created": str(held.get("created"))})
-        return "done" if ok else "pending"
-
-    def run(self, run: _Run, progress: StepProgress, should_stop: Callable[[], bool] | None) -> bool:
-        self._grid(run, progress.counter("spans"))
-        return True
-
-    def read_back(self, run: _Run) -> None:
-        self._grid(run, None)
+    def expect(self, train: dict, held: dict, settings: DemoSettings) -> dict:
+        return {"train_created": str(train.get("created")), "heldout_created": str(held.get("created"))}
 
     def _grid(self, run: _Run, callback) -> None:
         from lft_core.analysis.affine import affine_grid_from_caches
