@@ -17,8 +17,8 @@ Data flows one way: data -> model -> flow -> analysis -> run (and the app). No S
   the Compare page's tables (``comparison``);
 * ``run``: the CLI (``cli``, ``commands``), background jobs (``jobs``), the demo (``demo``), ``sweep``,
   ``bench``, ``timings``;
-* nouns and plumbing at the top: ``span`` (Span), ``errors`` (LFTError), ``atomic`` (every write), ``paths``
-  (the cache folder), ``distributed`` (the torchrun rank context).
+* nouns and plumbing at the top: ``span`` (Span), ``errors`` (LFTError), ``registry`` (named things of one
+  kind), ``atomic`` (every write), ``paths`` (the cache folder), ``distributed`` (the torchrun rank context).
 """
 from lft_core.errors import LFTError
 

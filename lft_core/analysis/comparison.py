@@ -257,9 +257,9 @@ def kl_vs_blocks(flow_rows: Sequence[Mapping], groups: Sequence[FlowGroup], skip
                      "reference": False})
     for a in baseline_rows:
         baseline = get_baseline(a["baseline"])
+        text = f"{a['name']} ({baseline.note})" if baseline.note else a["name"]
         rows.append({"series": baseline.label, "kind": baseline.name, "x": Span.parse(a["span"]).blocks,
-                     "KL": a["KL"], "err": math.nan, "n": 1, "text": f"{a['name']} ({baseline.note})" if baseline.note else a["name"],
-                     "reference": False})
+                     "KL": a["KL"], "err": math.nan, "n": 1, "text": text, "reference": False})
     if paper:
         for p in PAPER.itertuples():
             series = "paper, Pythia-410M: skip-k" if p.what == "skip-k" else "paper, Pythia-410M: trained flows"
