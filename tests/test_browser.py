@@ -5,7 +5,7 @@ default cache and grids, but tiny flows given through LFT_DEMO_ARGS: about half 
 every page of the path, checks each draws without an exception and screenshots it into tests/artifacts/; on the
 per-token KL page it enters a sentence and checks the coloured tokens, on the Compare page it evaluates the flows on
 a small held-out sample (the page's full evaluation is test_app_compare's).
-The test takes about a minute and a half on 2 cores. With LFT_SCREENSHOTS=1 the demo runs with the default recipe
+The test takes about 75 s on 2 quiet cores. With LFT_SCREENSHOTS=1 the demo runs with the default recipe
 (about 40 minutes on 2 CPU cores; or point LFT_DEMO_CACHE at a cache folder where `python -m lft_core demo` has
 run) and the screenshots go to docs/screenshots/ for the README. Skipped (with the reason) when /usr/bin/chromium
 or playwright is missing.
