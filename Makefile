@@ -22,7 +22,7 @@ $(STAMP): requirements.txt
 
 run: setup
 	$(BIN)/python -m streamlit run app/streamlit_app.py --server.address $(HOST) --server.port $(PORT) \
-		--server.headless true --browser.gatherUsageStats false
+		--server.headless true --browser.gatherUsageStats false --client.showErrorDetails none
 
 # Debian's Chromium for the real-browser test (never `playwright install`, which downloads a browser).
 browser-deps:

@@ -86,7 +86,7 @@ def sidebar_status() -> None:
         demo = demo_status()
         if demo is not None:
             icon = ":green[:material/check_circle:]" if demo.ready else ":material/hourglass_top:" if demo.running \
-                else ":material/radio_button_unchecked:"
+                else ":orange[:material/warning:]" if demo.damaged else ":material/radio_button_unchecked:"
             st.caption(f"{icon} Demo: {demo.line}")
         jobs = [j for j in list_jobs() if j.status in ("running", "stopping")]
         if not jobs:

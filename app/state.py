@@ -273,18 +273,24 @@ def link_flows(names: Sequence[str]) -> None:
 
 def story_text(label: str = "Text", height: int = 100, help: str | None = None) -> str:
     """The shared text area (kept across pages; fixed in presenter mode); its id goes into the page link."""
-    from lft_core.data.texts import save_text
+    from lft_core.data.texts import MAX_CHARS, save_text
 
     if problem := st.session_state.pop("_text_error", None):
         st.warning(problem)
     st.session_state.setdefault(TEXT, DEFAULT_PARAGRAPH)
     text = st.text_area(label, key=TEXT, height=height, help=help, persist_state=KEEP, disabled=presenter())
     if text.strip():
+        if len(text) > MAX_CHARS:  # too long to analyse as one story
+            st.error(f"the text has {len(text):,} characters; a link can name texts of at most {MAX_CHARS:,}")
+            st.stop()
         try:
             tid = save_text(text)
-        except LFTError as e:
-            st.error(str(e))
-            st.stop()
+        except LFTError as e:  # not saved (a hash collision, a store that cannot be written): the page goes on,
+            st.warning(f"{e}. The page link does not name this text.")  # but its link names no text
+            st.session_state["_text_qp"] = None
+            if "text" in st.query_params:
+                del st.query_params["text"]
+            return text
         st.session_state["_text_qp"] = tid
         if st.query_params.get("text") != tid:
             st.query_params["text"] = tid

@@ -9,13 +9,22 @@ file under the real name; the temporary is removed when the write fails.
 * ``atomic_write(path, fill)``: ``fill(tmp_path)`` writes the content (any library that writes to a path);
 * ``write_bytes`` / ``write_text`` / ``write_json`` / ``save_npy``: the common cases;
 * ``atomic_folder(target)``: a folder built in a staging sibling, fsync'ed and renamed into place;
-* ``read_record(path, fields)``: the way back: a JSON object with typed fields, or one DamagedRecord line.
+* ``read_record(path, fields, optional=, extra=)``: the way back, the ONE reader of every JSON record: a regular
+  file of at most ``MAX_RECORD_BYTES`` (FIFOs, devices and folders refused without blocking), holding a JSON
+  object whose fields match a schema (missing, wrong-typed or, when ``extra=False``, unexpected fields are
+  refused by name), or one DamagedRecord line;
+* ``file_sha256(path)``: the hash that proves a weights file is the one a record was saved with.
+
+Outputs the user names (``--json PATH``, a script's ``--out``) are written by ``lft_core.outputs`` instead, which
+checks what is there first and never replaces a FIFO, device, socket, link or a file of the cache.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,9 +54,12 @@ def _fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, fill: Callable[[Path], None]) -> None:
+def atomic_write(path: str | Path, fill: Callable[[Path], None],
+                 before_replace: Callable[[Path], None] | None = None) -> None:
     """Write ``path`` atomically: ``fill(tmp)`` writes a temporary file beside it, which is fsync'ed and renamed
-    onto ``path``. The parent folder must exist. On any error the temporary is removed and the error raised."""
+    onto ``path``. The parent folder must exist. On any error the temporary is removed and the error raised.
+    ``before_replace(tmp)`` runs once the temporary is complete and durable, just before the rename (the flow
+    store hashes the new weights there and records the hash first)."""
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -55,6 +67,8 @@ def atomic_write(path: str | Path, fill: Callable[[Path], None]) -> None:
     try:
         fill(tmp)
         _fsync_file(tmp)
+        if before_replace is not None:
+            before_replace(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -113,26 +127,102 @@ def atomic_folder(target: str | Path, replace: bool = False) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (hex), read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+MAX_RECORD_BYTES = 16 * 2**20
+"""The largest JSON record the engine reads back (16 MiB: a flow record with the history of a 100,000-step run
+is ~10 MiB). Anything larger is refused from its size, without reading it."""
+
+Kinds = type | tuple[type, ...]
+
+
 class DamagedRecord(LFTError):
     """A record file (JSON) is missing, unreadable, not an object, or has a field of the wrong type."""
 
 
-def read_record(path: str | Path, fields: dict[str, type | tuple[type, ...]] | None = None) -> dict:
-    """The JSON object in ``path``, with each of ``fields`` present and of its type (bool is not an int here);
-    DamagedRecord naming the first problem otherwise. Every record the engine reads back goes through here, so
-    a truncated, hand-edited or foreign file is one clear line (or a rebuild), never a traceback."""
-    path = Path(path)
+def _kind_names(kinds: tuple[type, ...]) -> str:
+    return "/".join("null" if k is type(None) else k.__name__ for k in kinds)
+
+
+def _read_bounded(path: Path, limit: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file (a symlink to one is fine) of at most ``limit`` bytes.
+
+    Opened with O_NONBLOCK and checked with fstat on the open descriptor, so a FIFO never blocks the reader and a
+    device (``/dev/zero``), a socket or a folder is refused before a byte is read; a file that grows while it is
+    read is cut at ``limit + 1`` bytes and refused."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
     except FileNotFoundError:
         raise DamagedRecord(f"{path.name} is missing") from None
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+    except OSError as e:
+        raise DamagedRecord(f"{path.name} cannot be read ({e.strerror or type(e).__name__})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = ("a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode)
+                    else "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else "a socket")
+            raise DamagedRecord(f"{path.name} is {kind}, not a regular file")
+        too_big = DamagedRecord(f"{path.name} is larger than {limit / 2**20:g} MiB, the limit of a record")
+        if info.st_size > limit:
+            raise too_big
+        chunks, size = [], 0
+        while size <= limit and (chunk := os.read(fd, min(2**20, limit + 1 - size))):
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > limit:
+            raise too_big
+        return b"".join(chunks)
+    except OSError as e:
+        raise DamagedRecord(f"{path.name} cannot be read ({e.strerror or type(e).__name__})") from None
+    finally:
+        os.close(fd)
+
+
+def check_fields(data: dict, where: str, fields: dict[str, Kinds] | None = None,
+                 optional: dict[str, Kinds] | None = None, extra: bool = True) -> dict:
+    """``data`` if each of ``fields`` is present and of its type, each of ``optional`` present is of its type,
+    and (``extra=False``) no other field is there; DamagedRecord naming the first field that is not. ``bool`` is
+    not an ``int`` here, and ``object`` accepts anything (a field another check reads)."""
+    for name, kind in {**(optional or {}), **(fields or {})}.items():
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if name not in data:
+            if fields and name in fields:
+                raise DamagedRecord(f"{where}: field {name!r} is missing (it should be a {_kind_names(kinds)})")
+            continue
+        value = data[name]
+        if object in kinds:
+            continue
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            raise DamagedRecord(f"{where}: field {name!r} is a {_kind_names((type(value),))}, not a "
+                                f"{_kind_names(kinds)}")
+    if not extra:
+        known = set(fields or ()) | set(optional or ())
+        unexpected = [name for name in data if name not in known]
+        if unexpected:
+            raise DamagedRecord(f"{where}: field {unexpected[0]!r} is not a field of this record")
+    return data
+
+
+def read_record(path: str | Path, fields: dict[str, Kinds] | None = None, *, optional: dict[str, Kinds] | None = None,
+                extra: bool = True, limit: int = MAX_RECORD_BYTES) -> dict:
+    """The JSON object in ``path``, checked against a schema: each of ``fields`` present and of its type, each of
+    ``optional`` of its type when present, and (``extra=False``) nothing else; DamagedRecord naming the first
+    problem otherwise. The file must be a regular file of at most ``limit`` bytes (see ``_read_bounded``).
+    Every record the engine reads back goes through here, so a truncated, hand-edited, endless or foreign file
+    is one clear line (or a rebuild), never a traceback or a hang."""
+    path = Path(path)
+    raw = _read_bounded(path, limit)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise DamagedRecord(f"{path.name} cannot be read ({type(e).__name__})") from None
     if not isinstance(data, dict):
         raise DamagedRecord(f"{path.name} holds a JSON {type(data).__name__}, not an object")
-    for name, kind in (fields or {}).items():
-        value = data.get(name)
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if name not in data or (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-            raise DamagedRecord(f"{path.name}: field {name!r} is missing or not a {'/'.join(k.__name__ for k in kinds)}")
-    return data
+    return check_fields(data, path.name, fields, optional, extra)

@@ -9,11 +9,16 @@ collective below is then a no-op, so one code path serves both.
 What each rank does is decided in the callers (``training``, ``activations``): data is split by a fixed rule
 over window indices, rank 0 alone writes checkpoints, configs, progress and JSON, the others stay silent.
 A rank that dies makes torchrun's agent stop the others (no rank is left waiting), and a collective that
-waits longer than ``LFT_DIST_TIMEOUT`` seconds (default 1800) fails instead of hanging.
+waits longer than ``LFT_DIST_TIMEOUT`` seconds (default 1800) fails instead of hanging. An error every rank
+meets is said once, by rank 0 (``before_error``: the others hold their line back until the agent ends them),
+and also written where the agent's failure summary reads it (``record_error``).
 """
 from __future__ import annotations
 
+import json
 import os
+import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -90,6 +95,51 @@ def current() -> Dist:
 
 def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def env_rank() -> tuple[int, int] | None:
+    """(RANK, WORLD_SIZE) as torchrun set them for this process (None in a plain run or when unreadable): known
+    before the process group is joined, so an error raised before (or while) joining still says its rank."""
+    if not launched_by_torchrun():
+        return None
+    try:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except ValueError:
+        return None
+
+
+ERROR_GRACE_S = 5.0
+"""How long a rank other than 0 holds back its error line (see ``before_error``)."""
+
+
+def before_error() -> None:
+    """Called by the CLI just before it prints an ``error:`` line and exits 2. Under torchrun, a rank other than 0
+    first waits ``ERROR_GRACE_S`` seconds: bad input reaches every rank, and rank 0 then says it. When rank 0
+    fails, torchrun's agent ends the other ranks (SIGTERM) during their wait, so the line is printed once, by
+    rank 0, and the agent's summary names rank 0 (exit code 2) as the root cause. An error that only this rank
+    meets (rank 0 waits for it in a collective) is printed after the wait, as ``rank R: error: ...``."""
+    where = env_rank()
+    if where is not None and where[0] != 0 and where[1] > 1:
+        sys.stdout.flush()
+        try:
+            time.sleep(ERROR_GRACE_S)
+        except KeyboardInterrupt:  # Ctrl-C reaches every rank: say it now rather than show a traceback
+            pass
+
+
+def record_error(line: str) -> None:
+    """Under torchrun, also write the error line where torchrun's agent looks for a rank's error
+    (``TORCHELASTIC_ERROR_FILE``, set per rank by the agent, in the ``@record`` format), so the agent's failure
+    summary shows it (``traceback : error: ...``) instead of a link to its docs. Nothing in a plain run."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or not launched_by_torchrun():
+        return
+    data = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:
+        pass  # the summary then shows torchrun's own text; our line is on stderr either way
 
 
 def init_from_env() -> Dist:

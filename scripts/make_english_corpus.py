@@ -84,6 +84,14 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="only the first N samples (a quick check)")
     a = p.parse_args()
+    from lft_core.outputs import check_output_file, write_output
+    from lft_core.errors import LFTError
+
+    try:  # before the model loads: a regular file or a new name, outside the cache, never through a link
+        check_output_file(a.out, "--out")
+    except LFTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -112,10 +120,8 @@ def main() -> None:
             if len(text) > (200 if a.limit is None else 0):
                 rows.append({"prompt": PROMPTS[i], "seed": s, "text": text})
         print(f"{start + len(part)}/{len(jobs)} samples, {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(a.out, "wt", encoding="utf-8", compresslevel=9) as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    write_output(a.out, gzip.compress(lines.encode("utf-8"), compresslevel=9, mtime=0), "--out")
     tokens = sum(len(tok(r["text"], add_special_tokens=False)["input_ids"]) for r in rows)
     print(json.dumps({"texts": len(rows), "tokens": tokens, "prompts": len(PROMPTS), "seeds": len(SEEDS),
                       "seconds": round(time.perf_counter() - t0, 1), "device": a.device}))

@@ -6,8 +6,10 @@ the affine baseline's held-out NMSE (JSON of `python -m lft_core baselines --spa
 """
 from __future__ import annotations
 
+import io
 import json
 import sys
+from pathlib import Path
 
 import matplotlib
 
@@ -17,7 +19,11 @@ import numpy as np  # noqa: E402
 
 
 def main(src: str, dst: str) -> None:
-    data = json.load(open(src))
+    from lft_core.outputs import check_output_file, write_output
+
+    check_output_file(dst, "the PNG path")  # before any work: never a link, FIFO, device or a cache file
+    with open(src, encoding="utf-8") as f:
+        data = json.load(f)
     m = np.array([[np.nan if v is None else v for v in row] for row in data["matrix"]], dtype=float)
     fig, ax = plt.subplots(figsize=(7.5, 6.2), dpi=110)
     if data.get("metric") == "nmse":
@@ -36,9 +42,18 @@ def main(src: str, dst: str) -> None:
     ax.set_ylabel("m (span start: h_m)")
     fig.colorbar(im, ax=ax, label=label)
     fig.tight_layout()
-    fig.savefig(dst)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(dst).suffix.lstrip(".").lower() or "png")
+    write_output(dst, buffer.getvalue(), "the PNG path")
     print(f"wrote {dst}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from lft_core.errors import LFTError
+
+    try:
+        main(sys.argv[1], sys.argv[2])
+    except LFTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

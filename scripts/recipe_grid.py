@@ -59,6 +59,14 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--no-baselines", action="store_true", help="only the recipes (the baselines are in --out already)")
     a = p.parse_args()
+    from lft_core.outputs import open_output_append
+    from lft_core.errors import LFTError
+
+    try:  # before the model loads: --out grows line by line, only as a regular file outside the cache
+        out = open_output_append(a.out, "--out")
+    except LFTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
     import torch
 
@@ -73,7 +81,6 @@ def main() -> None:
 
     teacher = load_teacher(a.model, device=a.device)
     ks = [int(k) for k in a.k.split(",")]
-    out = open(a.out, "a")
 
     def emit(row: dict) -> None:
         out.write(json.dumps(row) + "\n")

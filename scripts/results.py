@@ -17,7 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lft_core.atomic import write_json  # noqa: E402
+from lft_core.outputs import check_output_file, write_output_json  # noqa: E402
+from lft_core.errors import LFTError  # noqa: E402
 from lft_core.analysis.evaluation import EvalResult, eval_windows, lft_rows, skip_rows, stream_metrics  # noqa: E402
 from lft_core.model.loading import load_teacher  # noqa: E402
 from lft_core.span import Span  # noqa: E402
@@ -35,6 +36,11 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--out", default=str(ROOT / "docs" / "results.json"))
     a = p.parse_args()
+    try:  # before any work: a regular file or a new name, outside the cache, never through a link
+        check_output_file(a.out, "--out")
+    except LFTError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     teacher = load_teacher("smollm2-135m")
     ids = eval_windows(teacher, "builtin", None, a.eval_windows, 128)
     teacher_ppl = stream_metrics(teacher, ids, [None])[0][1]
@@ -65,7 +71,7 @@ def main() -> None:
             print(ev.table(), flush=True)
             out["runs"].append({"span": list(span), "method": method, "train": tr,
                                 "eval": ev.to_json(), "seconds": round(time.perf_counter() - t, 1)})
-            write_json(a.out, out, indent=1)
+            write_output_json(a.out, out, "--out", indent=1)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch
 
 from lft_core.data.activations import CacheError, ensure_activations, open_activations, parse_layers
 from lft_core.data.corpus import load_corpus, make_windows
+from lft_core.run.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,7 +112,7 @@ def _cli(*args, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "lft_core", *args], capture_output=True, text=True, cwd=cwd)
 
 
-def test_cli_cache_json_and_errors(tiny_neox_dir, tmp_path):
+def test_cli_cache_json_and_errors(tiny_neox_dir, tmp_path, capsys):
     out = tmp_path / "out.json"
     args = ["cache", "--model", str(tiny_neox_dir), "--seq-len", "16", "--windows", "8", "--layers", "0,2,4",
             "--json", str(out)]
@@ -124,11 +125,11 @@ def test_cli_cache_json_and_errors(tiny_neox_dir, tmp_path):
     assert np.load(Path(first["dir"]) / "layer_02.npy", mmap_mode="r").shape == (8, 16, 64)
     files = sorted(Path(first["dir"]).glob("*.npy"))
     stamps = [f.stat().st_mtime_ns for f in files]
-    r = _cli(*args)
+    assert main(args) == 0  # the hit and the bad layer run in-process (the same main); the first call was real
     second = json.loads(out.read_text())
     # a hit rewrites nothing (timings on this 64-wide model are noise; the embedded-model hit is timed in BENCHMARKS)
     assert second["hit"] is True and second["key"] == first["key"]
     assert [f.stat().st_mtime_ns for f in files] == stamps
-    bad = _cli("cache", "--model", str(tiny_neox_dir), "--layers", "7")
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: layers [7]")
-    assert "Traceback" not in bad.stderr
+    assert main(["cache", "--model", str(tiny_neox_dir), "--layers", "7"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: layers [7]") and "Traceback" not in err

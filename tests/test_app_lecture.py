@@ -39,7 +39,7 @@ def test_texts_are_content_addressed_and_checked():
     from lft_core.data.texts import load_text, save_text, text_id
 
     tid = save_text("A river runs through it.")
-    assert tid == text_id("A river runs through it.") and len(tid) == 12
+    assert tid == text_id("A river runs through it.") and len(tid) == 32
     assert save_text("A river runs through it.") == tid  # write-once: the same text, the same file
     assert load_text(tid) == "A river runs through it."
     assert text_id("A river runs through it!") != tid

@@ -34,6 +34,10 @@ st.caption("Builds everything the pages need for a ready-made story on the embed
            "on the span where optimal transport re-pairs the fewest tokens and on the one where it re-pairs the "
            "most) trained with the default recipe. It runs in the background: leave this page, or close the tab. "
            "Same as `python -m lft_core demo`.")
+if demo is not None and demo.damaged and not demo.running and not demo_jobs:
+    st.warning(f"Demo damaged: prepare again. Its record cannot be used ({demo.damaged}); **Prepare the demo** "
+               "writes a new one and keeps whatever is already built (nothing done is computed again).",
+               icon=":material/build:")
 if demo is not None and demo.ready:
     low, high = demo.spans[0], demo.spans[-1]
     st.success(f"Demo ready: spans **{low}** (low R) and **{high}** (high R), flows "

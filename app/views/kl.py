@@ -67,6 +67,9 @@ flow_cfg = by_name.get(flow_choice)
 m, n = flow_cfg.span if flow_cfg else span
 if flow_cfg is not None and flow_cfg.span != span:
     st.info(f"The chosen flow replaces span {flow_cfg.span}; that span is used here (the current span is {span}).")
+if flow_cfg is not None and not flow_cfg.proved:
+    st.caption(f"Flow {flow_cfg.name} was saved before flows recorded a hash of their weights: its record is "
+               "unverified (it gets one when it is trained further).")
 if flow_cfg is None and not use_skip and not use_fitted:
     st.warning(f"Nothing to compare: choose a flow or switch skip-k or {' or '.join(b.name for b in FITTED)} on.")
     st.stop()

@@ -6,6 +6,7 @@ import streamlit as st
 from app import engine, frame, pages, progress, state
 from app.figures.toy import toy_pair_animation
 from app.figures.training import training_curves
+from lft_core.errors import LFTError
 from lft_core.flow.toy import DATASETS, LAB_DEFAULTS, LabRun
 
 frame.page_intro(
@@ -17,6 +18,21 @@ frame.page_intro(
     "Train both methods on the same data, then press ▶ play (or drag the t slider) to watch the two learned "
     "k-step flows side by side, in step.",
 )
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def check_csv(csv_bytes: bytes) -> str | None:
+    """None when ``csv_bytes`` is a pairs CSV the lab can train on, else the one line saying why."""
+    import io
+
+    from lft_core.flow.toy import pairs_from_csv
+
+    try:
+        pairs_from_csv(io.BytesIO(csv_bytes), name="csv")
+    except LFTError as e:
+        return str(e).removeprefix("csv: ")
+    return None
+
 
 CSV = "upload a CSV"
 OPTIONS = list(DATASETS) + [CSV]
@@ -76,7 +92,7 @@ if dataset in LESSONS:
     preset = LAB_DEFAULTS[dataset]
     st.info(f"**{dataset}**: {LESSONS[dataset]}  \nPreset: k = {preset.k}, {preset.steps} training steps, "
             f"{POINTS} points.", icon=":material/school:")
-csv_bytes = None
+csv_bytes, csv_problem = None, None
 if dataset == CSV:
     upload = st.file_uploader("CSV with a header x0,y0,x1,y1 (4 to 5000 rows)", type=["csv"], max_upload_size=2,
                               key="w_toy_csv")
@@ -84,6 +100,12 @@ if dataset == CSV:
         st.info("Upload a CSV of pairs: one row per point, columns x0, y0 (start) and x1, y1 (its target).")
         st.stop()
     csv_bytes = upload.getvalue()
+    try:  # parsed at once, bounded (size, cells, rows, numbers): a bad file is one line, never a traceback
+        csv_problem = check_csv(csv_bytes)
+    except Exception as e:  # noqa: BLE001 (pairs_from_csv raises LFTError only; anything else is still one line)
+        csv_problem = f"the CSV cannot be read ({type(e).__name__})"
+    if csv_problem:
+        st.error(f"The uploaded CSV cannot be used: {csv_problem}")
 
 
 @st.cache_data(max_entries=24, show_spinner=False)
@@ -102,6 +124,8 @@ def toy_run(dataset: str, method: str, steps: int, k: int, n_points: int, csv_by
 params = (dataset, int(steps), int(k), int(n_points), csv_bytes)
 if st.button("Train SFM and FW", type="primary", key="toy_train"):
     st.session_state["toy_params"] = params
+if csv_problem:
+    st.stop()
 if st.session_state.get("toy_params") != params:
     st.caption("Set the sliders and press **Train SFM and FW** (a few seconds each).")
 else:

@@ -180,7 +180,7 @@ else:
             plan = plan_sweep(base, *grid, prefix=sweep_prefix, teacher=teacher)  # the whole grid, before it starts
             if any(j.kind == "sweep" and j.label == f"sweep {plan.prefix}" for j in running_jobs()):
                 raise LFTError(f"the sweep {plan.prefix} is running already; stop it first or give another name")
-            if not plan.count("train") and not plan.count("resume"):
+            if not any(plan.count(action) for action in ("train", "resume", "wait")):
                 st.info(f"Every flow of the sweep {plan.prefix} is complete already: nothing to train.")
             else:
                 job = start_job("sweep", sweep_cli_args(plan, base), label=f"sweep {plan.prefix}")

@@ -28,6 +28,36 @@ def setting(default: Any, help: str, **cli: Any) -> Any:
     return field(default=default, metadata={"help": help, **cli})
 
 
+RANGES: dict[str, tuple[float, bool, float | None, str]] = {
+    # name: (low, low excluded, high (excluded) or None, in words)
+    "lr": (0.0, True, None, "positive"),
+    "distill_lr": (0.0, True, None, "positive"),
+    "grad_clip": (0.0, True, None, "positive (the gradient norm is clipped to it; 0 or less would stop or reverse "
+                                   "training)"),
+    "warmup": (0.0, False, 1.0, "at least 0 and below 1 (a share of the steps)"),
+    "weight_decay": (0.0, False, None, "0 or more"),
+    "alpha": (0.0, False, 1e6, "between 0 and 1e6"),
+    "waypoints": (0.0, False, 1e6, "between 0 and 1e6"),
+    "sink_weight": (0.0, False, 1e6, "between 0 and 1e6"),
+}
+"""The float settings' meaningful ranges (every one also finite), checked by ``TrainConfig.validate``."""
+
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "model": str, "corpus": str, "method": str, "loss_weighting": str, "name": str, "sweep": str,
+    **{n: int for n in ("k", "steps", "batch", "seq_len", "windows", "heldout_windows", "seed", "distill_steps",
+                        "distill_batch", "eval_every", "checkpoint_every")},
+    **{n: (int, float) for n in RANGES},
+    "init_from_teacher": bool, "normalise": bool,
+}
+_OPTIONAL = ("name", "sweep", "sink_weight")
+_LABELS = {"lr": "learning rate (lr)", "distill_lr": "distillation learning rate (distill_lr)",
+           "waypoints": "the waypoint weight (waypoints)", "sink_weight": "sink weight (sink_weight)",
+           "grad_clip": "gradient clip (grad_clip)", "warmup": "warm-up share (warmup)",
+           "weight_decay": "weight decay (weight_decay)", "alpha": "SFM weight (alpha)",
+           "distill_batch": "distill batch (distill_batch)"}
+_KIND_WORDS = {str: "text", int: "an integer", (int, float): "a number", bool: "true or false"}
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run. The defaults are the project's default recipe (docs/RESULTS.md
@@ -71,6 +101,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.span = Span.of(self.span)
+        for name in RANGES:  # -0.0 is 0.0 (the record and resume comparisons see one zero)
+            value = getattr(self, name)
+            if isinstance(value, float) and value == 0:
+                setattr(self, name, 0.0)
 
     def cli_args(self) -> list[str]:
         """The ``python -m lft_core train`` flags that reproduce this config (every setting, spelt once)."""
@@ -85,33 +119,53 @@ class TrainConfig:
         return args
 
     def validate(self, n_layers: int | None = None) -> None:
+        """LFTError (one line, naming the setting) unless every setting has the right type and a meaningful value,
+        and the settings make sense together. Needs no model (``n_layers``, when known, also checks the span), so
+        callers run it before any model loads. Ranges (``RANGES``): every float finite; lr, distill_lr and
+        grad_clip > 0; 0 <= warmup < 1; weight_decay, alpha, waypoints, sink_weight >= 0; the learning rates
+        times weight_decay < 1 (AdamW's decoupled decay multiplies the weights by 1 - lr * weight_decay each
+        step: at 1 or more it flips or zeroes them)."""
+        for name, kind in _TYPES.items():
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL:
+                continue
+            ok = isinstance(value, bool) if kind is bool else isinstance(value, kind) and not isinstance(value, bool)
+            if not ok:
+                raise LFTError(f"{_LABELS.get(name, name)} must be {_KIND_WORDS[kind]}, got {value!r}")
         self.span.check(n_layers)
         get_method(self.method)
         if not 1 <= self.k <= MAX_K:
             raise LFTError(f"k must be between 1 and {MAX_K}, got {self.k}")
-        for name in ("steps", "batch", "seq_len", "windows", "heldout_windows"):
+        for name in ("steps", "batch", "seq_len", "windows", "heldout_windows", "distill_batch", "eval_every",
+                     "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise LFTError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise LFTError(f"{_LABELS.get(name, name)} must be at least 1, got {getattr(self, name)}")
         if self.batch > self.windows:
             raise LFTError(f"batch ({self.batch}) cannot exceed the number of windows ({self.windows})")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+        if not 0 <= self.seed <= MAX_SEED:
             raise LFTError(f"seed must be an integer between 0 and 2**63 - 1, got {self.seed!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise LFTError(f"learning rate must be positive, got {self.lr}")
-        if not (0 <= self.waypoints < 1e6):
-            raise LFTError(f"the waypoint weight must be between 0 and 1e6, got {self.waypoints}")
+        for name, (low, low_open, high, what) in RANGES.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not math.isfinite(value):
+                raise LFTError(f"{_LABELS[name]} must be a finite number, got {value}")
+            if value < low or (low_open and value == low) or (high is not None and value >= high):
+                raise LFTError(f"{_LABELS[name]} must be {what}, got {value}")
         if self.distill_steps < 0:
             raise LFTError(f"distill steps must be 0 or more, got {self.distill_steps}")
-        if not (self.distill_lr > 0 and math.isfinite(self.distill_lr)):
-            raise LFTError(f"distillation learning rate must be positive, got {self.distill_lr}")
-        if self.distill_batch < 1:
-            raise LFTError(f"distill batch must be at least 1, got {self.distill_batch}")
         if self.distill_steps and self.distill_batch > self.windows:
             raise LFTError(f"distill batch ({self.distill_batch}) cannot exceed the number of windows ({self.windows})")
-        if self.sink_weight is not None and not (0 <= self.sink_weight < 1e6):
-            raise LFTError(f"sink weight must be between 0 and 1e6, got {self.sink_weight}")
+        for rate in ("lr", "distill_lr"):
+            if getattr(self, rate) * self.weight_decay >= 1:
+                raise LFTError(f"{rate} ({getattr(self, rate)}) x weight_decay ({self.weight_decay}) must be below 1: "
+                               f"AdamW shrinks the weights by that share every step")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise LFTError(f"loss weighting must be one of {', '.join(LOSS_WEIGHTINGS)}")
+        if not self.model.strip():
+            raise LFTError("model must be named (smollm2-135m, an HF id or a folder)")
+        if not self.corpus.strip():
+            raise LFTError("corpus must be named (english, builtin, a file or folder, hf:NAME)")
         if self.name is not None and not NAME_RE.match(self.name):
             raise LFTError(f"flow name {self.name!r}: use letters, digits, '-', '_' or '.' (at most 80)")
 

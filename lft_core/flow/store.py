@@ -12,7 +12,22 @@ A saved flow is a folder::
 * ``save_training_state`` / ``load_training_state``: what resuming needs beyond the weights;
 * ``flow_lock`` / ``being_trained``: one process at a time trains a given name (a file lock);
 * ``SavedFlow``: the typed record of one saved flow that listings and pages use;
-* ``list_flows``, ``read_flow_config``, ``flow_path``, ``open_flow``, ``delete_flow``.
+* ``list_flows``, ``read_flow_config``, ``flow_path`` / ``resolve_flow``, ``open_flow``, ``delete_flow``.
+
+Flows prove what they are. ``save_flow`` writes the record (config.json, minus its ``status``) into the weights
+file's safetensors metadata (``lft_record``) and the sha256 of that weights file into config.json
+(``weights_sha256``, with ``flow_format`` 2). ``load_flow`` checks both ways: the weights must hash to the
+recorded sha256 (else they were edited or swapped), and config.json must say what the weights were saved with
+(span, field spec, model id and weights hash, k, corpus, ...; else config.json was edited), naming the first
+field that differs; ``open_flow`` then checks the teacher (model id, weights hash, blocks, field shape). Records
+are read by ``atomic.read_record`` against ``flow_schema()`` (bounded size, regular files only, missing, extra
+and wrong-typed fields refused by name). Flows saved before this (no ``flow_format``, no metadata) still load,
+marked unverified (``flow.proof.verified`` is False; ``eval`` says so); their next checkpoint (a ``--resume``)
+writes the proof.
+
+A flow is named in one of two ways (``resolve_flow``): a bare name (no '/', not starting with '.' or '~') is
+always the saved flow ``cache/flows/NAME``, whatever the current folder holds; anything with a '/' or starting
+with '.' or '~' is a path to a flow folder.
 """
 from __future__ import annotations
 
@@ -29,7 +44,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 from torch import Tensor
 
-from lft_core.atomic import DamagedRecord, atomic_folder, atomic_write, read_record, write_json, write_text
+from lft_core.atomic import (DamagedRecord, atomic_folder, atomic_write, check_fields, file_sha256, read_record,
+                             write_json, write_text)
 from lft_core.data.corpus import BUILTIN
 from lft_core.errors import LFTError
 from lft_core.flow.field import FieldSpec
@@ -47,8 +63,98 @@ STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
 
 
+FLOW_FORMAT = 2  # config.json records weights_sha256 and the weights carry their record (``lft_record``)
+RECORD_META = "lft_record"  # the safetensors metadata key holding the record the weights were saved with
+UNCERTIFIED = ("status", "weights_sha256", "weights_sha256_previous")
+"""The config.json fields the weights' own record does not cover: the status (a killed trainer leaves "running")
+and the weights' hashes (computed from the weights file, which holds the record)."""
+IDENTITY = ("span", "field_spec", "model", "weights_hash", "n_layers")  # compared first, so the message names them
+
+
 class FlowCheckpointError(LFTError):
     """A flow checkpoint folder is missing, truncated, or does not match its config."""
+
+
+@dataclass(frozen=True)
+class FlowProof:
+    """What loading proved about a flow (``flow.proof`` after ``load_flow``): ``verified`` when its weights hash to
+    the sha256 its record holds and the record is the one they were saved with; False for a flow saved before
+    flows carried a proof (it loads, unverified)."""
+
+    verified: bool
+    weights_sha256: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class FlowSource:
+    """Where a flow given on the command line was found: ``kind`` "saved" (a name in cache/flows) or "path"."""
+
+    kind: str
+    path: Path
+    name: str
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "name": self.name, "path": str(self.path)}
+
+
+# Fields of a flow record beyond TrainConfig's (``training.flow_record``, ``save_flow``, checkpoints). A writer
+# that adds a field to config.json adds it here (``save_flow`` refuses a record with an unknown field).
+_RECORD_FIELDS: dict[str, Any] = {
+    "span": object,  # checked by Span.of, whose message says what a span must be
+    "name": (str, type(None)), "model": str, "weights_hash": str, "n_layers": int, "data_key": str,
+    "heldout_key": str, "split_rule": str, "teacher_span_params": int, "params": int, "world_size": int,
+    "global_batch": int, "batch_plan": str, "steps_done": int, "status": str, "history": list,
+    "field_spec": dict, "flow_format": int, "weights_sha256": str, "weights_sha256_previous": str,
+}
+_ANNOTATION_KINDS: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),), "dict": (dict,),
+    "list": (list,),
+}
+
+
+def _kinds_of(annotation: Any) -> Any:
+    """The JSON types a TrainConfig field annotation (a string: ``float | None``) allows; ``object`` if unknown."""
+    kinds: list[type] = []
+    for part in str(annotation).split("|"):
+        if part.strip() not in _ANNOTATION_KINDS:
+            return object
+        kinds.extend(_ANNOTATION_KINDS[part.strip()])
+    return tuple(kinds)
+
+
+def flow_schema() -> dict[str, Any]:
+    """Every field a flow record may hold, with its JSON types: TrainConfig's settings (derived from the dataclass,
+    so a new setting is known at once) and the record's own fields."""
+    from dataclasses import fields as dataclass_fields
+
+    from lft_core.flow.config import TrainConfig  # config imports this module (NAME_RE)
+
+    return {**{f.name: _kinds_of(f.type) for f in dataclass_fields(TrainConfig)}, **_RECORD_FIELDS}
+
+
+def read_flow_record(path: Path) -> dict:
+    """A flow's config.json through the one record reader: a bounded regular file, every field of its type. A
+    record with a proof (``flow_format``) must hold ``span``, ``field_spec`` and ``weights_sha256`` and nothing
+    unknown; an older one may hold fields of older versions. DamagedRecord naming the first problem otherwise."""
+    data = read_record(path)
+    schema = flow_schema()
+    if "flow_format" in data:
+        required = {"flow_format": int, "span": object, "field_spec": dict, "weights_sha256": str}
+        check_fields(data, path.name, required, schema, extra=False)
+        if data["flow_format"] != FLOW_FORMAT:
+            raise DamagedRecord(f"{path.name}: field 'flow_format' is {data['flow_format']}, not {FLOW_FORMAT}")
+    else:
+        check_fields(data, path.name, None, schema, extra=True)
+    return data
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _certified(record: dict) -> dict:
+    return {key: value for key, value in record.items() if key not in UNCERTIFIED}
 
 
 def flows_dir() -> Path:
@@ -71,22 +177,44 @@ def _jsonable(value: Any) -> Any:
 
 
 def save_flow(flow: LatentFlow, directory: str | Path, config: dict[str, Any] | None = None) -> None:
-    """Write ``model.safetensors`` (the state dict) and ``config.json`` (config + field_spec + span).
+    """Write ``model.safetensors`` (the state dict, with the record in its metadata) and ``config.json`` (config +
+    field_spec + span + flow_format + the weights' sha256).
 
     A new folder appears whole (written to a temporary sibling, then renamed). An existing folder (periodic
-    checkpoints) has each file replaced atomically, weights first, so a reader never sees a partial file.
-    """
+    checkpoints) is updated so that every moment leaves a loadable pair: the new weights are written to a
+    temporary, config.json then records both the new and the previous sha256 (``weights_sha256_previous``), the
+    weights are renamed into place, and config.json is written without the previous hash. A kill in between
+    leaves either the previous weights (loaded with the record they carry) or the new ones."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    payload = {**(config or {}), "field_spec": flow.spec.to_dict(), "span": list(flow.span)}
-    text = json.dumps(payload, indent=2, default=_jsonable)
+    payload = {**(config or {}), "field_spec": flow.spec.to_dict(), "span": list(flow.span), "flow_format": FLOW_FORMAT}
+    for key in ("weights_sha256", "weights_sha256_previous"):  # computed here, never taken from the caller
+        payload.pop(key, None)
+    record = json.loads(json.dumps(payload, default=_jsonable))  # exactly what config.json will hold
+    try:
+        check_fields(record, "flow record", None, flow_schema(), extra=False)
+    except DamagedRecord as e:
+        raise LFTError(f"cannot save flow {directory.name!r}: {e} (a new field goes into store._RECORD_FIELDS)") from None
+    metadata = {"format": "pt", RECORD_META: _canonical(_certified(record))}
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in flow.state_dict().items()}
+    hashes: dict[str, str] = {}
+
+    def text(**extra: str) -> str:
+        return json.dumps({**record, **extra}, indent=2)
 
     def write_into(folder: Path) -> None:
-        atomic_write(folder / MODEL_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-        write_text(folder / CONFIG_FILE, text)
+        model, config_path = folder / MODEL_FILE, folder / CONFIG_FILE
+        previous = file_sha256(model) if model.is_file() else None
+
+        def record_first(tmp: Path) -> None:
+            hashes["new"] = file_sha256(tmp)
+            if previous is not None and previous != hashes["new"]:
+                write_text(config_path, text(weights_sha256=hashes["new"], weights_sha256_previous=previous))
+
+        atomic_write(model, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), before_replace=record_first)
+        write_text(config_path, text(weights_sha256=hashes["new"]))
 
     if directory.is_dir():
         write_into(directory)
@@ -95,20 +223,99 @@ def save_flow(flow: LatentFlow, directory: str | Path, config: dict[str, Any] | 
         write_into(staging)
 
 
+def _weights_record(model_path: Path) -> dict | None:
+    """The record a weights file was saved with (its ``lft_record`` metadata), None when it has none (an older
+    flow); FlowCheckpointError when it is there but not a JSON object."""
+    from safetensors import safe_open
+
+    with safe_open(str(model_path), framework="pt") as f:
+        text = (f.metadata() or {}).get(RECORD_META)
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        raise FlowCheckpointError(f"flow weights {model_path} carry a damaged record")
+    return data
+
+
+def _show(key: str, value: Any) -> str:
+    if key == "span" and isinstance(value, list) and len(value) == 2:
+        return f"{value[0]}:{value[1]}"
+    text = _canonical(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _same_record(directory: Path, config: dict, saved: dict, spec: FieldSpec, span: Span, keys: list[str]) -> None:
+    """FlowCheckpointError naming the first of ``keys`` in which config.json differs from the weights' record."""
+    mine, theirs = _certified(config), _certified(saved)
+    for key in dict.fromkeys(keys):
+        if key in UNCERTIFIED or (key not in mine and key not in theirs):
+            continue
+        if key in mine and key in theirs and _canonical(mine[key]) == _canonical(theirs[key]):
+            continue
+        if key == "span":
+            raise FlowCheckpointError(
+                f"flow {directory.name!r} (span {span}, width {spec.d_model}) does not fit its weights, which were "
+                f"trained for span {_show(key, theirs.get(key))}: its config.json was edited or damaged")
+        said = _show(key, mine[key]) if key in mine else "nothing"
+        was = _show(key, theirs[key]) if key in theirs else "nothing"
+        raise FlowCheckpointError(f"flow {directory.name!r}: config.json says {key} = {said}, but its weights were "
+                                  f"saved with {key} = {was}: its config.json was edited or damaged")
+
+
+def _prove(directory: Path, config: dict, model_path: Path, spec: FieldSpec, span: Span) -> tuple[dict, FlowProof]:
+    """Check that ``config`` (config.json) and the weights file belong together; (the record to use, the proof).
+    FlowCheckpointError naming what differs otherwise."""
+    sha = file_sha256(model_path)
+    saved = _weights_record(model_path)
+    recorded = config.get("weights_sha256")
+    if saved is None:
+        if sha == config.get("weights_sha256_previous"):  # an old flow's first proved checkpoint, cut midway
+            return config, FlowProof(False, sha, "saved before flows recorded a hash of their weights (its last "
+                                                 "checkpoint was interrupted): unverified")
+        if "flow_format" in config or recorded is not None:
+            raise FlowCheckpointError(
+                f"flow weights {model_path} do not match its config: config.json records the sha256 of its weights "
+                f"but these weights carry no record (swapped for an older flow's, or rewritten?)")
+        return config, FlowProof(False, sha, "saved before flows recorded a hash of their weights: unverified")
+    if recorded is None:
+        raise FlowCheckpointError(f"invalid flow config {directory / CONFIG_FILE}: field 'weights_sha256' is missing, "
+                                  f"but the weights carry a record (config.json was edited or replaced)")
+    if sha == recorded:
+        _same_record(directory, config, saved, spec, span, list(IDENTITY) + sorted(set(config) | set(saved)))
+        return config, FlowProof(True, sha)
+    if sha == config.get("weights_sha256_previous"):  # a checkpoint cut between its weights and its record
+        _same_record(directory, config, saved, spec, span, list(IDENTITY))
+        return ({**saved, "status": config.get("status", saved.get("status")), "weights_sha256": sha},
+                FlowProof(True, sha, "the previous checkpoint (the last one was interrupted)"))
+    raise FlowCheckpointError(
+        f"flow weights {model_path} do not match its config: their sha256 is {sha[:12]}…, config.json records "
+        f"{recorded[:12]}… (the weights were edited, or swapped with another flow's)")
+
+
 def load_flow(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[LatentFlow, dict[str, Any]]:
     """Read a checkpoint folder written by ``save_flow``: (the flow in eval mode, its config dict).
 
-    Uses safetensors only (never pickle). A missing, truncated or inconsistent folder raises FlowCheckpointError.
+    Uses safetensors only (never pickle). A missing, truncated or inconsistent folder raises FlowCheckpointError,
+    and so does a pair that does not prove itself (``_prove``: weights edited or swapped, config.json edited).
+    ``flow.proof`` says what was proved (``verified`` is False for a flow saved before flows carried a proof).
     """
     from safetensors.torch import load_file
 
     directory = Path(directory)
     model_path, config_path = directory / MODEL_FILE, directory / CONFIG_FILE
     for path in (model_path, config_path):
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise FlowCheckpointError(f"flow checkpoint file not found: {path}")
+    if not model_path.is_file():
+        raise FlowCheckpointError(f"flow weights {model_path} are not a regular file")
     try:
-        config = read_record(config_path, {"field_spec": dict})
+        config = read_flow_record(config_path)
+        if "field_spec" not in config:
+            raise DamagedRecord(f"{CONFIG_FILE}: field 'field_spec' is missing (it should be a dict)")
         spec = FieldSpec.from_dict(config["field_spec"])
         n_layers = config.get("n_layers")
         n_layers = n_layers if isinstance(n_layers, int) else None
@@ -118,6 +325,20 @@ def load_flow(directory: str | Path, map_location: str | torch.device = "cpu") -
     try:
         state = load_file(str(model_path), device=str(map_location))
     except Exception as exc:  # safetensors raises its own error types for truncated / corrupt files
+        raise FlowCheckpointError(f"cannot read flow weights {model_path} (truncated or corrupt?): {exc}") from None
+    bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise FlowCheckpointError(f"flow weights {model_path} hold non-finite values (in {', '.join(bad[:3])})")
+    sigma = state.get("sigma")
+    if sigma is not None and sigma.is_floating_point() and not bool((sigma > 0).all()):
+        raise FlowCheckpointError(f"flow {directory.name}: its normalisation has sigma <= 0, which is impossible")
+    try:
+        config, proof = _prove(directory, config, model_path, spec, span)
+    except OSError as exc:
+        raise FlowCheckpointError(f"cannot read flow weights {model_path}: {exc.strerror or exc}") from None
+    except FlowCheckpointError:
+        raise
+    except Exception as exc:  # safetensors' own errors for a header it cannot parse
         raise FlowCheckpointError(f"cannot read flow weights {model_path} (truncated or corrupt?): {exc}") from None
     try:
         flow = LatentFlow(spec, span=span)
@@ -130,12 +351,11 @@ def load_flow(directory: str | Path, map_location: str | torch.device = "cpu") -
         raise FlowCheckpointError(
             f"flow weights {model_path} do not match its config (from another model?): {detail[:160]}"
         ) from None
-    bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise FlowCheckpointError(f"flow weights {model_path} hold non-finite values (in {', '.join(bad[:3])})")
     if not bool((flow.sigma > 0).all()):
         raise FlowCheckpointError(f"flow {directory.name}: its normalisation has sigma <= 0, which is impossible")
+    flow.proof = proof
     return flow.to(map_location).eval(), config
+
 
 
 def save_training_state(directory: Path, opt: torch.optim.Optimizer, step: int, gen: torch.Generator) -> None:
@@ -184,7 +404,7 @@ def load_training_state(directory: Path, opt: torch.optim.Optimizer, gen: torch.
     from safetensors.torch import load_file
 
     try:
-        scalars = read_record(directory / STATE_JSON, {"step": int, "param_state": dict})
+        scalars = read_record(directory / STATE_JSON, {"step": int, "param_state": dict}, extra=False)
         tensors = load_file(str(directory / STATE_TENSORS))
     except Exception as e:  # DamagedRecord, or safetensors' own errors for a truncated file
         raise FlowCheckpointError(f"the training state of flow {directory.name!r} is damaged ({e}); it cannot "
@@ -304,6 +524,12 @@ class SavedFlow:
         except OSError:
             return 0.0
 
+    @property
+    def proved(self) -> bool:
+        """True when its record carries a proof (``flow_format``; checked when the flow is loaded); False for a
+        flow saved before flows recorded a hash of their weights, which loads unverified."""
+        return "flow_format" in self.config
+
     def trained_for(self, teacher: Teacher) -> bool:
         """True when it was trained for exactly this teacher (model id and weights hash)."""
         return self.error is None and self.model == teacher.model_id and self.weights_hash == teacher.weights_hash
@@ -311,7 +537,7 @@ class SavedFlow:
 
 def _record(directory: Path) -> SavedFlow:
     try:
-        config = read_record(directory / CONFIG_FILE)
+        config = read_flow_record(directory / CONFIG_FILE)
     except DamagedRecord as e:
         return SavedFlow(directory.name, directory, error=f"unreadable config ({e})")
     record = SavedFlow.from_config(directory.name, directory, config)
@@ -327,18 +553,40 @@ def list_flows() -> list[SavedFlow]:
     return [_record(d) for d in sorted(flows_dir().iterdir()) if d.is_dir() and not d.name.startswith(".")]
 
 
-def flow_path(name: str) -> Path:
-    """The folder of a flow given by name (in cache/flows) or by path; LFTError if there is none."""
-    path = Path(name)
-    if not (path.is_dir() and (path / CONFIG_FILE).exists()):
-        if path.is_dir() and os.sep in name:
+def is_flow_path(spec: str) -> bool:
+    """True when ``spec`` names a flow folder by path (it has a '/' or starts with '.' or '~'); otherwise it is
+    the name of a saved flow (cache/flows/NAME), never a folder of the current directory."""
+    return "/" in spec or os.sep in spec or spec.startswith((".", "~"))
+
+
+def resolve_flow(spec: str) -> FlowSource:
+    """Where the flow ``spec`` is: a bare name is the saved flow cache/flows/NAME (a same-named folder in the
+    current directory is never used); a path (``is_flow_path``) is that folder. LFTError if there is none."""
+    if not isinstance(spec, str) or not spec:
+        raise LFTError(f"bad flow name {spec!r}")
+    if is_flow_path(spec):
+        path = Path(spec).expanduser()
+        if not path.is_dir():
+            hint = ""
+            if NAME_RE.match(Path(spec).name) and (flows_dir() / Path(spec).name).is_dir():
+                hint = f"; a saved flow {Path(spec).name!r} exists: name it without a path"
+            raise LFTError(f"bad flow name {spec!r}: as a path (it has a '/' or starts with '.' or '~') it is not a "
+                           f"folder{hint}")
+        if not os.path.lexists(path / CONFIG_FILE):
             raise FlowCheckpointError(f"{path} is not a flow checkpoint: it needs config.json and model.safetensors")
-        if not NAME_RE.match(name):
-            raise LFTError(f"bad flow name {name!r}")
-        path = flows_dir() / name
+        return FlowSource("path", path.absolute(), path.name)
+    if not NAME_RE.match(spec):
+        raise LFTError(f"bad flow name {spec!r}")
+    path = flows_dir() / spec
     if not path.is_dir():
-        raise LFTError(f"no flow named {name!r} (see the flows in {flows_dir()})")
-    return path
+        raise LFTError(f"no flow named {spec!r} (see the flows in {flows_dir()}; a folder elsewhere is given as a "
+                       f"path, e.g. ./{spec})")
+    return FlowSource("saved", path, spec)
+
+
+def flow_path(name: str) -> Path:
+    """The folder of a flow given by name (in cache/flows) or by path (``resolve_flow``); LFTError if none."""
+    return resolve_flow(name).path
 
 
 def trained_on(config: dict) -> str:
@@ -348,27 +596,53 @@ def trained_on(config: dict) -> str:
 
 
 def read_flow_config(name: str) -> dict:
-    """A flow's config.json (by name or folder) without loading its weights."""
+    """A flow's config.json (by name or folder) without loading its weights, checked by ``read_flow_record``."""
     path = flow_path(name)
     try:
-        return read_record(path / CONFIG_FILE)
-    except DamagedRecord:
-        raise LFTError(f"flow {name!r} has a missing or damaged config.json") from None
+        return read_flow_record(path / CONFIG_FILE)
+    except DamagedRecord as e:
+        raise LFTError(f"flow {name!r} has a missing or damaged config.json ({e})") from None
+
+
+SHAPE = ("d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff", "mlp", "pos", "norm", "parallel_residual",
+         "attn_bias", "mlp_bias")
+"""The FieldSpec fields that make a flow's velocity field the shape of a teacher block."""
 
 
 def open_flow(name: str, teacher: Teacher | None = None) -> tuple[LatentFlow, dict]:
-    """Load a saved flow by name or folder: (the flow, its config.json); with a teacher, check it was trained
-    for that model and fits it."""
+    """Load a flow by name or folder (``resolve_flow``): (the flow, its config.json), proved by ``load_flow``;
+    with a teacher, check it was trained for that model (id and weights hash) and fits it (blocks, field
+    shape). Any mismatch is one FlowCheckpointError / LFTError line."""
     flow, config = load_flow(flow_path(name))
     if teacher is not None:
-        if config.get("model") != teacher.model_id or config.get("weights_hash") != teacher.weights_hash:
-            raise LFTError(f"flow {name!r} was trained for model {config.get('model')!r}, not {teacher.model_id!r}")
-        if flow.span.n > teacher.n_layers or flow.spec.d_model != teacher.d_model:
-            raise FlowCheckpointError(
-                f"flow {name!r} (span {flow.span}, width {flow.spec.d_model}) does not fit {teacher.model_id} "
-                f"({teacher.n_layers} blocks, width {teacher.d_model}): its config.json was edited or damaged"
-            )
+        check_trained_for(name, flow, config, teacher)
     return flow, config
+
+
+def check_trained_for(name: str, flow: LatentFlow, config: dict, teacher: Teacher) -> None:
+    """FlowCheckpointError / LFTError unless the loaded flow ``name`` was trained for ``teacher`` (model id and
+    weights hash) and fits it (blocks, width, field shape)."""
+    for key in ("model", "weights_hash"):
+        if not isinstance(config.get(key), str):
+            raise FlowCheckpointError(f"flow {name!r}: its config.json has no {key!r} field, so it cannot be "
+                                      f"checked against {teacher.model_id}")
+    if config["model"] != teacher.model_id:
+        raise LFTError(f"flow {name!r} was trained for model {config['model']!r}, not {teacher.model_id!r}")
+    if config["weights_hash"] != teacher.weights_hash:
+        raise LFTError(f"flow {name!r} was trained for model {config['model']!r} with weights "
+                       f"{config['weights_hash'][:12]}…, but this {teacher.model_id!r} has weights "
+                       f"{teacher.weights_hash[:12]}… (the model changed since): train the flow again")
+    if flow.span.n > teacher.n_layers or flow.spec.d_model != teacher.d_model:
+        raise FlowCheckpointError(
+            f"flow {name!r} (span {flow.span}, width {flow.spec.d_model}) does not fit {teacher.model_id} "
+            f"({teacher.n_layers} blocks, width {teacher.d_model}): its config.json was edited or damaged"
+        )
+    mine, block = flow.spec.to_dict(), teacher.field_spec(flow.spec.t_dim).to_dict()
+    for key in SHAPE:
+        if mine.get(key) != block.get(key):
+            raise FlowCheckpointError(
+                f"flow {name!r} has a velocity field of another shape than {teacher.model_id}'s blocks ({key} "
+                f"{mine.get(key)!r}, the model's {block.get(key)!r}): it was not trained for this model")
 
 
 def delete_flow(name: str) -> None:

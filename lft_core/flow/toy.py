@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -150,53 +151,103 @@ neither misroutes any: without crossings there is nothing for Flow Walking to fi
 MAX_CSV_ROWS = 5000
 MIN_CSV_ROWS = 4
 CSV_COLUMNS = ("x0", "y0", "x1", "y1")
+MAX_CSV_BYTES = 2 * 1024 * 1024
+"""A pairs CSV is at most 2 MB (the lab's uploader allows 2 MB; 5000 rows of four numbers take about 200 KB)."""
+MAX_CSV_FIELD = 100
+"""A cell holds at most 100 characters (a number needs about 25; extra columns are read but not kept)."""
+MAX_CSV_COLUMNS = 64
+MAX_CSV_VALUE = 1e6
+"""Coordinates are at most 1e6 in size: beyond that the float32 toy flow's squared distances overflow."""
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+_NOT_FINITE = re.compile(r"[+-]?(?:inf|infinity|nan)", re.IGNORECASE)
 
 
 def pairs_from_csv(source: str | Path | IO[str] | IO[bytes], name: str = "csv") -> ToyPairs:
     """Read a coupling from CSV with a header naming columns x0, y0, x1, y1 (any order, extra columns ignored).
 
-    Rows must be numeric and finite; between 4 and 5000 rows. Problems raise LFTError naming the row.
-    """
+    Bounded before it is parsed: at most ``MAX_CSV_BYTES`` bytes, ``MAX_CSV_COLUMNS`` columns and
+    ``MAX_CSV_FIELD`` characters a cell, between ``MIN_CSV_ROWS`` and ``MAX_CSV_ROWS`` rows; cells of the four
+    columns are plain decimal numbers (``1.5``, ``-2e3``; not ``1_000``, ``0x10`` or other scripts' digits),
+    finite and at most ``MAX_CSV_VALUE`` in size. Any problem, whatever the bytes, is one LFTError naming the
+    row, never another exception."""
     if hasattr(source, "read"):
-        raw = source.read()  # type: ignore[union-attr]
+        raw = source.read(MAX_CSV_BYTES + 1)  # type: ignore[union-attr]
         label = getattr(source, "name", name)
+        label = label if isinstance(label, str) else name
     else:
         path = Path(source)  # type: ignore[arg-type]
         if not path.is_file():
             raise LFTError(f"CSV file not found: {path}")
-        raw, label = path.read_bytes(), str(path)
+        if path.stat().st_size > MAX_CSV_BYTES:
+            raise LFTError(f"{path}: the CSV is {path.stat().st_size:,} bytes; at most {MAX_CSV_BYTES:,}")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CSV_BYTES + 1)
+        label = str(path)
+    if len(raw) > MAX_CSV_BYTES:
+        raise LFTError(f"{label}: the CSV is larger than {MAX_CSV_BYTES // (1024 * 1024)} MB; at most "
+                       f"{MAX_CSV_ROWS} rows of x0,y0,x1,y1 are read")
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8-sig")
         except UnicodeDecodeError:
             raise LFTError(f"{label}: not a UTF-8 text file") from None
-    rows = [row for row in csv.reader(io.StringIO(raw)) if any(cell.strip() for cell in row)]
+    raw = raw.replace("\r\n", "\n").replace("\r", "\n")  # any line ends (Windows, old Mac)
+    if "\x00" in raw:
+        raise LFTError(f"{label}: the CSV holds NUL bytes (a binary file?)")
+    for number, text in enumerate(raw.splitlines(), 1):  # before the csv module, whose own limit is 128 KiB
+        if len(text) > MAX_CSV_COLUMNS * (MAX_CSV_FIELD + 3):
+            raise LFTError(f"{label}: line {number} has {len(text):,} characters; a row holds at most "
+                           f"{MAX_CSV_COLUMNS} cells of at most {MAX_CSV_FIELD} characters")
+    rows, n_rows = [], 0  # the rows kept (header and at most MAX_CSV_ROWS + 1 more), and all non-blank rows
+    reader = csv.reader(io.StringIO(raw))
+    try:
+        for row in reader:
+            if len(row) > MAX_CSV_COLUMNS:
+                raise LFTError(f"{label}: line {reader.line_num} has {len(row)} cells; at most {MAX_CSV_COLUMNS}")
+            long = next((cell for cell in row if len(cell) > MAX_CSV_FIELD), None)
+            if long is not None:
+                raise LFTError(f"{label}: line {reader.line_num} has a cell of {len(long):,} characters; at most "
+                               f"{MAX_CSV_FIELD}")
+            if any(cell.strip() for cell in row):
+                n_rows += 1
+                if len(rows) <= MAX_CSV_ROWS + 1:
+                    rows.append(row)
+    except csv.Error as e:
+        raise LFTError(f"{label}: not a CSV this lab can read (line {reader.line_num}: {e})") from None
     if not rows:
         raise LFTError(f"{label}: the CSV is empty; expected a header x0,y0,x1,y1 and at least {MIN_CSV_ROWS} rows")
     header = [cell.strip().lower() for cell in rows[0]]
     missing = [c for c in CSV_COLUMNS if c not in header]
     if missing:
+        found = ",".join(cell.strip()[:20] for cell in rows[0][:8]) + (",…" if len(rows[0]) > 8 else "")
         raise LFTError(
             f"{label}: the first row must be a header with columns x0,y0,x1,y1; missing {', '.join(missing)} "
-            f"(found {','.join(rows[0])})"
+            f"(found {found})"
         )
+    twice = [c for c in CSV_COLUMNS if header.count(c) > 1]
+    if twice:
+        raise LFTError(f"{label}: the header names column {twice[0]} more than once")
     cols = [header.index(c) for c in CSV_COLUMNS]
     body = rows[1:]
     if len(body) < MIN_CSV_ROWS:
         raise LFTError(f"{label}: need at least {MIN_CSV_ROWS} data rows, got {len(body)}")
-    if len(body) > MAX_CSV_ROWS:
-        raise LFTError(f"{label}: at most {MAX_CSV_ROWS} data rows, got {len(body)}")
+    if n_rows - 1 > MAX_CSV_ROWS:
+        raise LFTError(f"{label}: at most {MAX_CSV_ROWS} data rows, got {n_rows - 1}")
     values = np.empty((len(body), 4), dtype=np.float64)
     for r, row in enumerate(body):
         line = r + 2  # 1-based, after the header
         for j, c in enumerate(cols):
             cell = row[c].strip() if c < len(row) else ""
-            try:
-                values[r, j] = float(cell)
-            except ValueError:
-                raise LFTError(f"{label}: row {line}, column {CSV_COLUMNS[j]}: {cell!r} is not a number") from None
+            where = f"{label}: row {line}, column {CSV_COLUMNS[j]}"
+            if _NOT_FINITE.fullmatch(cell):
+                raise LFTError(f"{where}: {cell!r} is not finite")
+            if not _NUMBER.fullmatch(cell):
+                raise LFTError(f"{where}: {cell!r} is not a number")
+            values[r, j] = float(cell)
             if not math.isfinite(values[r, j]):
-                raise LFTError(f"{label}: row {line}, column {CSV_COLUMNS[j]}: {cell!r} is not finite")
+                raise LFTError(f"{where}: {cell!r} is not finite")
+            if abs(values[r, j]) > MAX_CSV_VALUE:
+                raise LFTError(f"{where}: {cell!r} is larger than {MAX_CSV_VALUE:g} in size")
     return _pairs(values[:, :2], values[:, 2:], name)
 
 

@@ -49,6 +49,7 @@ from lft_core.span import Span
 if TYPE_CHECKING:
     from lft_core.model.teacher import Teacher
 
+
 @dataclass
 class TrainResult:
     name: str
@@ -195,6 +196,7 @@ def train_flow(
     from lft_core.model.loading import load_teacher
 
     dist = current()
+    cfg.validate()  # every setting, as a whole, before any model loads
     teacher = teacher or load_teacher(cfg.model)
     cfg.validate(teacher.n_layers)
     for what, size in (("global batch", cfg.batch), ("distill batch", cfg.distill_batch if cfg.distill_steps else 0)):
@@ -212,15 +214,36 @@ def train_flow(
 
 
 RESUME_MUST_MATCH = ("method", "k", "alpha", "lr", "batch", "seq_len", "windows", "corpus", "loss_weighting",
-                     "waypoints")
-"""Settings a resumed run must share with its checkpoint (the span and the model are checked too). ``batch`` is
-the global batch, so a run can be resumed with another number of ranks."""
+                     "waypoints", "seed", "weight_decay", "grad_clip", "warmup", "heldout_windows",
+                     "init_from_teacher", "normalise", "sink_weight")
+"""Settings a resumed run must share with its checkpoint (the span and the model are checked too): each one
+changes what the steps already taken meant (their data, batches, times, updates, initialisation, loss or the
+held-out NMSE in the history), so continuing with another value would leave a record claiming settings those
+steps did not run with. ``batch`` is the global batch, so a run can be resumed with another number of ranks;
+``sink_weight`` is compared as resolved (unset = seq_len / 2). Free to change: ``steps`` (more steps continue the
+run; each step's learning rate is in the history), ``eval_every`` and ``checkpoint_every`` (when the held-out
+NMSE is measured and checkpoints are written: they never change the weights; the record keeps the latest and the
+history shows where evaluations happened), ``name`` and ``sweep`` (labels)."""
 DISTILL_SETTINGS = ("distill_steps", "distill_lr", "distill_batch")
 """Settings that must match only once a run has started distilling: a finished flow can be resumed with
 distillation steps added (its flow steps and their schedule do not depend on them)."""
 
 
-def _check_name(name: str, cfg: TrainConfig, teacher: Teacher, resume: bool) -> None:
+def check_before_loading(cfg: TrainConfig, resume: bool = False) -> None:
+    """What the CLI checks before it loads a model: a taken name without ``resume``, every setting
+    (``TrainConfig.validate``), and with ``resume`` that the settings match the checkpoint's. ``train_flow``
+    checks all of it again, under the flow's lock, with the model."""
+    from lft_core.flow.store import NAME_RE
+
+    name = cfg.name or cfg.default_name()
+    if NAME_RE.match(name) and (flows_dir() / name).exists() and not resume:
+        _check_name(name, cfg, None, resume)
+    cfg.validate()
+    if resume and NAME_RE.match(name) and (flows_dir() / name).exists():
+        _check_resume_settings(name, cfg, read_flow_config(name))
+
+
+def _check_name(name: str, cfg: TrainConfig, teacher: Teacher | None, resume: bool) -> None:
     """LFTError unless training ``name`` may start (a new name) or continue (``resume`` of a matching run)."""
     out_dir = flows_dir() / name
     if out_dir.exists() and not resume:
@@ -237,12 +260,29 @@ def _check_resume(name: str, cfg: TrainConfig, teacher: Teacher, saved: dict) ->
     if saved.get("model") != teacher.model_id or tuple(saved.get("span", ())) != cfg.span:
         raise LFTError(f"cannot resume {name}: it was trained for another model or span "
                        f"({saved.get('model')}, span {saved.get('span')})")
+    _check_resume_settings(name, cfg, saved)
+
+
+def _resolved(saved: dict, key: str) -> Any:
+    if key == "sink_weight":  # unset means seq_len / 2
+        value = saved.get(key)
+        return float(value) if value is not None else saved.get("seq_len", 0) / 2
+    return saved[key]
+
+
+def _check_resume_settings(name: str, cfg: TrainConfig, saved: dict) -> None:
+    """The settings part of ``_check_resume`` (needs no model)."""
     done = saved.get("steps_done")
     distilling = isinstance(done, int) and done > saved.get("steps", done)
+    mine = {**{f: getattr(cfg, f) for f in RESUME_MUST_MATCH + ("steps", *DISTILL_SETTINGS)},
+            "sink_weight": cfg.resolved_sink_weight()}
     for key in RESUME_MUST_MATCH + (("steps", *DISTILL_SETTINGS) if distilling else ()):
-        if key in saved and saved[key] != getattr(cfg, key):
-            raise LFTError(f"cannot resume {name}: it was trained with {key} = {saved[key]!r}, not "
-                           f"{getattr(cfg, key)!r}; resume with the same settings or train a new flow")
+        if key not in saved:
+            continue
+        then = _resolved(saved, key)
+        if then != mine[key] or type(then) is bool and then is not mine[key]:
+            raise LFTError(f"cannot resume {name}: it was trained with {key} = {then!r}, not "
+                           f"{mine[key]!r}; resume with the same settings or train a new flow")
     if isinstance(done, int) and cfg.total_steps < done:
         raise LFTError(f"cannot resume {name} for {cfg.total_steps} steps: {done} are done already (ask for more)")
 
@@ -410,40 +450,41 @@ def train_loop(run: Run, progress: Callable[[dict], None] | None, should_stop: C
     loss_value, stopped, step = float("nan"), False, run.start_step
     bar = tqdm(total=total, initial=run.start_step, desc=f"{cfg.method} {cfg.span.m}:{cfg.span.n}",
                disable=not run.verbose)
-    run.flow.train()
-    for step in range(run.start_step, total):
-        if dist.any(should_stop is not None and dist.main and bool(should_stop())):
-            stopped = True
-            break
-        step_start = time.perf_counter()
-        stage = "flow" if step < cfg.steps else "distill"
-        inputs = flow_step_inputs(run, step) if stage == "flow" else distill_step_inputs(run, step - cfg.steps)
-        lr = lr_at(step, cfg)
-        try:
-            loss_value = optimiser_step(run, stage, inputs, lr)
-        except _Diverged as e:
-            checkpoint(run, step, "failed")
-            raise LFTError(f"training diverged at step {step} (loss {e.loss}); try a lower learning rate") from None
-        tokens = (cfg.batch if stage == "flow" else cfg.distill_batch) * cfg.seq_len
-        event = {"step": step + 1, "steps": total, "stage": stage, "loss": loss_value, "lr": lr,
-                 "tokens_per_s": tokens / max(time.perf_counter() - step_start, 1e-9),
-                 "eta_s": (time.perf_counter() - t0) / (step + 1 - run.start_step) * (total - step - 1)}
-        if dist.main and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
-            run.flow.eval()
-            event["heldout_nmse"] = heldout_nmse(run.flow, data.held_x0, data.held_x1, cfg.k)
-            run.flow.train()
-        event["elapsed_s"] = elapsed0 + time.perf_counter() - t0  # training wall time so far (compare at equal time)
-        run.history.append({k: (round(v, 6) if isinstance(v, float) else v) for k, v in event.items()
-                            if k in HISTORY_FIELDS or (k == "stage" and v != "flow")})
-        if progress is not None and dist.main:
-            progress(event)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", stage=stage)
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
-            checkpoint(run, step + 1, "running")
-    else:
-        step = total
-    bar.close()
+    with bar:  # closed also when a step fails, so that the error line stays the last line on stderr
+        run.flow.train()
+        for step in range(run.start_step, total):
+            if dist.any(should_stop is not None and dist.main and bool(should_stop())):
+                stopped = True
+                break
+            step_start = time.perf_counter()
+            stage = "flow" if step < cfg.steps else "distill"
+            inputs = flow_step_inputs(run, step) if stage == "flow" else distill_step_inputs(run, step - cfg.steps)
+            lr = lr_at(step, cfg)
+            try:
+                loss_value = optimiser_step(run, stage, inputs, lr)
+            except _Diverged as e:
+                checkpoint(run, step, "failed")
+                raise LFTError(f"training diverged at step {step} (loss {e.loss}); try a lower learning "
+                               f"rate") from None
+            tokens = (cfg.batch if stage == "flow" else cfg.distill_batch) * cfg.seq_len
+            event = {"step": step + 1, "steps": total, "stage": stage, "loss": loss_value, "lr": lr,
+                     "tokens_per_s": tokens / max(time.perf_counter() - step_start, 1e-9),
+                     "eta_s": (time.perf_counter() - t0) / (step + 1 - run.start_step) * (total - step - 1)}
+            if dist.main and ((step + 1) % cfg.eval_every == 0 or step + 1 == total):
+                run.flow.eval()
+                event["heldout_nmse"] = heldout_nmse(run.flow, data.held_x0, data.held_x1, cfg.k)
+                run.flow.train()
+            event["elapsed_s"] = elapsed0 + time.perf_counter() - t0  # training wall time so far (compare at equal time)
+            run.history.append({k: (round(v, 6) if isinstance(v, float) else v) for k, v in event.items()
+                                if k in HISTORY_FIELDS or (k == "stage" and v != "flow")})
+            if progress is not None and dist.main:
+                progress(event)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", stage=stage)
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
+                checkpoint(run, step + 1, "running")
+        else:
+            step = total
     run.flow.eval()
     nmse_value = agree(lambda: heldout_nmse(run.flow, data.held_x0, data.held_x1, cfg.k), dist)
     if run.history and run.history[-1].get("heldout_nmse") is None:  # stopped between evaluations: keep the last

@@ -7,35 +7,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
+import math
 import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from lft_core.data.corpus import DEFAULT as DEFAULT_CORPUS
 from lft_core.errors import LFTError
 from lft_core.flow.config import MAX_SEED, TrainConfig
 from lft_core.model.loading import DEVICE_MAPS
+from lft_core.outputs import check_output_file
 from lft_core.run.commands import COMMANDS, write_result
 from lft_core.span import Span
 
 
 def check_output_path(path: str | None, flag: str = "--json") -> None:
-    """LFTError at once (before any work) unless ``path`` can be written: not a folder, its folder exists and
-    takes a new file (tried, then removed)."""
-    if not path:
+    """LFTError at once (before any work) unless ``path`` (when given) may be written: the one gate every output
+    goes through, ``outputs.check_output_file`` (a regular file or a new name in an existing, writable folder,
+    outside the cache; never a FIFO, device, socket, link or folder). An empty name is refused, not ignored."""
+    if path is None:
         return
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise LFTError(f"{flag} {path} is a folder: give a file name")
-    if not p.parent.is_dir():
-        raise LFTError(f"{flag} {path}: the folder {p.parent} does not exist")
-    try:
-        with tempfile.NamedTemporaryFile(dir=p.parent, prefix=f".{p.name}.", suffix=".check"):
-            pass
-    except OSError as e:
-        raise LFTError(f"{flag} {path} cannot be written ({e.strerror or e})") from None
+    check_output_file(path, flag)
 
 
 MAX_PAIRS = 4096  # a 4096² float64 cost matrix is 128 MiB, and the exact assignment is cubic in it
@@ -65,11 +58,32 @@ def _span(text: str) -> Span:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _int_list(text: str) -> list[int]:
+def _int_list(text: str, allow_empty: bool = False) -> list[int]:
+    """``"1, 2,3"`` -> [1, 2, 3]; at least one value unless ``allow_empty`` (``''`` is then no values)."""
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+    if not values and not allow_empty:
+        raise argparse.ArgumentTypeError(f"expected at least one integer (a comma list like 1,2,3), got {text!r}")
+    return values
+
+
+def _int_list_or_none(text: str) -> list[int]:
+    """``--skip ''``: no skip-k rows (eval still evaluates the flow; ``baselines`` refuses it with the skip
+    baseline chosen)."""
+    return _int_list(text, allow_empty=True)
+
+
+def _float(text: str) -> float:
+    """A finite number (``nan``, ``inf`` and ``1e999`` are refused here; ranges are ``TrainConfig.validate``'s)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v + 0.0  # -0 is 0
 
 
 def _baseline_list(text: str) -> list[str]:
@@ -103,7 +117,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type, skip: tu
             kw.update(type=_span, required=meta.get("required", False))
             del kw["default"]
         else:
-            kw["type"] = _positive if meta.get("positive") else meta.get("type", type(f.default))
+            kind = meta.get("type", type(f.default))
+            kw["type"] = _positive if meta.get("positive") else _float if kind is float else kind
             if "choices" in meta:  # a registry's names are read when the parser is built
                 choices = meta["choices"]
                 kw["choices"] = list(choices() if callable(choices) else choices)
@@ -169,14 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--stop-file", help=argparse.SUPPRESS)
 
     e = sub.add_parser("eval", help="KL / NMSE / PPL of a flow against the teacher and layer skipping")
-    e.add_argument("--flow", required=True, help="flow name (in cache/flows) or folder")
+    e.add_argument("--flow", required=True, help="a saved flow's name (cache/flows/NAME), or a folder given as a "
+                                                 "path (with a /, or starting with . or ~)")
     e.add_argument("--model", default=None, help="defaults to the flow's model")
     e.add_argument("--text", help="evaluate on this text file instead of held-out corpus windows")
     e.add_argument("--corpus", default=None, help="held-out windows of this corpus (default: the flow's own)")
     e.add_argument("--windows", type=_positive, default=16)
     e.add_argument("--seq-len", type=_positive, default=None)
     e.add_argument("--k", type=_int_list, default=[1, 2, 3], help="LFT integration steps, e.g. 1,2,3")
-    e.add_argument("--skip", type=_int_list, default=[1, 2, 3], help="skip-k baselines, e.g. 1,2,3")
+    e.add_argument("--skip", type=_int_list_or_none, default=[1, 2, 3],
+                   help="skip-k baselines, e.g. 1,2,3 ('' for none)")
     e.add_argument("--baselines", type=_baseline_list, default=[],
                    help=f"baselines to add beside skip-k (--skip), comma list of {', '.join(BASELINES)} (fitted "
                         "ones on the flow's training data)")
@@ -188,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(a_)
     a_.add_argument("--span", type=_span, default=None, help="M:N: skip-k and affine rows for this span")
     a_.add_argument("--spans", default=None, help="all or M:N,M:N: the affine held-out NMSE grid")
-    a_.add_argument("--skip", type=_int_list, default=[1, 2, 3], help="skip-k baselines, e.g. 1,2,3")
+    a_.add_argument("--skip", type=_int_list_or_none, default=[1, 2, 3],
+                    help="skip-k baselines, e.g. 1,2,3 ('' only with --baselines leaving skip out)")
     a_.add_argument("--baselines", type=_baseline_list, default=[],
                     help=f"--span: comma list of {', '.join(BASELINES)} (default: every one)")
     a_.add_argument("--text", help="evaluate on this text file instead of held-out corpus windows")
@@ -261,7 +279,23 @@ def main(argv: list[str] | None = None) -> int:
     from lft_core import distributed
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    place = distributed.env_rank()  # (rank, world) under torchrun
+    if place is None or place[1] < 2:
+        args = parser.parse_args(argv)
+    else:  # under torchrun every rank parses the same line: rank 0 says what is wrong with it, once
+        held, sys.stderr = sys.stderr, io.StringIO()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:
+            said, sys.stderr = sys.stderr.getvalue(), held
+            if e.code:
+                distributed.before_error()
+                distributed.record_error(said.strip().splitlines()[-1] if said.strip() else "error")
+            sys.stderr.write(said)
+            sys.stderr.flush()
+            raise
+        finally:
+            sys.stderr = held
     if args.command == "eval":
         args.corpus_given = args.corpus is not None
     start = time.perf_counter()
@@ -282,12 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         if dist.main:
             write_result(getattr(args, "json", None), result)
     except LFTError as e:
-        print(f"{_who(dist)}error: {e}", file=sys.stderr)
-        return 2
+        return _fail(dist, f"error: {e}", 2)
     except OSError as e:  # the machine said no (a full disk, a read-only folder, a vanished file): one line
         where = f" ({e.filename})" if e.filename else ""
-        print(f"{_who(dist)}error: {e.strerror or e}{where}", file=sys.stderr)
-        return 2
+        return _fail(dist, f"error: {e.strerror or e}{where}", 2)
     except KeyboardInterrupt:
         print(f"{_who(dist)}error: interrupted", file=sys.stderr)
         return 130
@@ -296,9 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         first = first.split("] ", 1)[-1][:160]  # drop the C++ source location gloo puts first
-        print(f"{_who(dist)}error: another rank of this run stopped ({first}); every rank ends here, and what "
-              f"was last saved (checkpoint, cache entry) is intact", file=sys.stderr)
-        return 1
+        return _fail(dist, f"error: another rank of this run stopped ({first}); every rank ends here, and what "
+                           f"was last saved (checkpoint, cache entry) is intact", 1, hold_back=False)
     finally:
         if quiet is not None:
             sys.stdout.close()
@@ -308,5 +339,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _who(dist) -> str:
-    """Error lines of ranks other than 0 say which rank speaks."""
-    return f"rank {dist.rank}: " if not dist.main else ""
+    """Error lines of ranks other than 0 say which rank speaks (known from torchrun's environment even before
+    the process group is joined)."""
+    from lft_core import distributed
+
+    if not dist.main:
+        return f"rank {dist.rank}: "
+    where = distributed.env_rank()
+    return f"rank {where[0]}: " if where is not None and where[0] != 0 else ""
+
+
+def _fail(dist, line: str, status: int, hold_back: bool = True) -> int:
+    """Print ``line`` (prefixed by the rank when not 0) as the last stderr line and return ``status``. Under
+    torchrun the line also goes to the agent's error file, and a rank other than 0 holds it back a few seconds
+    so that an error every rank meets is said once, by rank 0 (``distributed.before_error``)."""
+    from lft_core import distributed
+
+    if hold_back:
+        distributed.before_error()
+    line = _who(dist) + line
+    print(line, file=sys.stderr, flush=True)
+    distributed.record_error(line)
+    return status

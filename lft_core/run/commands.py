@@ -15,14 +15,15 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from lft_core.atomic import write_json
 from lft_core.errors import LFTError
 from lft_core.flow.config import TrainConfig
+from lft_core.outputs import write_output_json
 
 
 def write_result(path: str | None, data: dict) -> None:
-    if path:
-        write_json(Path(path), data, indent=2)
+    """``--json PATH``: through the one output gate (``outputs.write_output``: checked again at the write)."""
+    if path is not None:
+        write_output_json(path, data, "--json", indent=2)
 
 
 
@@ -75,9 +76,10 @@ def cmd_cache(a: argparse.Namespace) -> dict:
 
 def cmd_train(a: argparse.Namespace) -> dict:
     from lft_core.distributed import current
-    from lft_core.flow.training import train_flow
+    from lft_core.flow.training import check_before_loading, train_flow
 
     cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
+    check_before_loading(cfg, a.resume)  # every setting, the name, a resume's settings: before the model loads
     stop_file = Path(a.stop_file) if a.stop_file else None
     progress = _progress_writer(Path(a.progress_file)) if a.progress_file else None
 
@@ -108,6 +110,7 @@ def cmd_sweep(a: argparse.Namespace) -> dict:
     grid = parse_grid(a.spans, a.methods, a.k, a.seeds)  # bad text fails before the model loads
     base = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)
                           if f.name not in (*GRID, "name", "sweep")})
+    base.validate()  # the shared settings, as a whole, before the model loads (each cell again with the model)
     stop_file = Path(a.stop_file) if a.stop_file else None
     progress = _progress_writer(Path(a.progress_file)) if a.progress_file else None
     teacher = _teacher(a)
@@ -129,7 +132,7 @@ def cmd_eval(a: argparse.Namespace) -> dict:
     from lft_core.analysis.baselines import FitData, get_baseline, prepare
     from lft_core.analysis.evaluation import eval_windows, evaluate
     from lft_core.flow.latent import MAX_K
-    from lft_core.flow.store import open_flow, read_flow_config, trained_on
+    from lft_core.flow.store import check_trained_for, open_flow, read_flow_config, resolve_flow, trained_on
 
     if a.text and a.corpus_given:
         raise LFTError("give either --text or --corpus, not both")
@@ -139,9 +142,17 @@ def cmd_eval(a: argparse.Namespace) -> dict:
     for k in a.skip:
         if k < 1:
             raise LFTError(f"--skip values must be at least 1, got {k}")
-    config = read_flow_config(a.flow)
+    source = resolve_flow(a.flow)  # a bare name is the saved flow; a path has a '/' or starts with '.' or '~'
+    read_flow_config(a.flow)  # the record through the one reader: bounded, regular file, schema
+    flow, config = open_flow(a.flow)  # proved before any model loads: the weights' hash and their record
+    if not (a.model or isinstance(config.get("model"), str)):
+        raise LFTError(f"flow {a.flow!r} does not say which model it was trained for (its config.json has no "
+                       f"'model' field): pass --model")
     teacher = _teacher(a, a.model or config["model"])
-    flow, config = open_flow(a.flow, teacher)
+    check_trained_for(a.flow, flow, config, teacher)  # model id, weights hash, blocks, field shape
+    proof = flow.proof
+    if not proof.verified:
+        print(f"note: flow {a.flow!r} was {proof.note}", file=sys.stderr)
     if not teacher.dispatched:
         flow.to(teacher.device)
     text = None
@@ -159,8 +170,10 @@ def cmd_eval(a: argparse.Namespace) -> dict:
         prepared.append(prepare(name, teacher, flow.span, FitData.of_flow(config)))
     result = evaluate(teacher, flow, None, ids, ks=a.k, skips=a.skip,
                       progress=lambda s: print(s, file=sys.stderr), baselines=prepared)
+    print(f"flow: {source.kind} {source.path}" + ("" if proof.verified else " (unverified)"), file=sys.stderr)
     print(result.table())
-    return result.to_json()
+    return {**result.to_json(), "flow_source": {**source.to_json(), "verified": proof.verified,
+                                                "weights_sha256": proof.weights_sha256}}
 
 
 def cmd_baselines(a: argparse.Namespace) -> dict:
@@ -171,6 +184,9 @@ def cmd_baselines(a: argparse.Namespace) -> dict:
     for k in a.skip:
         if k < 1:
             raise LFTError(f"--skip values must be at least 1, got {k}")
+    if not a.skip and (not a.baselines or "skip" in a.baselines):
+        raise LFTError("--skip '' leaves the skip baseline nothing to evaluate: give at least one k (e.g. --skip 1) "
+                       "or leave skip out of --baselines")
     text = None
     if a.text:
         from lft_core.data.corpus import read_text_file

@@ -7,17 +7,31 @@ config.json records the sweep (``sweep: <prefix>``). Every other setting is the 
 A sweep is idempotent and resumable: ``plan_sweep`` checks the whole grid before anything is trained (spans
 against the model, settings, and every name: free, or taken by a flow of exactly this cell's settings), and
 decides per cell: ``train`` (new), ``resume`` (a stopped, interrupted or failed flow: ``train_flow(resume=True)``)
-or ``skip`` (complete). ``run_sweep`` then trains cell after cell; a stop request (``should_stop``) stops the
-current flow at its next step, which saves, and the sweep there; the cells not reached are ``pending`` and a
-second run of the same command continues where it stopped.
+or ``skip`` (complete), or ``wait`` (another job holds the flow's training lock right now). ``run_sweep`` then
+trains cell after cell; a stop request (``should_stop``) stops the current flow at its next step, which saves,
+and the sweep there; the cells not reached are ``pending`` and a second run of the same command continues where
+it stopped.
+
+Sweeps share their cells (two identical sweeps at once, overlapping sweeps, a sweep beside a ``train`` of one of
+its cells): each cell is decided again when its turn comes, from the flow's lock and its folder. A cell another
+job is training is passed over and the sweep goes on with the next one; when only such cells are left, it looks
+again every ``POLL_S`` seconds until their lock is free, then reads each as it is then: ``complete`` (the other
+job finished it: recorded with action ``waited``), or stopped / interrupted (it was stopped, or died, and its
+lock went with it), which this sweep resumes from its last checkpoint. A ``train_flow`` that loses the race for a
+lock (another job took the name between the look and the start) comes back later instead of failing. So every
+sweep reports every cell, and succeeds when every flow completed, whoever trained it. The wait ends when the
+other job ends (the operating system releases its lock, also on kill -9), when this sweep is asked to stop, or
+after ``LFT_SWEEP_WAIT`` seconds when that is set (the cell is then failed with one line).
 
 Progress events (``progress(event)``, the job's progress.jsonl) speak in runs: ``step`` / ``steps`` are the run
 i of N, ``label`` its flow, ``flow_step`` / ``flow_steps`` the step inside it, ``eta_s`` the whole sweep's time
-left (estimated from the current run's pace), ``event`` one of ``start``, ``step``, ``done``.
+left (estimated from the current run's pace), ``event`` one of ``start``, ``step``, ``done``, and ``wait`` (another
+job is training this run; ``flow_step`` is where its checkpoint was when the sweep looked).
 """
 from __future__ import annotations
 
 import math
+import os
 import re
 import statistics
 import sys
@@ -38,6 +52,12 @@ if TYPE_CHECKING:
 GRID = ("span", "method", "k", "seed")
 """The TrainConfig settings a sweep varies; ``name`` and ``sweep`` are set per cell, the rest is the base."""
 MAX_RUNS = 1024
+POLL_S = 1.0
+"""How often a sweep looks again at cells another job is training (only when every cell left is such a cell)."""
+RETRIES = 3
+"""How many times a cell whose training could not start (no step ran, nothing changed on disk) is tried again
+before it is recorded as failed: looking at a lock takes it for an instant, which can make another job's start
+fail once."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -140,8 +160,9 @@ def cli_args(plan: SweepPlan, base: TrainConfig) -> list[str]:
 class Cell:
     index: int  # 1-based: run i of N
     config: TrainConfig
-    action: str  # "train" | "resume" | "skip"
+    action: str  # "train" | "resume" | "skip" | "wait" (another job is training it)
     saved: dict | None = None  # the existing flow's config.json
+    waited: bool = False  # another job was training it when this sweep looked
 
     @property
     def name(self) -> str:
@@ -170,9 +191,10 @@ class SweepPlan:
         return sum(c.action == action for c in self.cells)
 
     def summary(self) -> str:
+        busy = f", {self.count('wait')} being trained by another job (waited for)" if self.count("wait") else ""
         return (f"sweep {self.prefix}: {len(self.cells)} runs ({len(self.spans)} span(s) × {len(self.methods)} "
                 f"method(s) × {len(self.ks)} k × {len(self.seeds)} seed(s)): {self.count('train')} to train, "
-                f"{self.count('resume')} to resume, {self.count('skip')} complete already")
+                f"{self.count('resume')} to resume, {self.count('skip')} complete already{busy}")
 
 
 def _mismatch(saved: dict, cfg: TrainConfig, teacher: Teacher | None) -> str | None:
@@ -218,30 +240,60 @@ def plan_sweep(base: TrainConfig, spans, methods, ks, seeds, prefix: str | None 
 
 
 def _cell(index: int, cfg: TrainConfig, teacher: Teacher | None) -> Cell:
+    """What cell ``index`` does now: train, resume, skip, or wait (another job holds its lock); LFTError (one
+    line) when its name is taken by something else (a flow of other settings, an unreadable or unresumable one)."""
     name = str(cfg.name)
     folder = flows_dir() / name
+    busy = being_trained(name)
     if not folder.exists():
-        return Cell(index, cfg, "train")
-    if being_trained(name):
-        raise LFTError(f"flow {name!r} of this sweep is being trained by another job right now; wait for it or "
-                       f"stop it first")
+        return Cell(index, cfg, "wait" if busy else "train")
     try:
         saved = read_flow_config(name)
     except LFTError:
         saved = None
     if not isinstance(saved, dict):
+        if busy:  # whoever trains it will write it; judged once it is done
+            return Cell(index, cfg, "wait")
         raise LFTError(f"flow {name!r} exists but its config.json cannot be read: delete it "
                        f"(`python -m lft_core flows --delete {name}`) or give the sweep another name")
     problem = _mismatch(saved, cfg, teacher)
     if problem:
         raise LFTError(f"a flow named {name!r} exists with other settings ({problem}): give the sweep another "
                        f"name (--name) or delete that flow")
+    if busy:
+        return Cell(index, cfg, "wait", saved)
     if saved.get("status") == "complete":
         return Cell(index, cfg, "skip", saved)
     if not has_training_state(folder):
         raise LFTError(f"flow {name!r} is unfinished and has no training state to resume from: delete it "
                        f"(`python -m lft_core flows --delete {name}`)")
     return Cell(index, cfg, "resume", saved)
+
+
+def _on_disk(name: str) -> tuple:
+    """What a flow's folder says now (exists, status, steps done): to tell whether another job changed it."""
+    if not (flows_dir() / name).exists():
+        return (False, None, None)
+    try:
+        saved = read_flow_config(name)
+    except LFTError:
+        return (True, None, None)
+    return (True, saved.get("status"), saved.get("steps_done")) if isinstance(saved, dict) else (True, None, None)
+
+
+def wait_limit() -> float | None:
+    """``LFT_SWEEP_WAIT``: the most seconds a sweep waits for a cell another job is training (unset: as long as
+    that job runs)."""
+    text = os.environ.get("LFT_SWEEP_WAIT", "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < 0:
+        raise LFTError(f"LFT_SWEEP_WAIT must be a number of seconds (0 or more), got {text!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -335,8 +387,11 @@ def _saved_numbers(saved: dict) -> tuple[float | None, float | None]:
 
 
 def _record(cell: Cell, status: str, **kw) -> RunRecord:
+    """``action``: what this sweep did (train, resume, skip), ``waited`` when another job, found training the
+    cell, completed it, ``wait`` when it was still another job's when the sweep stopped or gave up."""
     cfg = cell.config
-    return RunRecord(cell.name, cfg.span, cfg.method, cfg.k, cfg.seed, cell.action, status, **kw)
+    action = "waited" if cell.waited and cell.action == "skip" else cell.action
+    return RunRecord(cell.name, cfg.span, cfg.method, cfg.k, cfg.seed, action, status, **kw)
 
 
 def precache(teacher: Teacher, cells: Sequence[Cell], verbose: bool = True) -> None:
@@ -357,74 +412,140 @@ def precache(teacher: Teacher, cells: Sequence[Cell], verbose: bool = True) -> N
 
 def run_sweep(plan: SweepPlan, teacher: Teacher, progress: Callable[[dict], None] | None = None,
               should_stop: Callable[[], bool] | None = None, verbose: bool = True) -> SweepResult:
-    """Train the plan's cells one after another (see the module doc); a run that fails (diverges) is recorded
-    as failed and the sweep goes on."""
+    """Train the plan's cells (see the module doc: each cell is decided again at its turn, and cells another
+    job is training are waited for); a run that fails (diverges) is recorded as failed and the sweep goes on.
+    The result's ``runs`` are in the plan's order."""
     from lft_core.flow.training import train_flow
 
     emit = progress or (lambda event: None)
     stop = should_stop or (lambda: False)
+    limit = wait_limit()
     N = len(plan.cells)
     t_sweep = time.perf_counter()
-    records: list[RunRecord] = []
+    records: dict[int, RunRecord] = {}
     stopped = False
     pace = {"per_step": None}  # seconds per step, measured on the current run
+    waiting_since: dict[int, float] = {}  # cell index -> when this sweep first found another job training it
+    tries: dict[int, int] = {}  # cell index -> starts that came back (lost to another job, or tried again)
 
     def say(text: str) -> None:
         if verbose:
             print(text, file=sys.stderr, flush=True)
 
-    say(plan.summary())
-    if any(c.action != "skip" for c in plan.cells) and not stop():
-        precache(teacher, plan.cells, verbose)
-    for pos, cell in enumerate(plan.cells):
-        base = {"step": cell.index, "steps": N, "label": cell.name, "flow_steps": cell.config.total_steps}
-        if cell.action != "skip" and (stopped or stop()):  # a complete cell is reported as such, also after a stop
-            stopped = True
-            records.append(_record(cell, "pending", steps_done=cell.steps_done if cell.saved else None))
-            continue
-        later = sum(c.steps_left for c in plan.cells[pos + 1:])
+    def finish(cell: Cell, rec: RunRecord, base: dict, eta: float | None) -> None:
+        records[cell.index] = rec
+        emit({**base, "event": "done", "status": rec.status, "flow_step": rec.steps_done,
+              "final_loss": rec.to_json()["final_loss"], "heldout_nmse": rec.to_json()["heldout_nmse"],
+              "seconds": rec.to_json()["seconds"], "eta_s": eta})
 
-        def sweep_eta(run_left: float | None) -> float | None:
-            per = pace["per_step"]
-            if per is None:
-                return None
-            return (run_left if run_left is not None else per * cell.steps_left) + per * later
+    def lost_the_start(cell: Cell, before: tuple, error: LFTError) -> bool:
+        """After a train_flow that ran no step failed: True to come back to the cell later (another job took
+        or changed it meanwhile, or, a few times, to try again), False to record the failure."""
+        tries[cell.index] = tries.get(cell.index, 0) + 1
+        if tries[cell.index] > 20:  # a name that keeps changing hands: record it rather than loop
+            return False
+        after = _on_disk(cell.name)
+        if being_trained(cell.name) or (after != before and after[1] != "failed"):
+            say(f"run {cell.index} of {N}: another job took {cell.name} as this sweep started it; the sweep "
+                f"comes back to it")
+            return True
+        if tries[cell.index] <= RETRIES:
+            say(f"run {cell.index} of {N}: {cell.name} could not start ({error}); trying again shortly")
+            return True
+        return False
 
+    def attempt(cell: Cell, base: dict, sweep_eta: Callable) -> RunRecord | None:
+        """Run one decided cell; None when another job took it first."""
         emit({**base, "event": "start", "action": cell.action, "flow_step": cell.steps_done,
               "eta_s": sweep_eta(None)})
         if cell.action == "skip":
             loss, nmse = _saved_numbers(cell.saved or {})
-            say(f"run {cell.index} of {N}: {cell.name} is complete already (skipped)")
-            rec = _record(cell, "complete", steps_done=cell.steps_done, final_loss=loss, heldout_nmse=nmse)
-        else:
-            say(f"run {cell.index} of {N}: {'resuming' if cell.action == 'resume' else 'training'} {cell.name}")
+            say(f"run {cell.index} of {N}: {cell.name} " + ("was completed by another job meanwhile"
+                                                           if cell.waited else "is complete already (skipped)"))
+            return _record(cell, "complete", steps_done=cell.steps_done, final_loss=loss, heldout_nmse=nmse)
+        say(f"run {cell.index} of {N}: {'resuming' if cell.action == 'resume' else 'training'} {cell.name}")
+        ran = {"steps": 0}
 
-            def on_step(event: dict, base=base) -> None:
-                left = event["steps"] - event["step"]
-                if left > 0 and event.get("eta_s") is not None:
-                    pace["per_step"] = event["eta_s"] / left
-                emit({**{k: v for k, v in event.items() if k not in ("step", "steps", "eta_s")}, **base,
-                      "event": "step", "flow_step": event["step"], "flow_steps": event["steps"],
-                      "flow_eta_s": event.get("eta_s"), "eta_s": sweep_eta(event.get("eta_s"))})
+        def on_step(event: dict) -> None:
+            ran["steps"] += 1
+            left = event["steps"] - event["step"]
+            if left > 0 and event.get("eta_s") is not None:
+                pace["per_step"] = event["eta_s"] / left
+            emit({**{k: v for k, v in event.items() if k not in ("step", "steps", "eta_s")}, **base,
+                  "event": "step", "flow_step": event["step"], "flow_steps": event["steps"],
+                  "flow_eta_s": event.get("eta_s"), "eta_s": sweep_eta(event.get("eta_s"))})
 
-            t0 = time.perf_counter()
-            try:
-                result = train_flow(cell.config, teacher=teacher, progress=on_step, should_stop=stop,
-                                    resume=cell.action == "resume", verbose=verbose)
-            except LFTError as e:
-                say(f"run {cell.index} of {N}: {cell.name} failed: {e}")
-                rec = _record(cell, "failed", seconds=time.perf_counter() - t0, error=str(e))
-            else:
-                stopped = result.stopped
-                rec = _record(cell, "stopped" if result.stopped else "complete", steps_done=result.steps,
-                              final_loss=result.final_loss, heldout_nmse=result.heldout_nmse,
-                              seconds=time.perf_counter() - t0)
-        records.append(rec)
-        emit({**base, "event": "done", "status": rec.status, "flow_step": rec.steps_done,
-              "final_loss": rec.to_json()["final_loss"], "heldout_nmse": rec.to_json()["heldout_nmse"],
-              "seconds": rec.to_json()["seconds"], "eta_s": sweep_eta(0.0)})
+        before = _on_disk(cell.name)
+        t0 = time.perf_counter()
+        try:
+            result = train_flow(cell.config, teacher=teacher, progress=on_step, should_stop=stop,
+                                resume=cell.action == "resume", verbose=verbose)
+        except LFTError as e:
+            if not ran["steps"] and lost_the_start(cell, before, e):
+                return None
+            say(f"run {cell.index} of {N}: {cell.name} failed: {e}")
+            return _record(cell, "failed", seconds=time.perf_counter() - t0, error=str(e))
+        return _record(cell, "stopped" if result.stopped else "complete", steps_done=result.steps,
+                       final_loss=result.final_loss, heldout_nmse=result.heldout_nmse,
+                       seconds=time.perf_counter() - t0)
+
+    say(plan.summary())
+    if any(c.action != "skip" for c in plan.cells) and not stop():
+        precache(teacher, plan.cells, verbose)
+    pending = list(plan.cells)
+    while pending:
+        busy: list[Cell] = []  # cells another job holds: the next pass looks at them again
+        for pos, cell in enumerate(pending):
+            base = {"step": cell.index, "steps": N, "label": cell.name, "flow_steps": cell.config.total_steps}
+            if cell.action != "skip" and (stopped or stop()):  # a complete cell is reported as such, also after a stop
+                stopped = True
+                records[cell.index] = _record(cell, "pending", steps_done=cell.steps_done if cell.saved else None)
+                continue
+            later = sum(c.steps_left for c in pending[pos + 1:]) + sum(c.steps_left for c in busy)
+
+            def sweep_eta(run_left: float | None, cell: Cell = cell, later: int = later) -> float | None:
+                per = pace["per_step"]
+                if per is None:
+                    return None
+                return (run_left if run_left is not None else per * cell.steps_left) + per * later
+
+            if cell.action != "skip":  # decided again now: another job may have taken, finished or left it
+                try:
+                    now = _cell(cell.index, cell.config, teacher)
+                except LFTError as e:
+                    say(f"run {cell.index} of {N}: {cell.name} failed: {e}")
+                    finish(cell, _record(cell, "failed", error=str(e)), base, sweep_eta(0.0))
+                    continue
+                now.waited = cell.waited or cell.action == "wait"  # another job had it when this sweep looked
+                if now.action == "wait":
+                    now.waited = True
+                    since = waiting_since.get(cell.index)
+                    if since is None:
+                        since = waiting_since[cell.index] = time.monotonic()
+                        say(f"run {cell.index} of {N}: {cell.name} is being trained by another job; the sweep "
+                            f"goes on and comes back to it")
+                    if limit is not None and time.monotonic() - since >= limit:
+                        error = (f"flow {cell.name!r} is still being trained by another job after {limit:g} s "
+                                 f"(LFT_SWEEP_WAIT); run the sweep again once that job is done")
+                        say(f"run {cell.index} of {N}: {cell.name} failed: {error}")
+                        finish(now, _record(now, "failed", error=error), base, sweep_eta(0.0))
+                        continue
+                    emit({**base, "event": "wait", "action": "wait", "flow_step": now.steps_done, "eta_s": None})
+                    busy.append(now)
+                    continue
+                cell = now
+            rec = attempt(cell, base, sweep_eta)
+            if rec is None:
+                busy.append(cell)
+                continue
+            stopped = stopped or rec.status == "stopped"
+            finish(cell, rec, base, sweep_eta(0.0))
+        pending = busy
+        if pending and not (stopped or stop()):
+            time.sleep(POLL_S)
     grid = {"spans": [str(s) for s in plan.spans], "methods": plan.methods, "k": plan.ks, "seeds": plan.seeds}
-    return SweepResult(plan.prefix, records, stopped, time.perf_counter() - t_sweep, grid)
+    return SweepResult(plan.prefix, [records[c.index] for c in plan.cells], stopped,
+                       time.perf_counter() - t_sweep, grid)
 
 
 # ---------------------------------------------------------------------------------------------------------

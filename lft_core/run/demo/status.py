@@ -2,6 +2,9 @@
 no torch, no hashing, so every page can call it."""
 from __future__ import annotations
 
+import math
+import os
+import stat
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,22 +46,169 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+"""A manifest is a few KB; a larger file (or anything but a regular file) is damaged, never read."""
+MAX_INT = 2**31 - 1
+STEP_STATES = ("pending", "running", "done", "failed")
+
+
+class _Bad(Exception):
+    """A manifest field of the wrong type or out of range (the message names it)."""
+
+
+def _number(value, where: str, none: bool = True) -> None:
+    if value is None and none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _Bad(f"{where} is not a finite number")
+
+
+def _integer(value, where: str, least: int = 0, none: bool = False) -> None:
+    if value is None and none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= MAX_INT:
+        raise _Bad(f"{where} is not an integer in [{least}, {MAX_INT}]")
+
+
+def _string(value, where: str, none: bool = False, empty: bool = True) -> None:
+    if value is None and none:
+        return
+    if not isinstance(value, str) or (not empty and not value.strip()):
+        raise _Bad(f"{where} is not a{'' if empty else ' non-empty'} string")
+
+
+def _object(value, where: str, none: bool = False) -> dict:
+    if value is None and none:
+        return {}
+    if not isinstance(value, dict):
+        raise _Bad(f"{where} is not an object")
+    return value
+
+
+def _list(value, where: str, none: bool = False) -> list:
+    if value is None and none:
+        return []
+    if not isinstance(value, list):
+        raise _Bad(f"{where} is not a list")
+    return value
+
+
+def _span(value, where: str) -> None:
+    if not isinstance(value, list) or len(value) != 2:
+        raise _Bad(f"{where} is not a span [m, n]")
+    _integer(value[0], where)
+    _integer(value[1], where, least=1)
+    if not value[0] < value[1]:
+        raise _Bad(f"{where} is not a span [m, n] with m < n")
+
+
+def _check_settings(data) -> None:
+    settings = _object(data, "settings")
+    for name in ("model", "corpus"):
+        if name in settings:
+            _string(settings[name], f"settings.{name}", empty=False)
+    for name in ("seq_len", "windows", "pairs", "blocks", "affine_heldout_windows"):
+        if name in settings:
+            _integer(settings[name], f"settings.{name}", least=1)
+    if "methods" in settings:
+        methods = _list(settings["methods"], "settings.methods")
+        for i, method in enumerate(methods):
+            _string(method, f"settings.methods[{i}]", empty=False)
+        if not methods or len(set(methods)) != len(methods):
+            raise _Bad("settings.methods is not a list of distinct names")
+    if "train" in settings:
+        train = _object(settings["train"], "settings.train")
+        for key, value in train.items():
+            if not isinstance(value, (str, int, float, bool, list, type(None))):
+                raise _Bad(f"settings.train.{key} is not a plain value")
+
+
+def _check_manifest(data: dict) -> None:
+    """_Bad naming the first field of ``data`` (a JSON object) that is missing, of the wrong type or out of range.
+    Fields the app never reads are ignored; every field it reads is checked here, once."""
+    if data.get("version") != MANIFEST_VERSION or isinstance(data.get("version"), bool):
+        raise _Bad(f"version is not {MANIFEST_VERSION}")
+    _check_settings(data.get("settings"))
+    for i, record in enumerate(_list(data.get("steps"), "steps")):
+        where = f"steps[{i}]"
+        _object(record, where)
+        _integer(record.get("step"), f"{where}.step", least=1)
+        if record.get("state") not in STEP_STATES:
+            raise _Bad(f"{where}.state is not one of {', '.join(STEP_STATES)}")
+        _number(record.get("seconds"), f"{where}.seconds")
+        if record.get("seconds") is not None and record["seconds"] < 0:
+            raise _Bad(f"{where}.seconds is negative")
+        for key in ("label", "error", "started", "finished"):
+            _string(record.get(key), f"{where}.{key}", none=True)
+    if len({r["step"] for r in data["steps"]}) != len(data["steps"]):
+        raise _Bad("steps number a step twice")
+    for key in ("cache", "grids"):
+        for name, value in _object(data.get(key), key, none=True).items():
+            _string(value, f"{key}.{name}")
+    spans = _object(data.get("spans"), "spans", none=True)
+    if spans:
+        for which in ("low", "high"):
+            info = _object(spans.get(which), f"spans.{which}")
+            _span(info.get("span"), f"spans.{which}.span")
+            for key in ("R", "affine_nmse"):
+                _number(info.get(key), f"spans.{which}.{key}")
+            if info.get("R") is not None and not 0 <= info["R"] <= 1:
+                raise _Bad(f"spans.{which}.R is not a ratio in [0, 1]")
+        _string(spans.get("rule"), "spans.rule", none=True)
+    for i, flow in enumerate(_list(data.get("flows"), "flows", none=True)):
+        where = f"flows[{i}]"
+        _object(flow, where)
+        _string(flow.get("name"), f"{where}.name", empty=False)
+        if "/" in flow["name"] or "\\" in flow["name"] or flow["name"].startswith("."):
+            raise _Bad(f"{where}.name is not a flow name")
+        _string(flow.get("method"), f"{where}.method", empty=False)
+        if flow.get("which") not in ("low", "high"):
+            raise _Bad(f"{where}.which is not low or high")
+        _span(flow.get("span"), f"{where}.span")
+        _object(flow.get("config"), f"{where}.config", none=True)
+    for key in ("job", "model_id", "weights_hash", "created", "updated", "finished"):
+        _string(data.get(key), key, none=True)
+    _integer(data.get("pid"), "pid", none=True)
+    _integer(data.get("n_layers"), "n_layers", least=1, none=True)
+    if not isinstance(data.get("ready", False), bool):
+        raise _Bad("ready is not true or false")
+
+
+def load_manifest() -> tuple[dict | None, str | None]:
+    """The one typed reader of the demo's manifest: (manifest, None) when it is whole; (None, None) when there is
+    none; (None, why) when it is damaged: not a regular file, over ``MAX_MANIFEST_BYTES``, not JSON, or any field
+    of the wrong type or out of range (``_check_manifest``). Never raises for what the file holds."""
+    path = manifest_path()
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        return None, f"manifest.json cannot be read ({e.strerror or type(e).__name__})"
+    if not stat.S_ISREG(info.st_mode):
+        return None, "manifest.json is not a regular file"
+    if info.st_size > MAX_MANIFEST_BYTES:
+        return None, f"manifest.json is {info.st_size:,} bytes (a manifest is a few KB)"
+    try:
+        data = read_record(path)
+    except DamagedRecord as e:
+        if not path.exists():  # removed between the two looks: no manifest
+            return None, None
+        return None, str(e)
+    try:
+        _check_manifest(data)
+        DemoSettings.from_json(data["settings"])
+    except (_Bad, LFTError) as e:
+        return None, f"manifest.json: {e}"
+    if data.get("flows") is None:
+        data["flows"] = []
+    return data, None
+
+
 def read_manifest() -> dict | None:
     """The manifest as saved, or None when there is none or it is damaged (then the demo counts as not
     prepared, and the next preparation checks every artefact and writes a new one)."""
-    try:
-        data = read_record(manifest_path(), {"version": int, "settings": dict, "steps": list})
-    except DamagedRecord:
-        return None
-    shapes = (("cache", dict), ("grids", dict), ("spans", dict), ("flows", list))
-    if data["version"] != MANIFEST_VERSION or not all(isinstance(s, dict) for s in data["steps"]) or \
-            any(data.get(k) is not None and not isinstance(data[k], kind) for k, kind in shapes):
-        return None
-    spans = data.get("spans") or {}
-    if not all(isinstance(spans.get(w, {}), dict) for w in ("low", "high")) or \
-            not all(isinstance(f, dict) for f in data.get("flows") or []):
-        return None
-    return data
+    return load_manifest()[0]
 
 
 def new_manifest(settings: DemoSettings, steps: list[Step]) -> dict:
@@ -134,6 +284,7 @@ class DemoStatus:
     flow_info: list[dict] = field(default_factory=list)
     cache: dict = field(default_factory=dict)
     error: str | None = None
+    damaged: str | None = None
 
     @property
     def model(self) -> str:
@@ -161,7 +312,7 @@ class DemoStatus:
                 "steps": [{"step": i, "label": label, "state": state}
                           for i, (label, state) in enumerate(self.steps, 1)],
                 "spans": [list(s) for s in self.spans], "span_info": self.span_info, "flows": self.flows,
-                "flow_info": self.flow_info, "cache": self.cache, "error": self.error,
+                "flow_info": self.flow_info, "cache": self.cache, "error": self.error, "damaged": self.damaged,
                 "settings": self.settings.to_json()}
 
 
@@ -170,8 +321,10 @@ def demo_status(settings: DemoSettings | None = None) -> DemoStatus:
 
     ``settings`` None: the demo the manifest describes (the last one prepared or being prepared), or the default
     demo when there is no manifest. Given settings that differ from the manifest's: that demo is not prepared.
-    A step is 'done' only when its artefacts are there and whole (deleting a demo flow makes it pending)."""
-    manifest = read_manifest()
+    A step is 'done' only when its artefacts are there and whole (deleting a demo flow makes it pending).
+    A damaged manifest (``load_manifest``: any field of the wrong type) reads as none, with ``damaged`` saying why
+    and the line "demo damaged: prepare again" (a preparation writes a new one, keeping what is built)."""
+    manifest, damaged = load_manifest()
     other = False  # the manifest describes another demo than the one asked about
     if settings is None:
         try:
@@ -215,6 +368,8 @@ def demo_status(settings: DemoSettings | None = None) -> DemoStatus:
         job = owner.get("job") if isinstance(owner.get("job"), str) else None
     if ready:
         line = "demo ready"
+    elif damaged and not running:
+        line = "demo damaged: prepare again"
     elif running and other:
         line = "not prepared (another demo is being prepared)"
     elif running:
@@ -231,4 +386,4 @@ def demo_status(settings: DemoSettings | None = None) -> DemoStatus:
     return DemoStatus(ready=ready, done=done, total=total, steps=list(zip(labels, states.values())), spans=spans,
                       flows=[f["name"] for f in flow_info if isinstance(f.get("name"), str)], running=running,
                       line=line, settings=settings, job=job, span_info=span_info, flow_info=flow_info, cache=cache,
-                      error=error)
+                      error=error, damaged=damaged)
