@@ -425,13 +425,30 @@ def test_figures_module_is_plotly_only():
 # -- two sessions at once -------------------------------------------------------------------------------------
 
 
-def test_two_sessions_at_once_get_the_numbers_each_gets_alone(tiny_flow):
+def test_two_sessions_at_once_get_the_numbers_each_gets_alone(tiny_flow, monkeypatch):
     """Two AppTest sessions share the cached Teacher (st.cache_resource) and run at the same time: the per-token
     KL page (teacher, LFT and skip-k surgery) and the trajectories page (hidden states) each show exactly what
-    they show when run alone."""
+    they show when run alone.
+
+    AppTest stands in a mock for the server's one Runtime and sets it back to None after each run; two AppTests
+    in threads then race on that global (one session's run ends and the other's script finds no Runtime: a
+    harness artefact, a real server has one Runtime for all sessions). So while they run together, a session
+    that finds none uses the last mock."""
     import threading
 
     import streamlit as st
+    from streamlit.runtime import Runtime
+
+    last: dict = {}
+    real_instance = Runtime.instance.__func__
+
+    def instance(cls):
+        if cls._instance is not None:
+            last["runtime"] = cls._instance
+            return cls._instance
+        return last["runtime"] if "runtime" in last else real_instance(cls)
+
+    monkeypatch.setattr(Runtime, "instance", classmethod(instance))
 
     def kl_run():
         at = open_page("kl", {"span": TINY_SPAN})

@@ -147,7 +147,11 @@ def _rank_pids(parent: int, rank: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_a_killed_rank_ends_the_run_and_leaves_the_last_checkpoint(tiny_neox_dir, shared_cache):
+    """Slow (LFT_SLOW=1): a long torchrun run killed mid-way. The default run covers torchrun's failure path with
+    test_reliability_sweeps' torchrun test (one error line, named in torchrun's summary) and checkpoints that
+    survive a kill with test_faults' killed training jobs."""
     name = "ddp-killed"
     env = {**os.environ, "LFT_CACHE_DIR": str(shared_cache), "PYTHONUNBUFFERED": "1"}
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node=2", "-m", "lft_core",
@@ -180,7 +184,11 @@ def test_a_killed_rank_ends_the_run_and_leaves_the_last_checkpoint(tiny_neox_dir
 # torchrun: caching
 
 
+@pytest.mark.slow
 def test_two_rank_cache_writes_the_bytes_one_process_writes(tiny_neox_dir, tmp_path):
+    """Slow (LFT_SLOW=1): two torchrun ranks and a second process. The default run covers data-parallel work with
+    test_two_ranks_train_the_flow_one_process_trains (the same weights as one process) and the cache's bytes
+    with test_activations and test_faults (two processes caching one entry)."""
     args = ["cache", "--model", str(tiny_neox_dir), "--windows", "11", "--seq-len", "16", "--layers", "all",
             "--batch-size", "3"]
     two, one = tmp_path / "two", tmp_path / "one"

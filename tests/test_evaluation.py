@@ -59,3 +59,17 @@ def test_token_kl(tiny_neox, tiny_neox_dir):
     assert np.allclose(res.kl["teacher"], 0, atol=1e-6)
     assert res.kl["skip 2"].shape == (T,) and (res.kl["skip 2"] > 0).all()
     assert len(res.top["LFT k=2"][0]) == 5 and abs(sum(p for _, p in res.top["teacher"][0]) - 1) < 1
+
+
+def test_streamed_metrics_equal_the_whole_batch(tiny_neox):
+    """stream_metrics keeps one batch of logits alive at a time; its means equal the ones computed from every
+    window's logits at once (the memory bound itself: test_damage, LFT_SLOW=1)."""
+    from lft_core.analysis.evaluation import stream_metrics
+    from lft_core.analysis.metrics import kl_per_token, nll_per_token
+
+    ids = torch.randint(0, 1000, (6, 12), generator=torch.Generator().manual_seed(0))
+    surgery = Skip(1, 2)
+    (kl, ppl), = stream_metrics(tiny_neox, ids, [surgery], batch=4)  # batches of 4 and 2 windows
+    ref, model = tiny_neox.logits(ids), tiny_neox.logits(ids, surgery)
+    assert kl == pytest.approx(float(kl_per_token(ref, model).double().mean()), rel=1e-6)
+    assert ppl == pytest.approx(float(np.exp(nll_per_token(model, ids).double().mean())), rel=1e-6)
