@@ -10,7 +10,7 @@ Data flows one way: data -> model -> flow -> analysis -> run (and the app). No S
 * ``flow``: the velocity field u_θ (``field``), ``LatentFlow`` (``latent``), integrators (``solvers``), the
   straight path and losses (``losses``), the training methods' registry (``methods``: SFM, FW, hybrid),
   ``TrainConfig`` (``config``), training pairs (``pairs``), the trainer (``training``), saved flows
-  (``store``), the 2-D lab (``toy``);
+  (``store``) and what their records must prove (``record``), the 2-D lab (``toy``);
 * ``analysis``: KL / NLL / PPL / NMSE (``metrics``), held-out evaluation (``evaluation``), the baselines'
   registry (``baselines``: skip-k, affine) and the affine fit (``affine``), recoupling ratio (``recoupling``),
   crossings (``crossings``), ``trajectories``, ``projection`` (PCA / UMAP), recipes over seeds (``recipes``),

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from lft_core.data.activations import CacheError, ensure_activations, open_activations, parse_layers
-from lft_core.run.cli import main
+from cli_helpers import run_cli as _cli
 from lft_core.data.corpus import CorpusError, load_corpus, make_windows
 from lft_core.errors import LFTError
 from lft_core.analysis.evaluation import eval_windows, evaluate
@@ -173,15 +173,6 @@ def unchanged(world):
     yield world
     after = _snapshot()
     assert after == before, f"cache changed: {sorted(set(after.items()) ^ set(before.items()))[:6]}"
-
-
-def _cli(argv: list, capsys) -> tuple[int, str]:
-    capsys.readouterr()
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse's usage errors
-        rc = e.code
-    return rc, capsys.readouterr().err
 
 
 def _assert_one_line_error(rc: int, err: str, match: str) -> str:

@@ -24,16 +24,7 @@ from lft_core.flow.config import TrainConfig
 from lft_core.flow.store import flows_dir
 from lft_core.flow.training import train_flow
 from lft_core.paths import REPO_ROOT
-from lft_core.run.cli import main
-
-
-def _cli(argv: list, capsys) -> tuple[int, str]:
-    capsys.readouterr()
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse's usage errors
-        rc = e.code
-    return rc, capsys.readouterr().err
+from cli_helpers import run_cli as _cli
 
 
 def _one_line(rc: int, err: str, *match: str) -> str:

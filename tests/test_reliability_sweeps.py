@@ -19,8 +19,9 @@ import pytest
 
 from lft_core.flow.config import TrainConfig
 from lft_core.flow.store import flow_lock, flows_dir, read_flow_config
-from lft_core.run import sweep
-from lft_core.run.sweep import plan_sweep, run_sweep
+from lft_core.run import sweep_run
+from lft_core.run.sweep import plan_sweep
+from lft_core.run.sweep_run import run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -72,7 +73,7 @@ def test_a_sweep_waits_for_a_killed_sweeps_cell_then_resumes_it(tiny_neox, tiny_
     """A second sweep started while the first trains a cell waits for it (before: refused up front, "being
     trained by another job right now"); the first is killed with SIGKILL mid-cell; its lock goes with it and
     the second resumes the cell from the last checkpoint to complete."""
-    monkeypatch.setattr(sweep, "POLL_S", 0.2)
+    monkeypatch.setattr(sweep_run, "POLL_S", 0.2)
     name, steps = "dies-1-3-fw-k2-s0", 40
     first = subprocess.Popen(sweep_cmd(tiny_neox_dir, "dies", "0", steps, "--checkpoint-every", "5"), cwd=REPO,
                              env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -109,7 +110,7 @@ def test_a_sweep_waits_for_a_killed_sweeps_cell_then_resumes_it(tiny_neox, tiny_
 
 def test_a_sweep_waiting_for_another_job_stops_when_asked_and_gives_up_after_lft_sweep_wait(
         tiny_neox, tiny_neox_dir, monkeypatch):
-    monkeypatch.setattr(sweep, "POLL_S", 0.1)
+    monkeypatch.setattr(sweep_run, "POLL_S", 0.1)
     cfg = base(tiny_neox_dir, 5)
     with flow_lock("held-1-3-fw-k2-s0", "busy"):  # another job trains the cell (from this sweep's point of view)
         plan = plan_sweep(cfg, "1:3", "fw", "2", "0", prefix="held", teacher=tiny_neox)
@@ -142,7 +143,7 @@ def test_a_start_lost_to_another_jobs_lock_comes_back_instead_of_failing(tiny_ne
     the first start runs). Before: the cell was recorded failed ("being trained by another job")."""
     from lft_core.flow import training
 
-    monkeypatch.setattr(sweep, "POLL_S", 0.05)
+    monkeypatch.setattr(sweep_run, "POLL_S", 0.05)
     real, calls = training.train_flow, []
 
     def contended(cfg, **kw):

@@ -14,7 +14,8 @@ import pytest
 
 from lft_core.errors import LFTError
 from lft_core.span import Span
-from lft_core.run.sweep import cell_name, default_prefix, expand, parse_grid, plan_sweep, run_sweep, saved_train_config
+from lft_core.run.sweep import cell_name, default_prefix, expand, parse_grid, plan_sweep, saved_train_config
+from lft_core.run.sweep_run import run_sweep
 from lft_core.flow.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -105,7 +105,8 @@ def _progress_writer(path: Path) -> Callable[[dict], None]:
 
 def cmd_sweep(a: argparse.Namespace) -> dict:
     """Train the grid spans × methods × k × seeds one flow after another (``lft_core.run.sweep``)."""
-    from lft_core.run.sweep import GRID, parse_grid, plan_sweep, run_sweep
+    from lft_core.run.sweep import GRID, parse_grid, plan_sweep
+    from lft_core.run.sweep_run import run_sweep
 
     grid = parse_grid(a.spans, a.methods, a.k, a.seeds)  # bad text fails before the model loads
     base = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)
