@@ -147,20 +147,30 @@ class DamagedRecord(LFTError):
     """A record file (JSON) is missing, unreadable, not an object, or has a field of the wrong type."""
 
 
+class MissingRecord(DamagedRecord):
+    """The file is not there at all (callers that treat "none yet" apart from "damaged" catch this first)."""
+
+
 def _kind_names(kinds: tuple[type, ...]) -> str:
     return "/".join("null" if k is type(None) else k.__name__ for k in kinds)
 
 
-def _read_bounded(path: Path, limit: int) -> bytes:
-    """The bytes of ``path`` if it is a regular file (a symlink to one is fine) of at most ``limit`` bytes.
+def read_bounded(path: Path, limit: int, follow_links: bool = True) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes (a symlink to one is fine, unless
+    ``follow_links`` is False: then a link is refused as one, never followed).
 
     Opened with O_NONBLOCK and checked with fstat on the open descriptor, so a FIFO never blocks the reader and a
     device (``/dev/zero``), a socket or a folder is refused before a byte is read; a file that grows while it is
     read is cut at ``limit + 1`` bytes and refused."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    if not follow_links:
+        if os.path.islink(path):
+            raise DamagedRecord(f"{path.name} is a symbolic link, not a regular file")
+        flags |= getattr(os, "O_NOFOLLOW", 0)  # and a link put there after the look is refused by the open
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+        fd = os.open(path, flags)
     except FileNotFoundError:
-        raise DamagedRecord(f"{path.name} is missing") from None
+        raise MissingRecord(f"{path.name} is missing") from None
     except OSError as e:
         raise DamagedRecord(f"{path.name} cannot be read ({e.strerror or type(e).__name__})") from None
     try:
@@ -211,14 +221,14 @@ def check_fields(data: dict, where: str, fields: dict[str, Kinds] | None = None,
 
 
 def read_record(path: str | Path, fields: dict[str, Kinds] | None = None, *, optional: dict[str, Kinds] | None = None,
-                extra: bool = True, limit: int = MAX_RECORD_BYTES) -> dict:
+                extra: bool = True, limit: int = MAX_RECORD_BYTES, follow_links: bool = True) -> dict:
     """The JSON object in ``path``, checked against a schema: each of ``fields`` present and of its type, each of
     ``optional`` of its type when present, and (``extra=False``) nothing else; DamagedRecord naming the first
-    problem otherwise. The file must be a regular file of at most ``limit`` bytes (see ``_read_bounded``).
+    problem otherwise. The file must be a regular file of at most ``limit`` bytes (see ``read_bounded``).
     Every record the engine reads back goes through here, so a truncated, hand-edited, endless or foreign file
     is one clear line (or a rebuild), never a traceback or a hang."""
     path = Path(path)
-    raw = _read_bounded(path, limit)
+    raw = read_bounded(path, limit, follow_links)
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:

@@ -27,7 +27,7 @@ import stat
 import time
 from pathlib import Path
 
-from lft_core.atomic import write_bytes
+from lft_core.atomic import DamagedRecord, MissingRecord, read_bounded, write_bytes
 from lft_core.errors import LFTError
 from lft_core.paths import cache_dir
 
@@ -100,25 +100,13 @@ def _read_regular(path: Path, limit: int) -> bytes | None:
     """The bytes of ``path`` when it is a regular file (a symlink is not followed) of at most ``limit`` bytes;
     None when nothing is there; ``_Damaged`` for anything else (a folder, a link, a FIFO, an over-long or an
     unreadable file), so a read never blocks, never follows a link out of the store and never reads without
-    bound."""
+    bound (``atomic.read_bounded``)."""
     try:
-        info = os.lstat(path)
-    except FileNotFoundError:
+        return read_bounded(path, limit, follow_links=False)
+    except MissingRecord:
         return None
-    except OSError:
-        raise _Damaged("cannot be read") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise _Damaged("is not a regular file")
-    if info.st_size > limit:
-        raise _Damaged("is larger than any saved text")
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as f:
-            return f.read(limit + 1)
-    except FileNotFoundError:
-        return None
-    except OSError:
-        raise _Damaged("cannot be read") from None
+    except DamagedRecord as e:
+        raise _Damaged(str(e)) from None
 
 
 class _Damaged(Exception):
@@ -202,7 +190,7 @@ def load_text(tid: str) -> str:
     try:
         data = _read_regular(path, MAX_BYTES)
     except _Damaged as e:
-        raise LFTError(f"text {tid} is damaged on this server (its file {e}): paste the text again to "
+        raise LFTError(f"text {tid} is damaged on this server ({e}): paste the text again to "
                        f"save it anew") from None
     if data is None:
         raise LFTError(f"text {tid} is not saved on this server (it may have been removed to keep the server's "

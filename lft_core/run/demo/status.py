@@ -3,13 +3,11 @@ no torch, no hashing, so every page can call it."""
 from __future__ import annotations
 
 import math
-import os
-import stat
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lft_core.atomic import DamagedRecord, read_record
+from lft_core.atomic import DamagedRecord, MissingRecord, read_record
 from lft_core.errors import LFTError
 from lft_core.paths import cache_dir
 from lft_core.run.demo.settings import DemoSettings
@@ -178,22 +176,11 @@ def load_manifest() -> tuple[dict | None, str | None]:
     """The one typed reader of the demo's manifest: (manifest, None) when it is whole; (None, None) when there is
     none; (None, why) when it is damaged: not a regular file, over ``MAX_MANIFEST_BYTES``, not JSON, or any field
     of the wrong type or out of range (``_check_manifest``). Never raises for what the file holds."""
-    path = manifest_path()
     try:
-        info = os.lstat(path)
-    except FileNotFoundError:
+        data = read_record(manifest_path(), limit=MAX_MANIFEST_BYTES, follow_links=False)
+    except MissingRecord:
         return None, None
-    except OSError as e:
-        return None, f"manifest.json cannot be read ({e.strerror or type(e).__name__})"
-    if not stat.S_ISREG(info.st_mode):
-        return None, "manifest.json is not a regular file"
-    if info.st_size > MAX_MANIFEST_BYTES:
-        return None, f"manifest.json is {info.st_size:,} bytes (a manifest is a few KB)"
-    try:
-        data = read_record(path)
     except DamagedRecord as e:
-        if not path.exists():  # removed between the two looks: no manifest
-            return None, None
         return None, str(e)
     try:
         _check_manifest(data)
