@@ -14,6 +14,7 @@ from app import pages
 from app.figures.style import to_html
 from app.progress import job_progress
 from app.state import SPAN, corpus_spec, demo_status, model_spec, n_windows, presenter, seq_len
+from lft_core.data.corpus import BUILTINS
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -75,8 +76,8 @@ def sidebar_status() -> None:
     from lft_core.run.jobs import list_jobs
 
     span = st.session_state.get(SPAN)
-    named = {"builtin": "built-in Python docs", "english": "built-in everyday English"}
-    corpus = named.get(corpus_spec()) or Path(corpus_spec()).name
+    builtin = BUILTINS.get(corpus_spec())
+    corpus = builtin.label[0].lower() + builtin.label[1:] if builtin else Path(corpus_spec()).name
     st.caption(f"**Model** `{model_spec()}`  \n**Corpus** {corpus}  \n"
                f"**Windows** {n_windows()} × {seq_len()} tokens  \n**Span** {span if span else 'not chosen yet'}")
     running = [j for j in list_jobs() if j.status in ("running", "stopping")]

@@ -3,7 +3,7 @@
 Session-state keys, all of them, by kind:
 
 * shared choices (set on the Setup page or by the span picker, read everywhere; constants below):
-  ``model_spec`` (the teacher, default the embedded smollm2-135m), ``corpus_spec`` ("english" by default,
+  ``model_spec`` (the teacher, default the embedded smollm2-135m), ``corpus_spec`` ("mix" by default, "english",
   "builtin" for the Python docs, an uploaded file under cache/uploads, or a path), ``seq_len`` and ``n_windows``
   (the activation cache used for analysis),
   ``span`` (a ``Span``, mirrored in the URL as ``?span=m:n`` so a link reproduces the view);

@@ -5,8 +5,11 @@ span and at the best position) on each evaluation corpus, then for each recipe t
 it on the same windows. Every row goes to --out as one JSON line as soon as it exists (a killed run keeps
 what it measured; a re-run skips flows already trained under the same --tag).
 
-    .venv/bin/python scripts/recipe_grid.py --spans 12:18 --recipes fw400,fw400-kl100 \\
-        --train-corpus english --eval-corpora english,builtin --out docs/recipes.jsonl
+    .venv/bin/python scripts/recipe_grid.py --spans 12:18 --recipes fw400,fw400-kl100 --out docs/recipes.jsonl
+
+trains on the default corpus (the mixture) and evaluates on its domains: each part of the mixture (``mix:PART``,
+its held-out chunks) and the Debian licences (text no corpus of the project ships); ``--eval-corpora`` names
+others (a comma list of corpus specs).
 
 Recipes (``RECIPES``) are TrainConfig settings over the defaults, with no distillation unless a recipe says so
 (``fw400-kl200`` is the default recipe); `--device cuda` trains and evaluates on a GPU.
@@ -32,6 +35,8 @@ RECIPES: dict[str, dict] = {
     "fw400-init": {"method": "fw", "steps": 400, "init_from_teacher": True},
     "fw400-kl100": {"method": "fw", "steps": 400, "distill_steps": 100},
     "fw400-kl200": {"method": "fw", "steps": 400, "distill_steps": 200},
+    "fw400-w1024-kl200": {"method": "fw", "steps": 400, "windows": 1024, "distill_steps": 200},  # broader data
+    "fw300-kl300": {"method": "fw", "steps": 300, "distill_steps": 300},
     "fw400-wp1-kl100": {"method": "fw", "steps": 400, "waypoints": 1.0, "distill_steps": 100},
     "fw200-kl100": {"method": "fw", "steps": 200, "distill_steps": 100},
     "sfm400-kl100": {"method": "sfm", "steps": 400, "distill_steps": 100},
@@ -50,8 +55,9 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--spans", default="12:18")
     p.add_argument("--recipes", default="fw400")
-    p.add_argument("--train-corpus", default="builtin")
-    p.add_argument("--eval-corpora", default="builtin")
+    p.add_argument("--train-corpus", default="mix")
+    p.add_argument("--eval-corpora", default="domains",
+                   help="comma list of corpus specs, or 'domains': each part of the mixture and the Debian licences")
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--k", default="1,3")
     p.add_argument("--device", default="cpu")
@@ -87,7 +93,9 @@ def main() -> None:
         out.flush()
         print(json.dumps(row), flush=True)
 
-    corpora = a.eval_corpora.split(",")
+    from lft_core.data.corpus import evaluation_domains
+
+    corpora = evaluation_domains(a.train_corpus) if a.eval_corpora == "domains" else a.eval_corpora.split(",")
     ids = {c: eval_windows(teacher, c, None, a.eval_windows, 128) for c in corpora}
     for span_text in a.spans.split(","):
         span = Span.parse(span_text)

@@ -14,10 +14,12 @@ from pathlib import Path
 
 
 def _label(spec: str, labels: dict[str, str]) -> str:
+    if spec.startswith("mix:") and spec not in labels:
+        return spec[4:]  # a part of the mixture, by its name
     return labels.get(spec) or labels.get(Path(spec).name) or Path(spec).name
 
 
-def render(rows: list[dict], k: int, labels: dict[str, str]) -> str:
+def render(rows: list[dict], k: int, labels: dict[str, str], kl_only: bool = False) -> str:
     out: list[str] = []
     spans = list(dict.fromkeys(r["span"] for r in rows))
     for span in spans:
@@ -39,7 +41,8 @@ def render(rows: list[dict], k: int, labels: dict[str, str]) -> str:
         order = list(dict.fromkeys(key for key, _ in cells))
         order.sort(key=lambda key: (not key.startswith("LFT"), key.startswith("skip"), key))
         teacher = {r["eval"]: r["teacher_ppl"] for r in mine if r.get("teacher_ppl")}
-        head = " | ".join(f"{_label(c, labels)}: KL / NMSE / PPL"
+        what = "KL" if kl_only else "KL / NMSE / PPL"
+        head = " | ".join(f"{_label(c, labels)}: {what}"
                           + (f" (teacher {teacher[c]:.1f})" if c in teacher else "") for c in corpora)
         out += [f"**Span {span}** (LFT rows at k = {k}; train s = wall time of training on 2 CPU cores, or the "
                 "device named in the raw file)", "",
@@ -53,7 +56,10 @@ def render(rows: list[dict], k: int, labels: dict[str, str]) -> str:
                 else:
                     nmse = f"{r['nmse']:.3f}" if r.get("nmse") is not None else "–"
                     where = f" (from block {r['start']})" if r.get("where") == "best" else ""
-                    vals.append(f"{r['kl']:.3f} / {nmse} / {r['ppl']:.1f}{where}")
+                    if kl_only:
+                        vals.append(f"{r['kl']:.3f}" + (f" (@{r['start']})" if r.get("where") == "best" else ""))
+                    else:
+                        vals.append(f"{r['kl']:.3f} / {nmse} / {r['ppl']:.1f}{where}")
             sec = seconds.get(key)
             out.append(f"| {key} | {'' if sec is None else f'{sec:.0f}'} | " + " | ".join(vals) + " |")
         out.append("")
@@ -66,11 +72,13 @@ def main() -> None:
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--labels", default="english=English (held out),english.jsonl=English (held out),"
                                        "builtin=Python docs (held out),"
-                                       "licenses=Debian licences (never shipped)")
+                                       "licenses=Debian licences (never shipped),"
+                                       "debian-licences=Debian licences (never shipped)")
+    p.add_argument("--kl-only", action="store_true", help="cells hold the KL alone (for many domains)")
     a = p.parse_args()
     labels = dict(item.split("=", 1) for item in a.labels.split(",") if "=" in item)
     rows = [json.loads(line) for line in Path(a.jsonl).read_text().splitlines() if line.strip()]
-    print(render(rows, a.k, labels))
+    print(render(rows, a.k, labels, a.kl_only))
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def test_heldout_text_never_reaches_training_at_any_window_length():
 
 
 def test_split_rule_is_recorded(tiny_neox, tiny_neox_dir):
-    from lft_core.data.corpus import SPLIT_RULE
+    from lft_core.data.corpus import MIX_SPLIT_RULE, SPLIT_RULE
     from lft_core.analysis.evaluation import eval_windows, evaluate
     from lft_core.flow.store import read_flow_config
     from lft_core.flow.config import TrainConfig
@@ -104,7 +104,7 @@ def test_split_rule_is_recorded(tiny_neox, tiny_neox_dir):
 
     train_flow(TrainConfig(model=str(tiny_neox_dir), span=(1, 3), steps=1, batch=2, seq_len=16, windows=4,
                            heldout_windows=1, name="t-split-rule", distill_steps=0), teacher=tiny_neox, verbose=False)
-    assert read_flow_config("t-split-rule")["split_rule"] == SPLIT_RULE
+    assert read_flow_config("t-split-rule")["split_rule"] == MIX_SPLIT_RULE  # the default corpus: the mixture
     ids = eval_windows(tiny_neox, "builtin", None, 1, 16)
     assert evaluate(tiny_neox, None, (1, 3), ids, ks=[], skips=[1], best_skip=False).to_json()["split_rule"] == SPLIT_RULE
 

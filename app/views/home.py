@@ -29,9 +29,9 @@ st.markdown(
 st.subheader("The demo, in one click")
 demo = state.demo_status()
 demo_jobs = [j for j in list_jobs("demo") if j.status in ("running", "stopping")]
-st.caption("Builds everything the pages need for a ready-made story on the embedded model and the built-in English "
-           "text: the hidden-state cache, the recoupling and affine maps of every span, and four flows (SFM and FW "
-           "on the span where optimal transport re-pairs the fewest tokens and on the one where it re-pairs the "
+st.caption("Builds everything the pages need for a ready-made story on the embedded model and the built-in text "
+           "mixture: the hidden-state cache, the recoupling and affine maps of every span, and four flows (SFM and "
+           "FW on the span where optimal transport re-pairs the fewest tokens and on the one where it re-pairs the "
            "most) trained with the default recipe. It runs in the background: leave this page, or close the tab. "
            "Same as `python -m lft_core demo`.")
 if demo is not None and demo.damaged and not demo.running and not demo_jobs:

@@ -11,7 +11,7 @@ from app import engine, frame, pages, progress, state
 from app.uploads import UPLOAD_LIMIT_MB, save_upload
 from lft_core.data.activations import delete_entry, list_entries
 from lft_core.paths import cache_dir
-from lft_core.data.corpus import BUILTIN, ENGLISH, SPLIT_BLOCK
+from lft_core.data.corpus import BUILTINS, MIX, SPLIT_BLOCK, mix_manifest
 from lft_core.data.corpus import DEFAULT as DEFAULT_CORPUS
 from lft_core.model.loading import DEFAULT_MODEL
 
@@ -19,7 +19,7 @@ frame.page_intro(
     pages.SETUP,
     "The model whose blocks are replaced, the text its hidden states are computed on, and the cache of those "
     "hidden states. Every other page uses these choices.",
-    "The embedded SmolLM2-135M and the built-in everyday-English text work offline; hidden states are cached on "
+    "The embedded SmolLM2-135M and the built-in text mixture work offline; hidden states are cached on "
     "disk once and shared by every session.",
 )
 
@@ -50,9 +50,28 @@ if teacher is not None:
 
 # -- corpus -----------------------------------------------------------------------------------------------
 st.subheader("Corpus and windows")
-SOURCES = ["Built-in (everyday English)", "Built-in (Python docs)", "Upload a file", "Path on this machine"]
-BUILT_IN = {SOURCES[0]: ENGLISH, SOURCES[1]: BUILTIN}
+BUILT_IN = {c.label: c.name for c in BUILTINS.values()}
+SOURCES = [*BUILT_IN, "Upload a file", "Path on this machine"]
+UPLOAD, PATH = SOURCES[-2], SOURCES[-1]
 uploads = cache_dir("uploads")
+
+
+def _mixture_sources() -> None:
+    """What is inside the mixture and where each part came from (its manifest), in an expander."""
+    with engine.engine_errors(stop=False):
+        manifest = mix_manifest()
+        with st.expander(f"What is inside the mixture ({manifest['total_tokens'] / 1e6:.1f} M tokens) and where "
+                         "it came from"):
+            st.dataframe(pd.DataFrame([{"part": p["name"], "kind": p["kind"], "share": f"{p['share']:.0%}",
+                                        "tokens": f"{p['tokens']['total']:,}"} for p in manifest["parts"]]),
+                         hide_index=True, width="stretch")
+            st.dataframe(pd.DataFrame([{"part": p["name"], "package": f"{s['package']} {s['version']}",
+                                        "from": s["registry"], "file": s["file"], "licence": s["licence"],
+                                        "tokens": f"{s['tokens']:,}"}
+                                       for p in manifest["parts"] for s in p["sources"]]),
+                         hide_index=True, width="stretch")
+            st.caption("Built by `scripts/build_mix_corpus.py` from the pinned packages above (manifest: "
+                       "`lft_core/data/mix_manifest.json`, with every file's sha256).")
 
 
 def _source_of(spec: str) -> str:
@@ -60,7 +79,7 @@ def _source_of(spec: str) -> str:
     for label, named in BUILT_IN.items():
         if spec == named:
             return label
-    return SOURCES[2] if Path(spec).parent == uploads else SOURCES[3]
+    return UPLOAD if Path(spec).parent == uploads else PATH
 
 
 def _source_changed() -> None:
@@ -73,7 +92,9 @@ if "w_corpus_source" not in st.session_state:
     st.session_state["w_corpus_source"] = _source_of(state.corpus_spec())
 source = st.radio("Text source", SOURCES, key="w_corpus_source", persist_state=state.KEEP, horizontal=True,
                   on_change=_source_changed)
-if source == SOURCES[2]:
+if source in BUILT_IN:
+    st.caption(f"Inside: {BUILTINS[BUILT_IN[source]].about}.")
+if source == UPLOAD:
     upload = st.file_uploader(
         f"A .txt, .md or .jsonl file (one JSON object a line with a \"text\" field), at most {UPLOAD_LIMIT_MB} MB",
         type=["txt", "md", "jsonl"], max_upload_size=UPLOAD_LIMIT_MB, key="w_upload",
@@ -82,7 +103,7 @@ if source == SOURCES[2]:
         with engine.engine_errors(stop=False):
             saved = save_upload(upload.name, upload.getvalue())
             st.session_state[state.CORPUS] = str(saved)
-elif source == SOURCES[3]:
+elif source == PATH:
     if "w_corpus_path" not in st.session_state:
         st.session_state["w_corpus_path"] = "" if state.corpus_spec() in BUILT_IN.values() else state.corpus_spec()
 
@@ -96,9 +117,13 @@ elif source == SOURCES[3]:
 corpus = engine.corpus_or_error()
 if corpus is not None:
     extra = f", {corpus.skipped_lines} bad lines skipped" if corpus.skipped_lines else ""
+    held = ("Every 10th chunk of each part is held out for evaluation (each part is also an evaluation domain), "
+            "and training chunks sharing 16 words in a row with held-out text were removed." if corpus.splits else
+            f"Every 10th block of {SPLIT_BLOCK} tokens is held out for evaluation, whatever the window length.")
     st.caption(f"Corpus **{Path(corpus.id).name}**: {len(corpus.texts)} texts, {corpus.n_chars:,} characters"
-               f"{extra} (content hash `{corpus.content_hash}`). Every 10th block of {SPLIT_BLOCK} tokens is held "
-               "out for evaluation, whatever the window length.")
+               f"{extra} (content hash `{corpus.content_hash}`). {held}")
+    if corpus.id == MIX:
+        _mixture_sources()
 
 state.persistent_widget("w_seq_len", state.SEQ_LEN)
 state.persistent_widget("w_windows", state.WINDOWS)

@@ -46,11 +46,12 @@ class EvalResult:
     teacher_ppl: float
     rows: list[EvalRow] = field(default_factory=list)
     seconds: float = 0.0
+    split_rule: str = SPLIT_RULE  # how the evaluated corpus chose its held-out text (corpus.split_rule_of)
 
     def to_json(self) -> dict:
         return {"span": list(self.span), "tokens": self.tokens, "teacher_ppl": self.teacher_ppl,
                 "rows": [{k: v for k, v in asdict(r).items() if v is not None} for r in self.rows],
-                "seconds": round(self.seconds, 3), "split_rule": SPLIT_RULE}
+                "seconds": round(self.seconds, 3), "split_rule": self.split_rule}
 
     def table(self) -> str:
         lines = [f"span {self.span}  tokens {self.tokens}  teacher ppl {self.teacher_ppl:.3f}",
@@ -60,6 +61,35 @@ class EvalResult:
             nm = "" if r.nmse is None else f"{r.nmse:.4f}"
             lines.append(f"{r.model:<6} {r.k:>3} {where:<10} {r.kl:>8.4f} {nm:>8} {r.ppl:>9.3f}")
         return "\n".join(lines)
+
+
+def row_label(r: EvalRow) -> str:
+    """One row's name in tables: "lft k=3", "skip-2 best@16", "skip-2 span@12", "affine"."""
+    if r.model == "lft":
+        return f"lft k={r.k}"
+    if r.model == "skip":
+        return f"skip-{r.k} {r.where}@{r.start}" if r.where == "best" else f"skip-{r.k} {r.where}"
+    return r.model
+
+
+def domain_table(results: dict[str, EvalResult]) -> str:
+    """One table of KL by domain: a row per model (best-position skip rows name their block per domain), a
+    column per domain, and the teacher's perplexity on each domain underneath."""
+    names = list(results)
+    keys: dict[str, None] = {}
+    cells: dict[tuple[str, str], str] = {}
+    for name, res in results.items():
+        for r in res.rows:
+            key = row_label(r) if r.where != "best" else f"skip-{r.k} best"
+            keys.setdefault(key, None)
+            cells[key, name] = f"{r.kl:.4f}" + (f" @{r.start}" if r.where == "best" else "")
+    width = max([12] + [len(n) + 2 for n in names])
+    lines = [f"KL(teacher || model) on held-out text, span {next(iter(results.values())).span}",
+             f"{'model':<16}" + "".join(f"{n:>{width}}" for n in names)]
+    for key in keys:
+        lines.append(f"{key:<16}" + "".join(f"{cells.get((key, n), '-'):>{width}}" for n in names))
+    lines.append(f"{'teacher ppl':<16}" + "".join(f"{results[n].teacher_ppl:>{width}.2f}" for n in names))
+    return "\n".join(lines)
 
 
 def _check_ks(ks: Sequence[int]) -> None:

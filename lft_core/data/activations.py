@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from lft_core.atomic import DamagedRecord, read_record, save_npy, write_json
-from lft_core.data.corpus import SPLIT_RULE, Corpus, make_windows
+from lft_core.data.corpus import Corpus, make_windows
 from lft_core.distributed import Dist, agree, current, shard_of
 from lft_core.errors import LFTError
 from lft_core.paths import cache_dir
@@ -257,7 +257,7 @@ def ensure_activations(
                     "corpus": corpus.id,
                     "corpus_hash": corpus.content_hash,
                     "split": split,
-                    "split_rule": SPLIT_RULE,
+                    "split_rule": corpus.split_rule,
                     "seq_len": seq_len,
                     "windows": n_windows,
                     "d_model": teacher.d_model,

@@ -61,12 +61,12 @@ _KIND_WORDS = {str: "text", int: "an integer", (int, float): "a number", bool: "
 @dataclass
 class TrainConfig:
     """Everything that defines a training run. The defaults are the project's default recipe (docs/RESULTS.md
-    section 1): 400 Flow Walking steps on 256 windows x 128 tokens of the everyday-English corpus, then 200 steps of
-    output-level distillation; about 10 minutes for a 6-block span of the embedded model on 2 CPU cores."""
+    section 1): 400 Flow Walking steps on 256 windows x 128 tokens of the default corpus (the mixture), then 200
+    steps of output-level distillation; about 10 minutes for a 6-block span of the embedded model on 2 CPU cores."""
 
     model: str = setting("smollm2-135m", "smollm2-135m (embedded), an HF id or a folder")
-    corpus: str = setting(DEFAULT_CORPUS, "english (default), builtin (Python docs), a .txt/.jsonl file or folder, "
-                                          "hf:NAME")
+    corpus: str = setting(DEFAULT_CORPUS, "mix (default: the broad human-written mixture), mix:PART, english, "
+                                          "builtin (Python docs), a .txt/.jsonl file or folder, hf:NAME")
     span: Span = setting(Span(6, 12), "M:N, the blocks M..N-1 to replace", required=True)
     method: str = setting("fw", "training method (a name of methods.METHODS)", choices=lambda: tuple(METHODS))
     k: int = setting(3, "integration steps (Flow Walking walks k steps)", type=int)

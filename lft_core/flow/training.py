@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lft_core.data.corpus import SPLIT_RULE
+from lft_core.data.corpus import split_rule_of
 from lft_core.distributed import Dist, agree, current
 from lft_core.errors import LFTError
 from lft_core.flow.config import TrainConfig
@@ -367,7 +367,7 @@ def flow_record(cfg: TrainConfig, name: str, teacher: Teacher, data: PairSource,
         "n_layers": teacher.n_layers,
         "data_key": data.train_key,
         "heldout_key": data.heldout_key,
-        "split_rule": SPLIT_RULE,
+        "split_rule": split_rule_of(cfg.corpus),
         "teacher_span_params": teacher.span_params(*cfg.span),
         "params": sum(p.numel() for p in flow.field.parameters()),
         "world_size": dist.world,

@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded), an HF id or a folder")
         if corpus:
             sp.add_argument("--corpus", default=DEFAULT_CORPUS,
-                            help="english (default), builtin (Python docs), a .txt/.jsonl file or folder, hf:NAME")
+                            help="mix (default: the broad human-written mixture), mix:PART, english, builtin "
+                                 "(Python docs), a .txt/.jsonl file or folder, hf:NAME")
         sp.add_argument("--json", metavar="PATH", help="write the results as JSON here")
         sp.add_argument("--trust-remote-code", action="store_true", help="allow a model's own code to run")
         placement(sp)
@@ -189,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None, help="defaults to the flow's model")
     e.add_argument("--text", help="evaluate on this text file instead of held-out corpus windows")
     e.add_argument("--corpus", default=None, help="held-out windows of this corpus (default: the flow's own)")
+    e.add_argument("--domains", default=None,
+                   help="evaluate on several corpora and print one KL table: a comma list of corpus specs, or "
+                        "'all' = every part of the mixture (mix:PART) and the Debian licences")
     e.add_argument("--windows", type=_positive, default=16)
     e.add_argument("--seq-len", type=_positive, default=None)
     e.add_argument("--k", type=_int_list, default=[1, 2, 3], help="LFT integration steps, e.g. 1,2,3")
@@ -252,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "span (idempotent: a second run does nothing; resumable after a kill)")
     d.add_argument("--status", action="store_true", help="only say how far the demo of these settings is")
     d.add_argument("--model", default="smollm2-135m", help="smollm2-135m (embedded), an HF id or a folder")
-    d.add_argument("--corpus", default=DEFAULT_CORPUS, help="english (default), builtin, a .txt/.jsonl file or folder")
+    d.add_argument("--corpus", default=DEFAULT_CORPUS,
+                   help="mix (default), english, builtin, a .txt/.jsonl file or folder")
     d.add_argument("--seq-len", type=_positive, default=128, help="tokens per window (the cache's and the flows')")
     d.add_argument("--windows", type=_positive, default=16, help="windows of the all-layer cache the grids use")
     d.add_argument("--pairs", type=_pairs, default=256, help="token pairs per span of the recoupling grid")

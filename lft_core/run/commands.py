@@ -131,12 +131,15 @@ def cmd_sweep(a: argparse.Namespace) -> dict:
 
 def cmd_eval(a: argparse.Namespace) -> dict:
     from lft_core.analysis.baselines import FitData, get_baseline, prepare
-    from lft_core.analysis.evaluation import eval_windows, evaluate
+    from lft_core.analysis.evaluation import domain_table, eval_windows, evaluate
     from lft_core.flow.latent import MAX_K
+    from lft_core.data.corpus import evaluation_domains, load_corpus, split_rule_of
     from lft_core.flow.store import check_trained_for, open_flow, read_flow_config, resolve_flow, trained_on
 
     if a.text and a.corpus_given:
         raise LFTError("give either --text or --corpus, not both")
+    if a.domains is not None and (a.text or a.corpus_given):
+        raise LFTError("give --domains, or --corpus / --text, not both")
     for k in a.k:  # checked before any model is loaded
         if not 1 <= k <= MAX_K:
             raise LFTError(f"--k values must be between 1 and {MAX_K}, got {k}")
@@ -149,6 +152,14 @@ def cmd_eval(a: argparse.Namespace) -> dict:
     if not (a.model or isinstance(config.get("model"), str)):
         raise LFTError(f"flow {a.flow!r} does not say which model it was trained for (its config.json has no "
                        f"'model' field): pass --model")
+    domains = None
+    if a.domains is not None:
+        named = [d.strip() for d in a.domains.split(",") if d.strip()]
+        if not named:
+            raise LFTError("--domains is empty: give corpus specs (e.g. mix:fiction,debian-licences) or 'all'")
+        domains = evaluation_domains(trained_on(config)) if named == ["all"] else list(dict.fromkeys(named))
+        for d in domains:  # a mistyped domain is refused before the model loads
+            load_corpus(d)
     teacher = _teacher(a, a.model or config["model"])
     check_trained_for(a.flow, flow, config, teacher)  # model id, weights hash, blocks, field shape
     proof = flow.proof
@@ -161,20 +172,35 @@ def cmd_eval(a: argparse.Namespace) -> dict:
         from lft_core.data.corpus import read_text_file
 
         text = read_text_file(a.text)  # size limit, empty / binary / not-UTF-8 checks
-    # held-out windows of the flow's own training corpus unless told otherwise
-    ids = eval_windows(teacher, a.corpus or trained_on(config), text, a.windows, a.seq_len or config.get("seq_len", 128))
+    seq_len = a.seq_len or config.get("seq_len", 128)
     prepared = []
     for name in a.baselines:  # fitted on the flow's own training data
         baseline = get_baseline(name)
         if baseline.fitted:
             print(f"fitting the {baseline.label} of the flow's span", file=sys.stderr)
         prepared.append(prepare(name, teacher, flow.span, FitData.of_flow(config)))
+    flow_source = {**source.to_json(), "verified": proof.verified, "weights_sha256": proof.weights_sha256}
+    if domains is not None:
+        results = {}
+        for d in domains:
+            print(f"domain {d}", file=sys.stderr)
+            ids = eval_windows(teacher, d, None, a.windows, seq_len)
+            results[d] = evaluate(teacher, flow, None, ids, ks=a.k, skips=a.skip,
+                                  progress=lambda s: print(s, file=sys.stderr), baselines=prepared)
+            results[d].split_rule = split_rule_of(d)
+        print(f"flow: {source.kind} {source.path}" + ("" if proof.verified else " (unverified)"), file=sys.stderr)
+        print(domain_table(results))
+        return {"span": list(flow.span), "domains": {d: r.to_json() for d, r in results.items()},
+                "flow_source": flow_source}
+    # held-out windows of the flow's own training corpus unless told otherwise
+    corpus = a.corpus or trained_on(config)
+    ids = eval_windows(teacher, corpus, text, a.windows, seq_len)
     result = evaluate(teacher, flow, None, ids, ks=a.k, skips=a.skip,
                       progress=lambda s: print(s, file=sys.stderr), baselines=prepared)
+    result.split_rule = "the given text, whole" if text is not None else split_rule_of(corpus)
     print(f"flow: {source.kind} {source.path}" + ("" if proof.verified else " (unverified)"), file=sys.stderr)
     print(result.table())
-    return {**result.to_json(), "flow_source": {**source.to_json(), "verified": proof.verified,
-                                                "weights_sha256": proof.weights_sha256}}
+    return {**result.to_json(), "flow_source": flow_source}
 
 
 def cmd_baselines(a: argparse.Namespace) -> dict:
