@@ -11,8 +11,10 @@ trains on the default corpus (the mixture) and evaluates on its domains: each pa
 its held-out chunks) and the Debian licences (text no corpus of the project ships); ``--eval-corpora`` names
 others (a comma list of corpus specs).
 
-Recipes (``RECIPES``) are TrainConfig settings over the defaults, with no distillation unless a recipe says so
-(``fw400-kl200`` is the default recipe); `--device cuda` trains and evaluates on a GPU.
+Recipes (``RECIPES``) are TrainConfig settings over the defaults, with no distillation and 256 windows unless a
+recipe says otherwise
+(``fw400-w1024-kl200`` is the default recipe since issue #20; ``fw400-kl200`` was, on 256 windows);
+`--device cuda` trains and evaluates on a GPU.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ RECIPES: dict[str, dict] = {
     "fw400-kl100": {"method": "fw", "steps": 400, "distill_steps": 100},
     "fw400-kl200": {"method": "fw", "steps": 400, "distill_steps": 200},
     "fw400-w1024-kl200": {"method": "fw", "steps": 400, "windows": 1024, "distill_steps": 200},  # broader data
+    "fw400-w2048-kl200": {"method": "fw", "steps": 400, "windows": 2048, "distill_steps": 200},
     "fw300-kl300": {"method": "fw", "steps": 300, "distill_steps": 300},
     "fw400-wp1-kl100": {"method": "fw", "steps": 400, "waypoints": 1.0, "distill_steps": 100},
     "fw200-kl100": {"method": "fw", "steps": 200, "distill_steps": 100},
@@ -113,7 +116,9 @@ def main() -> None:
                           "fit_seconds": round(fit_s, 1) if r.model == "affine" else None})
         for recipe in a.recipes.split(","):
             name = f"{a.tag}-{span.m}-{span.n}-{recipe}"
-            settings = {"distill_steps": 0, **RECIPES[recipe]}  # a recipe says all it changes from plain training
+            # a recipe says all it changes from plain training: no distillation, 256 windows (the default before
+            # issue #20 made it 1,024, so that every recipe name keeps meaning what it meant)
+            settings = {"distill_steps": 0, "windows": 256, **RECIPES[recipe]}
             cfg = TrainConfig(model=a.model, corpus=a.train_corpus, span=span, name=name, **settings)
             t = time.perf_counter()
             if not (flows_dir() / name / "config.json").exists():

@@ -21,6 +21,8 @@ def _label(spec: str, labels: dict[str, str]) -> str:
 
 def render(rows: list[dict], k: int, labels: dict[str, str], kl_only: bool = False) -> str:
     out: list[str] = []
+    trained_on = [r.get("train_corpus") for r in rows if r["model"] == "lft"]
+    main_corpus = max(set(trained_on), key=trained_on.count) if trained_on else None  # others are named
     spans = list(dict.fromkeys(r["span"] for r in rows))
     for span in spans:
         mine = [r for r in rows if r["span"] == span]
@@ -31,8 +33,9 @@ def render(rows: list[dict], k: int, labels: dict[str, str], kl_only: bool = Fal
             if r["model"] == "lft":
                 if r["k"] != k:
                     continue
-                key = f"LFT {r['recipe']}"
-                seconds[key] = r.get("train_seconds")
+                trained = r.get("train_corpus")
+                key = f"LFT {r['recipe']}" + ("" if trained in (None, main_corpus) else f" (trained on {trained})")
+                seconds[key] = max(seconds.get(key) or 0.0, r.get("train_seconds") or 0.0)  # a re-run that reused the flow says ~0
             elif r["model"] == "affine":
                 key = "affine (closed form)"
             else:

@@ -56,9 +56,14 @@ def test_setup_page_shows_model_and_cache(small_cache):
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Blocks (L)"] == "30" and metrics["Hidden size d"] == "576"
     assert any("All layers of 8 × 32 tokens are cached" in s.value for s in at.success)
-    table = at.dataframe[0].value
+    table = next(d.value for d in at.dataframe if "key" in d.value.columns)  # the cache listing
     row = table[table["key"] == small_cache.key].iloc[0]
     assert row["layers"] == "all 31" and row["windows"] == 8
+    # the default corpus is the mixture, and the page says what is inside it and where it came from
+    assert at.radio(key="w_corpus_source").value.startswith("Built-in broad mixture")
+    parts, sources = (d.value for d in at.dataframe if "part" in d.value.columns)
+    assert {"fiction", "speeches", "code", "english"} <= set(parts["part"]) and "licence" in sources.columns
+    assert any("Inside: human-written text" in c.value for c in at.caption)
 
 
 def test_setup_unknown_model_offline_is_an_error():
@@ -512,14 +517,14 @@ def test_pages_go_on_past_damaged_records(tiny_flow):
         shutil.rmtree(job)
 
 
-def test_setup_starts_on_the_built_in_english_corpus_and_offers_python_docs():
+def test_setup_starts_on_the_mixture_and_offers_english_and_python_docs():
     at = open_page("setup")
     assert_clean(at)
-    assert at.radio(key="w_corpus_source").value == "Built-in (everyday English)"
-    assert any("english" in cap.value for cap in at.caption)
-    at.radio(key="w_corpus_source").set_value("Built-in (Python docs)").run()
+    assert at.radio(key="w_corpus_source").value == "Built-in broad mixture (human-written)"
+    assert any("Corpus **mix**" in cap.value for cap in at.caption)
+    at.radio(key="w_corpus_source").set_value("Built-in Python docs").run()
     assert_clean(at)
     assert at.session_state["corpus_spec"] == "builtin"
-    assert any("builtin" in cap.value for cap in at.caption)
-    at.radio(key="w_corpus_source").set_value("Built-in (everyday English)").run()
+    assert any("builtin" in cap.value for cap in at.caption) and any("CPython 3.11.7" in c.value for c in at.caption)
+    at.radio(key="w_corpus_source").set_value("Built-in everyday English (model-written)").run()
     assert at.session_state["corpus_spec"] == "english"

@@ -217,7 +217,8 @@ CASES = {
     "train-windows-0": (TRAIN + ["--span", "1:3", "--windows", "0"], r"--windows: must be at least 1"),
     "eval-windows-0": (["eval", "--flow", FLOW, "--windows", "0"], r"--windows: must be at least 1"),
     "recoupling-windows-0": (["recoupling", "--model", "{neox}", "--windows", "0"], r"--windows: must be at least 1"),
-    "cache-windows-more-than-corpus": (CACHE[:5] + ["--windows", "100000"], r"100000 were asked for: use fewer"),
+    "cache-windows-more-than-corpus": (CACHE[:5] + ["--corpus", "builtin", "--windows", "100000"],
+                                       r"100000 were asked for: use fewer"),
     # seq_len beyond the model's context (256 positions)
     "cache-seq-len-neox": (["cache", "--model", "{neox}", "--seq-len", "1000", "--windows", "2"], r"seq_len 1000 is longer than the model's context \(256"),
     "cache-seq-len-gpt2": (["cache", "--model", "{gpt2}", "--seq-len", "1000", "--windows", "2"], r"seq_len 1000 is longer than the model's context \(256"),

@@ -98,7 +98,7 @@ EVAL = ["--windows", "1", "--k", "1", "--skip", "1", "--seq-len", "16"]
     ("span", [2, 4], r"span 2:4.*trained for span 1:3"),
     ("k", 8, r"config\.json says k = 8, but its weights were saved with k = 1"),
     ("method", "fw", r"method = 'fw', but its weights were saved with method = 'sfm'"),
-    ("corpus", "builtin", r"corpus = 'builtin'.*corpus = 'english'"),
+    ("corpus", "builtin", r"corpus = 'builtin'.*corpus = 'mix'"),
     ("weights_hash", "0" * 64, r"weights_hash = '0000"),
     ("model", "EleutherAI/pythia-70m", r"model = 'EleutherAI/pythia-70m', but its weights were saved with model"),
     ("field_spec.act", "silu", r"config\.json says field_spec = .*edited"),

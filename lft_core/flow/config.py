@@ -61,7 +61,7 @@ _KIND_WORDS = {str: "text", int: "an integer", (int, float): "a number", bool: "
 @dataclass
 class TrainConfig:
     """Everything that defines a training run. The defaults are the project's default recipe (docs/RESULTS.md
-    section 1): 400 Flow Walking steps on 256 windows x 128 tokens of the default corpus (the mixture), then 200
+    section 1): 400 Flow Walking steps on 1024 windows x 128 tokens of the default corpus (the mixture), then 200
     steps of output-level distillation; about 10 minutes for a 6-block span of the embedded model on 2 CPU cores."""
 
     model: str = setting("smollm2-135m", "smollm2-135m (embedded), an HF id or a folder")
@@ -74,7 +74,7 @@ class TrainConfig:
     steps: int = setting(400, "flow-matching optimiser steps", positive=True)
     batch: int = setting(8, "windows per step", positive=True)
     seq_len: int = setting(128, "tokens per window", positive=True)
-    windows: int = setting(256, "training windows", positive=True)
+    windows: int = setting(1024, "training windows", positive=True)
     heldout_windows: int = setting(16, "held-out windows for the NMSE during training", positive=True)
     lr: float = setting(1e-3, "peak learning rate (AdamW)")
     weight_decay: float = setting(0.01, "AdamW weight decay")
