@@ -66,8 +66,8 @@ def _mixture_sources() -> None:
                                         "tokens": f"{p['tokens']['total']:,}"} for p in manifest["parts"]]),
                          hide_index=True, width="stretch")
             st.dataframe(pd.DataFrame([{"part": p["name"], "package": f"{s['package']} {s['version']}",
-                                        "from": s["registry"], "file": s["file"], "licence": s["licence"],
-                                        "tokens": f"{s['tokens']:,}"}
+                                        "from": s["registry"], "licence": s["licence"],
+                                        "tokens": f"{s['tokens']:,}", "file": s["file"]}
                                        for p in manifest["parts"] for s in p["sources"]]),
                          hide_index=True, width="stretch")
             st.caption("Built by `scripts/build_mix_corpus.py` from the pinned packages above (manifest: "
