@@ -17,12 +17,14 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import platform
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lft_core.atomic import write_bytes, write_text  # noqa: E402
 
 
 def main() -> None:
@@ -37,15 +39,12 @@ def main() -> None:
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9, mtime=0) as f:
         f.write(("\n".join(lines) + "\n").encode("utf-8"))
-    target = out / "python_docs.jsonl.gz"
-    tmp = target.with_suffix(".tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, target)
+    write_bytes(out / "python_docs.jsonl.gz", buf.getvalue())
     meta = {"source": "pydoc_data.topics", "python": platform.python_version(),
             "implementation": platform.python_implementation(), "topics": len(lines),
             "characters": sum(len(json.loads(x)["text"]) for x in lines),
             "sha256": hashlib.sha256(buf.getvalue()).hexdigest(), "built_by": "scripts/freeze_python_docs.py"}
-    (out / "python_docs.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    write_text(out / "python_docs.json", json.dumps(meta, indent=1, sort_keys=True) + "\n")
     print(json.dumps(meta), file=sys.stderr)
 
 

@@ -28,10 +28,11 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
+
+from lft_core.atomic import atomic_write, file_sha256
 
 HELDOUT_EVERY = 10
 NGRAM = 16
@@ -282,26 +283,21 @@ def build_mix(parts: Sequence[Part], max_chunk_chars: int = CHUNK_CHARS, n: int 
 # ------------------------------------------------------------------------------------------- the files
 
 def write_corpus(records: Iterable[Record], path: str | os.PathLike[str]) -> str:
-    """Write ``records`` as gzip'd JSON lines (sorted keys, compact, UTF-8; gzip mtime 0, level 9) to a temp
-    file beside ``path``, then move it in place. The same records give a byte-identical file. Returns its
-    sha256."""
+    """Write ``records`` as gzip'd JSON lines (sorted keys, compact, UTF-8; gzip mtime 0, level 9), atomically
+    (``atomic.atomic_write``). The same records give a byte-identical file. Returns its sha256."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9, mtime=0) as gz:
-                for r in records:
-                    row = {"part": r.part, "split": r.split, "text": r.text, "source": r.source}
-                    gz.write((json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-                              + "\n").encode("utf-8"))
-            raw.flush()
-            os.fsync(raw.fileno())
+
+    def fill(tmp: Path) -> None:
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=9,
+                                                   mtime=0) as gz:
+            for r in records:
+                row = {"part": r.part, "split": r.split, "text": r.text, "source": r.source}
+                gz.write((json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+                          + "\n").encode("utf-8"))
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, fill)
     return file_sha256(path)
 
 
@@ -310,15 +306,6 @@ def read_corpus(path: str | os.PathLike[str]) -> list[Record]:
     with gzip.open(path, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return [Record(r["part"], r["split"], r["text"], r["source"]) for r in rows]
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """The sha256 of a file, in hex."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def source_of(record_source: str, source_ids: Iterable[str]) -> str | None:
