@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma list of zoo names to train (default: the whole plan)")
     p.add_argument("--note", default="", help="what to say of the budget in the provenance")
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    p.add_argument("--no-curve", action="store_true",
+                   help="do not re-measure the zoo's curve (lft_core/zoo/curve.json) after training")
+    p.add_argument("--curve-only", action="store_true", help="only re-measure the zoo's curve of the shipped flows")
     a = p.parse_args(argv)
 
     from lft_core.flow.config import TrainConfig
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                                                              ("windows", a.windows), ("batch", a.batch))
                                          if v is not None}}
     teacher = load_teacher(a.model, device=a.device)
-    todo = plan(teacher, which, a.curve)
+    todo = [] if a.curve_only else plan(teacher, which, a.curve)
     only = {n.strip() for n in a.only.split(",")} if a.only else None
     for method, span, why in todo:
         name = zoo_name(method, span)
@@ -195,7 +198,28 @@ def main(argv: list[str] | None = None) -> int:
         h = provenance["heldout"]
         print(f"{name}: exported ({time.time() - t0:.0f} s here); held-out KL {h['kl']:.4f}, NMSE {h['nmse']:.4f}, "
               f"PPL {h['ppl']:.3f} (teacher {h['teacher_ppl']:.3f})", file=sys.stderr)
+    if not (a.dry_run or a.no_curve):
+        write_curve(teacher)
     return 0
+
+
+def write_curve(teacher) -> None:
+    """Measure the curve of every shipped flow of this teacher and write lft_core/zoo/curve.json."""
+    from lft_core.atomic import write_json
+    from lft_core.data.corpus import DEFAULT
+    from lft_core.zoo import curve_path, measure_curve, shipped_flows
+
+    flows = [f for f in shipped_flows() if f.config.get("weights_hash") == teacher.weights_hash]
+    if not flows:
+        return
+    t0 = time.time()
+    print(f"measuring the zoo's curve: {len(flows)} shipped flows, affine maps, skip-k at every position",
+          file=sys.stderr)
+    curve = measure_curve(teacher, flows, DEFAULT)
+    curve.update(seconds=round(time.time() - t0, 1), commit=commit(), device=device_name(str(teacher.device)),
+                 command="python scripts/train_zoo.py --curve-only")
+    write_json(curve_path(), curve, indent=1)
+    print(f"wrote {curve_path()} ({curve['seconds']:.0f} s)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -266,3 +266,21 @@ def kl_vs_blocks(flow_rows: Sequence[Mapping], groups: Sequence[FlowGroup], skip
             rows.append({"series": series, "kind": "paper", "x": p.x, "KL": p.KL, "err": math.nan, "n": 1,
                          "text": p.label, "reference": True})
     return pd.DataFrame(rows, columns=PLOT_COLUMNS)
+
+
+def zoo_curve_points(curve: Mapping, paper: bool = True) -> pd.DataFrame:
+    """The points of the paper's plot from the zoo's shipped curve (``zoo.read_curve``): the shipped flows (one
+    series per method), skip-k at its best position and the affine map of each shipped span, in the columns of
+    ``kl_vs_blocks``."""
+    best = {int(r["k"]): SkipKL(int(r["k"]), int(r["start"]), float(r["kl"]), float(r["ppl"]))
+            for r in curve.get("skip_best", [])}
+    baseline_rows = [{"baseline": "affine", "name": f"affine {Span.of(a['span'])}", "span": str(Span.of(a["span"])),
+                      "KL": float(a["kl"])} for a in curve.get("affine", [])]
+    points = kl_vs_blocks([], [], [], best, baseline_rows, paper=paper)
+    rows = []
+    for r in curve.get("flows", []):
+        method = METHODS[r["method"]].short if r["method"] in METHODS else str(r["method"]).upper()
+        rows.append({"series": f"shipped flows ({method})", "kind": "flow", "x": int(r["blocks"]), "KL": float(r["kl"]),
+                     "err": math.nan, "n": 1, "text": f"{r['flow']} (span {Span.of(r['span'])}, k={r['k']})",
+                     "reference": False})
+    return pd.concat([pd.DataFrame(rows, columns=PLOT_COLUMNS), points], ignore_index=True)

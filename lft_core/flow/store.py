@@ -38,6 +38,7 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -376,6 +377,32 @@ class SavedFlow:
         """True when its record carries a proof (``flow_format``; checked when the flow is loaded); False for a
         flow saved before flows recorded a hash of their weights, which loads unverified."""
         return "flow_format" in self.config
+
+    @cached_property
+    def provenance(self) -> dict | None:
+        """The provenance of a shipped flow installed from the zoo (``zoo.provenance_of``); None when it was
+        trained here."""
+        from lft_core.zoo import provenance_of
+
+        return provenance_of(self.dir)
+
+    @property
+    def origin(self) -> str:
+        """'shipped' (installed from the zoo) or 'trained here'."""
+        return "shipped" if self.provenance is not None else "trained here"
+
+    @property
+    def origin_line(self) -> str:
+        """Where the flow comes from, in one line: ``shipped: 800+400 steps on mix, cpu (2 threads), 24 min,
+        held-out KL 0.412`` or ``trained here: 400+200 steps on mix, 8 min``."""
+        from lft_core.zoo import provenance_line
+
+        if self.provenance is not None:
+            return provenance_line(self.provenance)
+        flow_steps, distill = self.config.get("steps"), self.config.get("distill_steps") or 0
+        elapsed = [e.get("elapsed_s") for e in self.history if isinstance(e.get("elapsed_s"), (int, float))]
+        minutes = f", {elapsed[-1] / 60:.0f} min" if elapsed else ""
+        return f"trained here: {flow_steps}+{distill} steps on {trained_on(self.config)}{minutes}"
 
     def trained_for(self, teacher: Teacher) -> bool:
         """True when it was trained for exactly this teacher (model id and weights hash)."""

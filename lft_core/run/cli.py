@@ -241,8 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--seed", type=_seed, default=0)
     y.add_argument("--json", metavar="PATH")
 
-    f = sub.add_parser("flows", help="list the saved flows, or delete one")
+    f = sub.add_parser("flows", help="list the saved flows (shipped or trained here), the shipped ones, copy or "
+                                     "delete one")
     f.add_argument("--delete", metavar="NAME", help="delete this flow (refused while a job trains it)")
+    f.add_argument("--shipped", action="store_true", help="list the flows shipped with the project (the zoo)")
+    f.add_argument("--copy", metavar="SRC", help="copy a saved flow (a shipped one too) under the name given by --to, "
+                                                 "with a fresh optimiser state, to train it further with --resume")
+    f.add_argument("--to", metavar="NEW", help="the new name of --copy")
     f.add_argument("--json", metavar="PATH")
 
     b = sub.add_parser("bench", help="benchmarks (see docs/BENCHMARKS.md)")

@@ -320,6 +320,26 @@ def cmd_flows(a: argparse.Namespace) -> dict:
         delete_flow(a.delete)
         print(f"deleted flow {a.delete}")
         return {"deleted": a.delete}
+    if a.copy or a.to:
+        from lft_core.zoo import copy_flow
+
+        if not (a.copy and a.to):
+            raise LFTError("--copy SRC needs --to NEW (and --to needs --copy)")
+        target = copy_flow(a.copy, a.to)
+        print(f"copied {a.copy} to {a.to} ({target}); train it further with `python -m lft_core train --name {a.to} "
+              f"--resume` and its settings, with more --steps")
+        return {"copied": a.copy, "to": a.to, "path": str(target)}
+    if a.shipped:
+        from lft_core.zoo import shipped_flows
+
+        shipped = shipped_flows()
+        for s in shipped:
+            print(f"{s.name}: {s.config.get('model')} span {s.span[0]}:{s.span[1]} {s.method.upper()} "
+                  f"({s.summary()})")
+        if not shipped:
+            print("no shipped flows")
+        return {"shipped": [{"name": s.name, "span": list(s.span), "method": s.method, "provenance": s.provenance}
+                            for s in shipped]}
     flows = list_flows()
     for f in flows:
         if f.error:
@@ -327,12 +347,18 @@ def cmd_flows(a: argparse.Namespace) -> dict:
         else:
             done = lambda v: "?" if v is None else v  # noqa: E731
             print(f"{f.name}: {f.model} span {f.span} {f.method.upper()} k={f.k} {f.status} "
-                  f"({done(f.steps_done)}/{done(f.steps)} steps)")
+                  f"({done(f.steps_done)}/{done(f.steps)} steps; {f.origin_line})")
     if not flows:
         print("no saved flows")
     keep = ("name", "model", "span", "method", "k", "status", "steps_done", "steps", "error")
-    return {"flows": [{k: (list(getattr(f, k)) if k == "span" else getattr(f, k)) for k in keep
-                       if getattr(f, k) is not None and not (f.error and k == "method")} for f in flows]}
+    listed = []
+    for f in flows:
+        row = {k: (list(getattr(f, k)) if k == "span" else getattr(f, k)) for k in keep
+               if getattr(f, k) is not None and not (f.error and k == "method")}
+        if not f.error:
+            row.update(origin=f.origin, origin_line=f.origin_line, provenance=f.provenance)
+        listed.append(row)
+    return {"flows": listed}
 
 
 def cmd_bench(a: argparse.Namespace) -> dict:

@@ -237,3 +237,63 @@ def export_flow(src: Path, name: str, provenance: dict, dtype: str = "float16", 
                    {**provenance, "name": name, "weights_dtype": dtype,
                     "weights_sha256": file_sha256(staging / MODEL_FILE)}, indent=1)
     return target
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The zoo's curve: the paper's plot (KL against blocks replaced or removed) for the shipped flows, measured once
+# by the zoo script and shipped beside them (``curve.json``), so Compare draws it without any evaluation.
+
+CURVE_FILE = "curve.json"
+CURVE_WINDOWS = 32
+
+
+def curve_path() -> Path:
+    """``curve.json`` beside the shipped flows' folder (``lft_core/zoo/curve.json``, or in ``$LFT_ZOO_DIR``)."""
+    given = os.environ.get("LFT_ZOO_DIR")
+    return Path(given) / CURVE_FILE if given else ZOO_DIR.parent / CURVE_FILE
+
+
+def measure_curve(teacher: Teacher, flows: list[ShippedFlow], corpus: str, windows: int = CURVE_WINDOWS,
+                  seq_len: int = 128, progress: bool = True) -> dict:
+    """KL / NMSE / PPL of each shipped flow (at its own k), of the affine map of each of their spans (fitted on
+    the flow's own training windows, as ``eval --baselines affine``) and of skip-k for k = 1 … the most blocks a
+    flow replaces, at every position (the best one kept), on ``windows`` held-out windows of ``corpus``."""
+    from lft_core.analysis.baselines import FitData, prepare
+    from lft_core.analysis.comparison import best_skips, skip_kl_grid
+    from lft_core.analysis.evaluation import eval_windows, evaluate
+    from lft_core.data.corpus import split_rule_of
+    from lft_core.flow.store import load_flow
+
+    ids = eval_windows(teacher, corpus, None, windows, seq_len)
+    rows, affine, teacher_ppl = [], {}, None
+    for f in flows:
+        flow, config = load_flow(f.dir)
+        flow.to(teacher.device)
+        k = int(config.get("k", 3))
+        result = evaluate(teacher, flow, None, ids, ks=(k,), skips=(), best_skip=False)
+        r = result.rows[0]
+        teacher_ppl = result.teacher_ppl
+        rows.append({"flow": f.name, "span": list(f.span), "blocks": f.span[1] - f.span[0], "method": f.method,
+                     "k": k, "kl": r.kl, "nmse": r.nmse, "ppl": r.ppl})
+        if f.span not in affine:
+            prepared = prepare("affine", teacher, f.span, FitData.of_flow(config), progress)
+            a = evaluate(teacher, None, f.span, ids, ks=(), skips=(), best_skip=False, baselines=[prepared]).rows[0]
+            affine[f.span] = {"span": list(f.span), "blocks": f.span[1] - f.span[0], "kl": a.kl, "nmse": a.nmse,
+                              "ppl": a.ppl, "fit": f"{FitData.of_flow(config).windows} training windows of "
+                                                   f"{f.name}"}
+    ks = tuple(range(1, max((r["blocks"] for r in rows), default=1) + 1))
+    grid = skip_kl_grid(teacher, ids, ks)
+    best = best_skips(grid)
+    return {"corpus": corpus, "split_rule": split_rule_of(corpus), "windows": windows, "seq_len": seq_len,
+            "tokens": int(ids.numel()), "teacher": teacher.model_id, "teacher_weights_hash": teacher.weights_hash,
+            "teacher_ppl": teacher_ppl, "flows": rows, "affine": list(affine.values()),
+            "skip_best": [{"k": k, "start": s.start, "kl": s.kl, "ppl": s.ppl} for k, s in best.items()]}
+
+
+def read_curve() -> dict | None:
+    """The shipped curve (``curve.json``), or None when there is none or it is damaged."""
+    try:
+        return read_record(curve_path(), {"corpus": str, "windows": int, "seq_len": int, "flows": list,
+                                          "affine": list, "skip_best": list, "teacher_weights_hash": str})
+    except DamagedRecord:
+        return None

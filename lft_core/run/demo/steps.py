@@ -307,6 +307,10 @@ class AffineGridStep(GridStep):
             value = float(affine_matrix[m, n])
             spans[which]["affine_nmse"] = value if math.isfinite(value) else None
         flow_steps = [step for step in run.steps if isinstance(step, FlowStep)]
+        for step in flow_steps:  # the shipped flows the demo installs instead of training (names, by method)
+            shipped = step.shipped(s, spans, run.teacher)
+            if shipped is not None:
+                spans[step.which].setdefault("shipped", {})[step.method] = shipped.name
         flows = [step.plan(s, spans, run.teacher.model_id) for step in flow_steps]
         if spans != run.manifest.get("spans") or flows != run.manifest.get("flows"):
             old = {f.get("name"): pos for pos, f in enumerate(run.manifest.get("flows") or []) if isinstance(f, dict)}
@@ -319,8 +323,10 @@ class AffineGridStep(GridStep):
 
 @dataclass(frozen=True)
 class FlowStep(Step):
-    """A flow trained with the demo's recipe, by ``method`` on the ``which`` ('low' / 'high') R span:
-    ``demo-<method>-M-N`` (a ``-<tag>`` suffix names flows of other settings)."""
+    """A flow by ``method`` on the ``which`` ('low' / 'high') R span: the shipped flow of the zoo when one was
+    trained for this teacher, span, method, corpus and window length and the demo uses the default recipe
+    (installed under its zoo name, ``zoo-<method>-M-N``: ``lft_core.zoo``), else trained here with the demo's
+    recipe as ``demo-<method>-M-N`` (a ``-<tag>`` suffix names flows of other settings)."""
 
     which: str
     method: str
@@ -329,7 +335,27 @@ class FlowStep(Step):
     def label(self, settings: DemoSettings, spans: dict | None = None) -> str:
         where = f"span {Span.of(spans[self.which]['span'])}, {self.which} R" if spans and self.which in spans \
             else f"the {self.which}-R span of {settings.blocks} blocks"
+        if self.shipped_name(spans):
+            return f"Install the shipped {self.method.upper()} flow on {where}"
         return f"Train {self.method.upper()} on {where}"
+
+    def shipped_name(self, spans: dict | None) -> str | None:
+        """The name of the shipped flow this step installs (None: it trains), as the manifest's spans say."""
+        named = ((spans or {}).get(self.which) or {}).get("shipped") or {}
+        name = named.get(self.method) if isinstance(named, dict) else None
+        return name if isinstance(name, str) else None
+
+    def shipped(self, settings: DemoSettings, spans: dict, teacher):
+        """The zoo's flow for this step (``zoo.find_shipped``: the teacher's id and weights hash, the span, the
+        method, the corpus and the window length), or None. Only the default recipe installs shipped flows: a demo
+        asked to train with other settings trains."""
+        if settings.train:
+            return None
+        from lft_core.zoo import find_shipped
+
+        m, n = spans[self.which]["span"]
+        return find_shipped(teacher.model_id, teacher.weights_hash, (m, n), self.method, settings.corpus,
+                            settings.seq_len)
 
     def state(self, found: Artefacts) -> str:
         entry = found.flows.get(self)
@@ -348,6 +374,15 @@ class FlowStep(Step):
         """The manifest's record of this step's flow on the chosen ``spans``, with the settings a saved flow must
         show to be this demo's (what status checks, without the model)."""
         span = Span.of(spans[self.which]["span"])
+        shipped = self.shipped_name(spans)
+        if shipped is not None:  # the installed flow must be the shipped one: same weights
+            from lft_core.zoo import get_shipped
+
+            flow = get_shipped(shipped)
+            expected = {"name": shipped, "model": model_id, "span": list(span), "method": self.method,
+                        "status": "complete", "weights_sha256": flow.weights_sha256}
+            return {"name": shipped, "method": self.method, "which": self.which, "span": list(span),
+                    "shipped": True, "config": expected}
         cfg = self.config(settings, span)
         out = {k: v for k, v in asdict(cfg).items() if k not in ("name", "sweep", "model", "span")}
         expected = {**json.loads(json.dumps(out)), "model": model_id, "span": list(cfg.span), "name": cfg.name}
@@ -359,6 +394,12 @@ class FlowStep(Step):
         from lft_core.flow.training import train_flow
 
         entry = flow_records(run.steps, run.manifest)[self]
+        if entry.get("shipped"):
+            from lft_core.zoo import install
+
+            outcome = install(entry["name"], run.teacher)  # never over another flow; idempotent
+            progress(0.0, done=1, total=1, unit="flows", flow=entry["name"], detail=f"shipped flow {outcome}")
+            return True
         cfg = self.config(run.settings, Span.of(entry["span"]))
         name = cfg.name
         resume = False

@@ -1,0 +1,205 @@
+"""The flow zoo (lft_core.zoo): shipped flows with provenance, installed by the demo instead of training.
+
+A tiny zoo is built in a test folder from the tiny demo's own flows (tests/test_demo.py's settings: 2-block spans,
+16-token windows), exported as the zoo script exports them; the demo of the same spans with the default recipe
+must then install them without training a step."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from lft_core.atomic import file_sha256
+from lft_core.errors import LFTError
+from lft_core.flow.store import flows_dir, list_flows, load_flow
+from lft_core.run.demo import demo_status, prepare_demo, read_manifest
+
+from test_demo import TINY, ensure_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+ZOO_SETTINGS = replace(TINY, train={})  # the tiny demo's cache and spans, the default recipe: shipped flows apply
+
+
+def provenance(smol) -> dict:
+    return {"recipe": {"steps": 2}, "corpus": TINY.corpus, "corpus_manifest_sha256": None, "seed": 0, "steps": 2,
+            "distill_steps": 0, "tokens_seen": 64, "device": "cpu (test)", "wall_seconds": 1.0,
+            "teacher": smol.model_id, "teacher_weights_hash": smol.weights_hash, "commit": "test", "heldout": {},
+            "budget_note": "a test zoo", "trained": "2026-12-05"}
+
+
+@pytest.fixture()
+def tiny_zoo(smol, tmp_path, monkeypatch):
+    """A zoo of the tiny demo's four flows (exported in 16-bit), $LFT_ZOO_DIR pointing at it, and the store
+    without any zoo-* flow."""
+    from lft_core.zoo import export_flow, zoo_name
+
+    result = ensure_tiny(smol)
+    assert result.ready
+    root = tmp_path / "zoo"
+    monkeypatch.setenv("LFT_ZOO_DIR", str(root))
+    for info in demo_status(TINY).flow_info:
+        export_flow(flows_dir() / info["name"], zoo_name(info["method"], tuple(info["span"])), provenance(smol))
+    for f in list_flows():
+        if f.name.startswith("zoo-"):
+            from lft_core.flow.store import delete_flow
+
+            delete_flow(f.name)
+    return root
+
+
+def test_export_writes_16_bit_weights_with_their_proof_and_provenance(tiny_zoo, smol):
+    from lft_core.zoo import shipped_flows
+
+    shipped = shipped_flows()
+    assert len(shipped) == 4 and all(f.name.startswith("zoo-") for f in shipped)
+    for f in shipped:
+        flow, config = load_flow(f.dir)  # proved: weights hash to the record, record carried by the weights
+        assert flow.proof.verified and config["name"] == f.name
+        assert f.provenance["weights_sha256"] == file_sha256(f.dir / "model.safetensors") == f.weights_sha256
+        assert f.provenance["weights_dtype"] == "float16" and f.provenance["teacher_weights_hash"] == smol.weights_hash
+        from safetensors import safe_open
+
+        with safe_open(str(f.dir / "model.safetensors"), "pt") as st:
+            dtypes = {st.get_tensor(k).dtype for k in st.keys()}
+        import torch
+
+        assert torch.float16 in dtypes  # parameters in 16-bit (normalisation buffers stay float32)
+
+
+def test_the_demo_installs_shipped_flows_without_training(tiny_zoo, smol):
+    events: list[dict] = []
+    result = prepare_demo(ZOO_SETTINGS, teacher=smol, progress=events.append)
+    assert result.ready
+    assert not [e for e in events if "flow_step" in e]  # not one training step
+    manifest = read_manifest()
+    from lft_core.zoo import get_shipped, provenance_of
+
+    assert result.flows == [f["name"] for f in manifest["flows"]] and all(n.startswith("zoo-") for n in result.flows)
+    for name in result.flows:
+        shipped = get_shipped(name)
+        assert file_sha256(flows_dir() / name / "model.safetensors") == shipped.weights_sha256
+        assert provenance_of(flows_dir() / name) == shipped.provenance
+        load_flow(flows_dir() / name)  # the installed copy proves itself
+    labels = [s["label"] for s in result.steps]
+    assert sum(label.startswith("Install the shipped") for label in labels) == 4
+    # idempotent: a second run does nothing, and installing again is a no-op
+    again = prepare_demo(ZOO_SETTINGS, teacher=smol)
+    assert again.ready and again.did_nothing
+    from lft_core.zoo import install
+
+    assert install(result.flows[0], smol) == "present"
+
+
+def test_a_user_flow_of_the_same_name_is_never_replaced(tiny_zoo, smol):
+    from lft_core.zoo import install, shipped_flows
+
+    name = shipped_flows()[0].name
+    other = next(f for f in list_flows() if f.name.startswith("demo-"))
+    import shutil
+
+    shutil.copytree(other.dir, flows_dir() / name)  # a flow of that name with other weights
+    before = file_sha256(flows_dir() / name / "model.safetensors")
+    with pytest.raises(LFTError, match="never replaced"):
+        install(name, smol)
+    with pytest.raises(LFTError, match="never replaced"):
+        prepare_demo(ZOO_SETTINGS, teacher=smol)
+    assert file_sha256(flows_dir() / name / "model.safetensors") == before
+
+
+def test_a_shipped_flow_of_another_teacher_is_refused(tiny_zoo, smol):
+    from lft_core.zoo import find_shipped, install, shipped_flows
+
+    f = shipped_flows()[0]
+    assert find_shipped(smol.model_id, smol.weights_hash, f.span, f.method, TINY.corpus, TINY.seq_len) == f
+    assert find_shipped(smol.model_id, "0" * 16, f.span, f.method, TINY.corpus, TINY.seq_len) is None
+    assert find_shipped(smol.model_id, smol.weights_hash, f.span, f.method, TINY.corpus, TINY.seq_len + 1) is None
+    other = SimpleNamespace(model_id=smol.model_id, weights_hash="0" * 16)
+    with pytest.raises(LFTError, match="not this teacher"):
+        install(f.name, other)
+    assert not (flows_dir() / f.name).exists()
+
+
+def test_a_damaged_shipped_flow_is_not_offered(tiny_zoo):
+    from lft_core.zoo import shipped_flows
+
+    f = shipped_flows()[0]
+    data = json.loads((f.dir / "provenance.json").read_text())
+    data["weights_sha256"] = "0" * 64  # provenance of other weights
+    (f.dir / "provenance.json").write_text(json.dumps(data))
+    assert f.name not in {g.name for g in shipped_flows()}
+
+
+def test_a_shipped_flow_copied_under_a_new_name_trains_further(tiny_zoo, smol, tmp_path):
+    from lft_core.flow.config import TrainConfig
+    from lft_core.flow.training import train_flow
+    from lft_core.zoo import copy_flow, install, shipped_flows
+
+    f = next(g for g in shipped_flows() if g.method == "fw")
+    install(f.name, smol)
+    target = copy_flow(f.name, "my-copy")
+    assert target == flows_dir() / "my-copy"
+    with pytest.raises(LFTError, match="exists already"):
+        copy_flow(f.name, "my-copy")
+    config = json.loads((target / "config.json").read_text())
+    assert config["name"] == "my-copy" and config["status"] == "stopped"
+    from lft_core.zoo import provenance_of
+
+    assert provenance_of(target) is None  # a copy is a flow trained here
+    keep = {k: config[k] for k in ("method", "k", "seq_len", "windows", "heldout_windows", "batch", "corpus",
+                                   "distill_steps", "seed", "lr")}
+    cfg = TrainConfig(model=smol.spec if hasattr(smol, "spec") else config["model"], span=tuple(config["span"]),
+                      name="my-copy", **{**keep, "steps": config["steps"] + 2})
+    result = train_flow(cfg, teacher=smol, resume=True, verbose=False)
+    assert not result.stopped
+    after = json.loads((target / "config.json").read_text())
+    assert after["steps_done"] == config["steps_done"] + 2 and after["status"] == "complete"
+
+
+def test_flows_cli_lists_shipped_and_copies(tiny_zoo, smol, tmp_path):
+    from lft_core.zoo import install, shipped_flows
+
+    f = shipped_flows()[0]
+    install(f.name, smol)
+    out = tmp_path / "flows.json"
+    env = {**__import__("os").environ}
+    run = subprocess.run([sys.executable, "-m", "lft_core", "flows", "--json", str(out)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert f"{f.name}:" in run.stdout and "shipped:" in run.stdout
+    listed = {x["name"]: x for x in json.loads(out.read_text())["flows"]}
+    assert listed[f.name]["origin"] == "shipped" and listed[f.name]["provenance"]["commit"] == "test"
+    assert all(x["origin"] == "trained here" for n, x in listed.items() if n.startswith("demo-"))
+    run = subprocess.run([sys.executable, "-m", "lft_core", "flows", "--copy", f.name, "--to", "copied-1"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert (flows_dir() / "copied-1" / "training_state.json").is_file()
+    run = subprocess.run([sys.executable, "-m", "lft_core", "flows", "--copy", f.name, "--to", "copied-1"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "exists already" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_the_zoo_curve_is_measured_and_drawn_from_its_file(tiny_zoo, smol):
+    from lft_core.analysis.comparison import skip_kl_grid, zoo_curve_points
+    from lft_core.analysis.evaluation import eval_windows
+    from lft_core.atomic import write_json
+    from lft_core.zoo import curve_path, measure_curve, read_curve, shipped_flows
+
+    flows = shipped_flows()
+    curve = measure_curve(smol, flows, TINY.corpus, windows=2, seq_len=16, progress=False)
+    assert [r["flow"] for r in curve["flows"]] == [f.name for f in flows]
+    assert {tuple(a["span"]) for a in curve["affine"]} == {f.span for f in flows}
+    grid = skip_kl_grid(smol, eval_windows(smol, TINY.corpus, None, 2, 16), (1, 2))
+    for r in curve["skip_best"]:  # the best position is the lowest KL of every start
+        assert r["kl"] == min(g.kl for g in grid if g.k == r["k"])
+    assert read_curve() is None  # nothing written yet
+    write_json(curve_path(), curve)
+    points = zoo_curve_points(read_curve())
+    shipped = points[points["kind"] == "flow"]
+    assert len(shipped) == 4 and set(shipped["x"]) == {2}
+    assert set(points[points["kind"] == "skip best"]["x"]) == {1, 2}
+    assert len(points[points["kind"] == "affine"]) == 2 and points["reference"].any()
