@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {**BUDGETS[a.budget], **{k: v for k, v in (("steps", a.steps), ("distill_steps", a.distill_steps),
                                                              ("windows", a.windows), ("batch", a.batch))
                                          if v is not None}}
+    code = commit()  # the code that trains: read once, before training (the tree may change while it runs)
     teacher = load_teacher(a.model, device=a.device)
     todo = [] if a.curve_only else plan(teacher, which, a.curve)
     only = {n.strip() for n in a.only.split(",")} if a.only else None
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             "recipe": recipe, "corpus": cfg.corpus, "corpus_manifest_sha256": corpus_manifest_sha256(cfg.corpus),
             "seed": cfg.seed, "steps": cfg.steps, "distill_steps": cfg.distill_steps, "tokens_seen": tokens,
             "device": device_name(result.device), "wall_seconds": round(wall, 1), "teacher": teacher.model_id,
-            "teacher_weights_hash": teacher.weights_hash, "commit": commit(), "heldout": {},
+            "teacher_weights_hash": teacher.weights_hash, "commit": code, "heldout": {},
             "budget_note": a.note or (f"{a.budget} budget" + (f" with {overrides}" if overrides else "")),
             "trained": time.strftime("%Y-%m-%d", time.gmtime()),
         }
@@ -199,11 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: exported ({time.time() - t0:.0f} s here); held-out KL {h['kl']:.4f}, NMSE {h['nmse']:.4f}, "
               f"PPL {h['ppl']:.3f} (teacher {h['teacher_ppl']:.3f})", file=sys.stderr)
     if not (a.dry_run or a.no_curve):
-        write_curve(teacher)
+        write_curve(teacher, code)
     return 0
 
 
-def write_curve(teacher) -> None:
+def write_curve(teacher, code: str) -> None:
     """Measure the curve of every shipped flow of this teacher and write lft_core/zoo/curve.json."""
     from lft_core.atomic import write_json
     from lft_core.data.corpus import DEFAULT
@@ -216,7 +217,7 @@ def write_curve(teacher) -> None:
     print(f"measuring the zoo's curve: {len(flows)} shipped flows, affine maps, skip-k at every position",
           file=sys.stderr)
     curve = measure_curve(teacher, flows, DEFAULT)
-    curve.update(seconds=round(time.time() - t0, 1), commit=commit(), device=device_name(str(teacher.device)),
+    curve.update(seconds=round(time.time() - t0, 1), commit=code, device=device_name(str(teacher.device)),
                  command="python scripts/train_zoo.py --curve-only")
     write_json(curve_path(), curve, indent=1)
     print(f"wrote {curve_path()} ({curve['seconds']:.0f} s)", file=sys.stderr)
