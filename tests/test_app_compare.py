@@ -149,3 +149,31 @@ def test_compare_drops_a_deleted_flow_from_the_kept_choice(two_seeds):
     at.run()
     assert_clean(at)
     assert at.multiselect(key="w_cmp_flows").value == ["cmp-s1"]
+
+
+def shipped_curve(weights_hash: str) -> dict:
+    return {"corpus": "mix", "split_rule": "test", "windows": 2, "seq_len": 16, "tokens": 32, "teacher": "smollm2-135m",
+            "teacher_weights_hash": weights_hash, "teacher_ppl": 20.0,
+            "flows": [{"flow": "zoo-fw-1-7", "span": [1, 7], "blocks": 6, "method": "fw", "k": 3, "kl": 0.4,
+                       "nmse": 0.1, "ppl": 22.0}],
+            "affine": [{"span": [1, 7], "blocks": 6, "kl": 0.7, "nmse": 0.2, "ppl": 25.0, "fit": "test"}],
+            "skip_best": [{"k": k, "start": 16, "kl": 0.1 * k, "ppl": 21.0} for k in range(1, 7)]}
+
+
+def test_compare_draws_the_shipped_curve_at_once(two_seeds, smol, tmp_path, monkeypatch):
+    monkeypatch.setenv("LFT_ZOO_DIR", str(tmp_path))
+    (tmp_path / "curve.json").write_text(json.dumps(shipped_curve(smol.weights_hash)))
+    at = open_compare()
+    assert_clean(at)
+    points = at.session_state["compare_zoo_points"]
+    shipped = points[points["kind"] == "flow"]
+    assert list(shipped["x"]) == [6] and list(shipped["KL"]) == [0.4]
+    assert sorted(points[points["kind"] == "skip best"]["x"]) == [1, 2, 3, 4, 5, 6]
+    assert list(points[points["kind"] == "affine"]["KL"]) == [0.7]
+    assert any("shipped flows (FW)" in spec for spec in chart_specs(at))
+    assert "compare_eval" not in at.session_state  # drawn without evaluating anything
+    # a curve measured for other weights is not shown
+    (tmp_path / "curve.json").write_text(json.dumps(shipped_curve("0" * 16)))
+    at = open_compare()
+    assert_clean(at)
+    assert "compare_zoo_points" not in at.session_state

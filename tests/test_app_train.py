@@ -10,7 +10,7 @@ import pytest
 from app_fixtures import TINY_SPAN, tiny_flow  # noqa: F401 (fixtures)
 from test_app_pages import assert_clean, click, errors, open_page
 
-MINE = ("apptest-sw-", "apptest-stop")  # the flows this module trains (sweeps, the stopped flow)
+MINE = ("apptest-sw-", "apptest-stop", "apptest-copy")  # the flows this module trains (sweeps, the stopped flow)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -203,3 +203,29 @@ def test_inputs_survive_a_trip_to_another_page(tiny_flow):
     assert at.text_input(key="w_sweep_seeds").value == "4, 5"
     assert at.text_input(key="w_sweep_prefix").value == "bad name!"
     assert at.number_input(key="w_sweep_distill_steps").value == 11
+
+
+def test_copy_a_flow_and_resume_it_with_more_steps(tiny_flow):
+    from lft_core.flow.store import read_flow_config
+
+    at = open_page("train", {"span": TINY_SPAN})
+    assert_clean(at)
+    table = at.session_state["flows_table"]
+    assert table[table["name"] == "tiny-fw"].iloc[0]["origin"].startswith("trained here: 3+0 steps")
+    at.selectbox(key="w_copy_flow").set_value("tiny-fw")
+    at.text_input(key="w_copy_name").input("tiny-fw")  # taken: refused, nothing replaced
+    at = click(at, "Copy")
+    assert any("exists already" in e for e in errors(at)), errors(at)
+    at.text_input(key="w_copy_name").input("apptest-copy")
+    at = click(at, "Copy")
+    assert_clean(at)
+    assert read_flow_config("apptest-copy")["status"] == "stopped"
+    at = open_page("train", {"span": TINY_SPAN})
+    at.selectbox(key="w_resume_flow").set_value("apptest-copy")
+    at.number_input(key="w_resume_more").set_value(2)
+    at = click(at, "Resume training")
+    assert_clean(at)
+    job = _wait(at.session_state["train_job"])
+    assert job.status == "complete", job.log_tail()
+    config = read_flow_config("apptest-copy")
+    assert config["steps_done"] == 5 and config["steps"] == 5 and read_flow_config("tiny-fw")["steps_done"] == 3

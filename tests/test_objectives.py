@@ -161,7 +161,14 @@ def test_a_finished_flow_can_be_resumed_with_distillation_added(tiny_neox, tiny_
 
     listed = next(f for f in list_flows() if f.name == "obj-resume")
     assert (listed.steps_done, listed.steps) == (5, 5)  # the listing counts the distillation steps too
-    # once distilling, its settings are part of the run
+    # once distilling, its settings are part of the run, and flow steps can no longer be added
     with pytest.raises(LFTError, match="distill_lr"):
         train_flow(TrainConfig(**base, distill_steps=3, distill_batch=2, distill_lr=1e-3), teacher=tiny_neox,
                    resume=True, verbose=False)
+    with pytest.raises(LFTError, match="steps = 2"):
+        train_flow(TrainConfig(**{**base, "steps": 4}, distill_steps=3, distill_batch=2), teacher=tiny_neox,
+                   resume=True, verbose=False)
+    # a distilled flow is trained further with more distillation steps (a shipped flow, copied: zoo.copy_flow)
+    result = train_flow(TrainConfig(**base, distill_steps=5, distill_batch=2), teacher=tiny_neox, resume=True,
+                        verbose=False)
+    assert result.steps == 7

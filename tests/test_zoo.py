@@ -203,3 +203,12 @@ def test_the_zoo_curve_is_measured_and_drawn_from_its_file(tiny_zoo, smol):
     assert len(shipped) == 4 and set(shipped["x"]) == {2}
     assert set(points[points["kind"] == "skip best"]["x"]) == {1, 2}
     assert len(points[points["kind"] == "affine"]) == 2 and points["reference"].any()
+
+
+def test_more_steps_adds_flow_steps_before_distillation_and_distillation_steps_after():
+    from lft_core.flow.training import more_steps
+
+    assert more_steps({"steps": 4, "distill_steps": 2, "steps_done": 6}, 3)["distill_steps"] == 5
+    assert more_steps({"steps": 4, "distill_steps": 2, "steps_done": 4}, 3)["steps"] == 7
+    assert more_steps({"steps": 4, "distill_steps": 0, "steps_done": 4}, 0) == {"steps": 4, "distill_steps": 0,
+                                                                                  "steps_done": 4}

@@ -10,6 +10,7 @@ from app.figures.compare import kl_vs_blocks_figure, recipe_curves, recipe_nmse_
 from lft_core.analysis import comparison as cmp
 from lft_core.analysis import recipes
 from lft_core.analysis.baselines import FitData, fitted_baselines
+from lft_core import zoo
 from lft_core.span import Span
 
 X_CHOICES = {"training step": "step", "wall time (s)": "seconds"}
@@ -46,10 +47,22 @@ for f in flows:
                  "seed": f.config.get("seed"), "steps": f.steps_done, "heldout_nmse": f.last_nmse,
                  "params (M)": round(params / 1e6, 2), "replaced params (M)": round(replaced / 1e6, 2),
                  "params / replaced": round(params / replaced, 3) if replaced else None,
-                 "recipe": recipe_of.get(f.name)})
+                 "recipe": recipe_of.get(f.name), "origin": f.origin_line})
 table = pd.DataFrame(rows)
 st.session_state["compare_table"] = table
 frame.show_table(table.rename(columns={"heldout_nmse": "held-out NMSE"}), "flows_compare", key="compare_table_df")
+
+# -- the zoo's curve: shipped, drawn at once ------------------------------------------------------------------
+curve = zoo.read_curve()
+if curve is not None and curve.get("teacher_weights_hash") == teacher.weights_hash:
+    st.subheader("The shipped flows against skipping blocks")
+    st.session_state["compare_zoo_points"] = zoo_points = cmp.zoo_curve_points(curve)
+    frame.show_figure(kl_vs_blocks_figure(zoo_points), "zoo_kl_vs_blocks", key="compare_zoo_curve")
+    st.caption(f"The flows shipped with the project (the zoo: trained once, at length, by `scripts/train_zoo.py`), the "
+               f"affine map of their spans and skip-k at its best position, on {curve['windows']} held-out windows × "
+               f"{curve['seq_len']} tokens of the `{curve['corpus']}` corpus, measured when the zoo was built "
+               f"(`{curve.get('command', 'python scripts/train_zoo.py --curve-only')}` measures it again). "
+               "Evaluate your own flows below for the same plot on the text you choose.")
 
 st.subheader("Recipes: mean ± std over seeds")
 recipe_table = recipes.groups_table(all_groups)

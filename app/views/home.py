@@ -32,8 +32,10 @@ demo_jobs = [j for j in list_jobs("demo") if j.status in ("running", "stopping")
 st.caption("Builds everything the pages need for a ready-made story on the embedded model and the built-in text "
            "mixture: the hidden-state cache, the recoupling and affine maps of every span, and four flows (SFM and "
            "FW on the span where optimal transport re-pairs the fewest tokens and on the one where it re-pairs the "
-           "most) trained with the default recipe. It runs in the background: leave this page, or close the tab. "
-           "Same as `python -m lft_core demo`.")
+           "most). Flows shipped with the project (trained once, at length, with their provenance) are installed in "
+           "seconds; a flow none is shipped for is trained here with the default recipe (about ten minutes each on "
+           "two cores). It runs in the background: leave this page, or close the tab. Same as "
+           "`python -m lft_core demo`.")
 if demo is not None and demo.damaged and not demo.running and not demo_jobs:
     st.warning(f"Demo damaged: prepare again. Its record cannot be used ({demo.damaged}); **Prepare the demo** "
                "writes a new one and keeps whatever is already built (nothing done is computed again).",
@@ -43,6 +45,8 @@ if demo is not None and demo.ready:
     st.success(f"Demo ready: spans **{low}** (low R) and **{high}** (high R), flows "
                + ", ".join(f"`{f}`" for f in demo.flows) + ". Every page opens on this story.",
                icon=":material/check_circle:")
+    origins = {f.name: f.origin_line for f in list_flows() if f.error is None and f.name in demo.flows}
+    st.caption("  \n".join(f"`{name}`: {origins[name]}" for name in demo.flows if name in origins))
 else:
     if st.button("Prepare the demo", type="primary", icon=":material/play_arrow:", disabled=bool(demo_jobs),
                  help="Idempotent: what is done already is kept; after an interruption it goes on where it stopped."):

@@ -12,6 +12,8 @@ from app.figures.training import training_curves
 from lft_core.errors import LFTError
 from lft_core.run.jobs import list_jobs, read_job, start_job, stop_job
 from lft_core.flow.store import being_trained, delete_flow, list_flows
+from lft_core.flow.training import more_steps
+from lft_core.zoo import copy_flow
 from lft_core.run.sweep import parse_grid, plan_sweep, saved_train_config
 from lft_core.run.sweep import cli_args as sweep_cli_args
 from lft_core.flow.config import TrainConfig
@@ -344,11 +346,12 @@ def _delete_selected_flow() -> None:
     st.session_state.pop("w_delete_flow", None)
 
 
-def resume_flow(saved) -> None:
-    """Start a train job that continues ``saved`` with its own settings (config.json), unless one trains it."""
+def resume_flow(saved, more: int = 0) -> None:
+    """Start a train job that continues ``saved`` with its own settings (config.json) and ``more`` steps
+    (``training.more_steps``), unless one trains it."""
     if training_now(saved.name):
         raise LFTError(f"flow {saved.name!r} is being trained by a job already")
-    cfg = saved_train_config(saved.config, model=state.model_spec())
+    cfg = saved_train_config(more_steps(saved.config, more), model=state.model_spec())
     cfg.name = saved.name
     cfg.validate(teacher.n_layers)
     job = start_job("train", [*cfg.cli_args(), "--resume"], label=saved.name)
@@ -373,6 +376,7 @@ if flows:
         "steps": f"{f.steps_done if f.steps_done is not None else '?'} / {f.steps if f.steps is not None else '?'}",
         "status": f.status, "held-out NMSE": _nmse_text(f.last_nmse), "sweep": f.config.get("sweep") or "",
         "params (M)": round(f.params / 1e6, 2), "replaced params (M)": round(f.teacher_span_params / 1e6, 2),
+        "origin": f.origin_line,
     } for f in flows])
     st.session_state["flows_table"] = table
     frame.show_table(table, "flows", key="flows_table_df")
@@ -387,11 +391,31 @@ if flows:
             chosen = st.selectbox("Flow", list(by_name), key="w_resume_flow", persist_state=KEEP,
                                   format_func=lambda n: f"{n} ({by_name[n].status} at step {by_name[n].steps_done} "
                                                         f"of {by_name[n].steps})")
+            more = st.number_input("Steps to add", 0, 100_000, 0, step=50, key="w_resume_more", persist_state=KEEP,
+                                   help="0: finish the flow's own steps. More: flow steps while it has not begun "
+                                        "distilling, else distillation steps.")
             if st.button("Resume training", key="resume_button", icon=":material/play_arrow:"):
                 try:
-                    resume_flow(by_name[chosen])
+                    resume_flow(by_name[chosen], int(more))
                 except LFTError as e:
                     st.error(str(e))
+    with st.expander("Copy a flow to train it further", icon=":material/content_copy:"):
+        st.caption("A copy under a new name keeps the original (a shipped flow too) as it is; the copy appears above "
+                   "as stopped, to resume with more steps.")
+        names = [f.name for f in flows if f.status == "complete"]
+        if names:
+            state.valid_choice("w_copy_flow", names, names[0])
+            with st.form("copy_flow_form", border=False):
+                source = st.selectbox("Flow", names, key="w_copy_flow", persist_state=KEEP)
+                new_name = st.text_input("New name", key="w_copy_name", placeholder="my-flow-longer")
+                if st.form_submit_button("Copy", icon=":material/content_copy:"):
+                    try:
+                        copy_flow(source, new_name.strip())
+                        st.success(f"Copied **{source}** to **{new_name.strip()}**: resume it above with more steps.")
+                    except LFTError as e:
+                        st.error(str(e))
+        else:
+            st.caption("No complete flow to copy yet.")
     with st.expander("Delete a flow"):
         names = [f.name for f in flows]
         state.valid_choice("w_delete_flow", names, names[0])

@@ -224,9 +224,21 @@ steps did not run with. ``batch`` is the global batch, so a run can be resumed w
 run; each step's learning rate is in the history), ``eval_every`` and ``checkpoint_every`` (when the held-out
 NMSE is measured and checkpoints are written: they never change the weights; the record keeps the latest and the
 history shows where evaluations happened), ``name`` and ``sweep`` (labels)."""
-DISTILL_SETTINGS = ("distill_steps", "distill_lr", "distill_batch")
-"""Settings that must match only once a run has started distilling: a finished flow can be resumed with
-distillation steps added (its flow steps and their schedule do not depend on them)."""
+DISTILL_SETTINGS = ("distill_lr", "distill_batch")
+"""Settings that must match only once a run has started distilling (with ``steps``: flow steps cannot be added
+after distillation began). ``distill_steps`` is free like ``steps``: a finished flow, distilled or not, is trained
+further by resuming with more distillation steps (each step's learning rate is in the history)."""
+
+
+def more_steps(saved: dict, more: int) -> dict:
+    """A saved flow's config with ``more`` steps to train when resumed: flow steps while it has not begun
+    distilling, else distillation steps (flow steps cannot follow distillation: ``_check_resume_settings``)."""
+    if more <= 0:
+        return dict(saved)
+    steps, done = int(saved.get("steps") or 0), int(saved.get("steps_done") or 0)
+    if done > steps:
+        return {**saved, "distill_steps": int(saved.get("distill_steps") or 0) + more}
+    return {**saved, "steps": steps + more}
 
 
 def check_before_loading(cfg: TrainConfig, resume: bool = False) -> None:
