@@ -36,7 +36,6 @@ BUDGETS = {
 }
 CURVE_BLOCKS = (2, 4, 8, 12)
 CURVE_END = 18
-HELDOUT_WINDOWS = 32
 
 
 def commit() -> str:
@@ -93,23 +92,6 @@ def plan(teacher, which: list[str], curve: bool) -> list[tuple[str, tuple[int, i
     return out
 
 
-def heldout_metrics(teacher, folder: Path, corpus: str, seq_len: int) -> dict:
-    """KL / NMSE / PPL of the exported flow (k = its own) on held-out windows of its corpus."""
-    from lft_core.analysis.evaluation import eval_windows, evaluate
-    from lft_core.data.corpus import split_rule_of
-    from lft_core.flow.store import open_flow
-
-    flow, config = open_flow(str(folder), teacher)
-    flow.to(teacher.device)
-    ids = eval_windows(teacher, corpus, None, HELDOUT_WINDOWS, seq_len)
-    k = int(config.get("k", 3))
-    result = evaluate(teacher, flow, None, ids, ks=(k,), skips=(), best_skip=False)
-    row = next(r for r in result.rows if r.model == "lft")
-    return {"kl": round(row.kl, 6), "nmse": round(row.nmse, 6), "ppl": round(row.ppl, 4),
-            "teacher_ppl": round(result.teacher_ppl, 4), "k": k, "windows": HELDOUT_WINDOWS, "seq_len": seq_len,
-            "tokens": result.tokens, "corpus": corpus, "split_rule": split_rule_of(corpus)}
-
-
 def device_name(device: str) -> str:
     import torch
 
@@ -141,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     from lft_core.flow.store import flows_dir
     from lft_core.flow.training import train_flow
     from lft_core.model.loading import load_teacher
-    from lft_core.zoo import PROVENANCE_FILE, export_flow, read_provenance, zoo_dir, zoo_name
+    from lft_core.zoo import PROVENANCE_FILE, export_flow, heldout_metrics, read_provenance, zoo_dir, zoo_name
     from lft_core.atomic import DamagedRecord, write_json
 
     which = [] if a.which == "none" else [w.strip() for w in a.which.split(",") if w.strip()]

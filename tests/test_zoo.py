@@ -212,3 +212,39 @@ def test_more_steps_adds_flow_steps_before_distillation_and_distillation_steps_a
     assert more_steps({"steps": 4, "distill_steps": 2, "steps_done": 4}, 3)["steps"] == 7
     assert more_steps({"steps": 4, "distill_steps": 0, "steps_done": 4}, 0) == {"steps": 4, "distill_steps": 0,
                                                                                   "steps_done": 4}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The zoo that ships with the project
+
+
+def test_the_shipped_zoo_is_whole_and_for_the_embedded_teacher(smol, monkeypatch):
+    from lft_core.zoo import ZOO_DIR, read_curve, shipped_flows
+
+    monkeypatch.delenv("LFT_ZOO_DIR", raising=False)
+    folders = [p for p in ZOO_DIR.iterdir() if p.is_dir()] if ZOO_DIR.is_dir() else []
+    shipped = shipped_flows()
+    assert {f.name for f in shipped} == {p.name for p in folders}  # no folder is left out as damaged
+    for f in shipped:
+        flow, config = load_flow(f.dir)
+        assert flow.proof.verified and config["status"] == "complete"
+        assert config["weights_hash"] == f.provenance["teacher_weights_hash"] == smol.weights_hash
+        assert (f.dir / "model.safetensors").stat().st_size < 16 * 2**20
+        p = f.provenance
+        assert p["steps"] == config["steps"] and p["distill_steps"] == config["distill_steps"]
+        assert p["heldout"]["kl"] > 0 and p["commit"] and p["device"] and p["wall_seconds"] > 0
+    curve = read_curve()
+    if shipped:
+        assert curve is not None and {r["flow"] for r in curve["flows"]} == {f.name for f in shipped}
+
+
+@pytest.mark.slow
+def test_each_shipped_flow_reproduces_its_recorded_heldout_kl(smol, monkeypatch):
+    from lft_core.zoo import heldout_metrics, shipped_flows
+
+    monkeypatch.delenv("LFT_ZOO_DIR", raising=False)
+    for f in shipped_flows():
+        h = f.provenance["heldout"]
+        again = heldout_metrics(smol, f.dir, h["corpus"], h["seq_len"], h["windows"])
+        assert round(again["kl"], 3) == round(h["kl"], 3), (f.name, again["kl"], h["kl"])
+        assert abs(again["nmse"] - h["nmse"]) < 5e-4

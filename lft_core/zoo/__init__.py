@@ -216,6 +216,29 @@ def copy_flow(src: str, dest: str) -> Path:
     return target
 
 
+HELDOUT_WINDOWS = 32
+
+
+def heldout_metrics(teacher: Teacher, folder: Path, corpus: str, seq_len: int,
+                    windows: int = HELDOUT_WINDOWS) -> dict:
+    """KL / NMSE / PPL of the flow in ``folder`` (at its own k) on ``windows`` held-out windows of ``corpus``: what
+    a shipped flow's provenance records as ``heldout`` (measured on the exported 16-bit weights), and what
+    re-measuring it must give again."""
+    from lft_core.analysis.evaluation import eval_windows, evaluate
+    from lft_core.data.corpus import split_rule_of
+    from lft_core.flow.store import open_flow
+
+    flow, config = open_flow(str(folder), teacher)
+    flow.to(teacher.device)
+    ids = eval_windows(teacher, corpus, None, windows, seq_len)
+    k = int(config.get("k", 3))
+    result = evaluate(teacher, flow, None, ids, ks=(k,), skips=(), best_skip=False)
+    row = next(r for r in result.rows if r.model == "lft")
+    return {"kl": round(row.kl, 6), "nmse": round(row.nmse, 6), "ppl": round(row.ppl, 4),
+            "teacher_ppl": round(result.teacher_ppl, 4), "k": k, "windows": windows, "seq_len": seq_len,
+            "tokens": result.tokens, "corpus": corpus, "split_rule": split_rule_of(corpus)}
+
+
 def export_flow(src: Path, name: str, provenance: dict, dtype: str = "float16", root: Path | None = None) -> Path:
     """Write the trained flow in folder ``src`` into the zoo as ``name``: parameters cast to ``dtype`` (the
     normalisation buffers stay float32), the record renamed, ``provenance.json`` beside it (its
