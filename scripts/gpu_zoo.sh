@@ -24,4 +24,4 @@ export PYTHONPATH=/tmp/site
 got=$(python3 -c "from lft_core.model.loading import load_teacher; print(load_teacher().weights_hash)" 2>/dev/null | tail -1)
 [ "$got" = "$(cat .gpuw2/teacher_hash)" ] || { echo "teacher hash $got, expected $(cat .gpuw2/teacher_hash)"; exit 6; }
 timeout 540 python3 scripts/train_zoo.py --budget gpu --device cuda \
-   --note "GPU length (3000 + 1000 steps, 2048 windows, batch 32) on one lent GPU" 2>&1 | grep -v "it/s" | tail -12
+   --note "GPU length (2000 + 600 steps, 2048 windows, batch 32) on one lent GPU" 2>&1 | grep -v "it/s" | tail -12

@@ -32,7 +32,9 @@ from lft_core.errors import LFTError  # noqa: E402
 
 BUDGETS = {
     "default": {},  # the project's default recipe (TrainConfig's defaults: ~10 min per 6-block flow on 2 cores)
-    "gpu": {"steps": 3000, "windows": 2048, "batch": 32, "distill_steps": 1000},  # RESULTS section 1's GPU length
+    # GPU length sized for the demo's four flows in ~9 minutes on one H100 (RESULTS section 1: 3000 + 1000 steps of
+    # batch 32 took 213 s there): 2000 + 600 steps of 32 windows, ~130 s per flow
+    "gpu": {"steps": 2000, "windows": 2048, "batch": 32, "distill_steps": 600},
 }
 CURVE_BLOCKS = (2, 4, 8, 12)
 CURVE_END = 18
