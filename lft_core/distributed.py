@@ -88,6 +88,16 @@ class Dist:
 _CURRENT = Dist()
 
 
+def device_label(device: str) -> str:
+    """What a flow's record and a shipped flow's provenance say it was trained on: ``cuda (NVIDIA H100 80GB HBM3)``
+    or ``cpu (2 threads)``."""
+    import torch
+
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
 def current() -> Dist:
     """The context of this process (``Dist()`` unless ``init_from_env`` joined a torchrun group)."""
     return _CURRENT

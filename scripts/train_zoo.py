@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lft_core.distributed import device_label  # noqa: E402
 from lft_core.errors import LFTError  # noqa: E402
 
 BUDGETS = {
@@ -92,14 +93,6 @@ def plan(teacher, which: list[str], curve: bool) -> list[tuple[str, tuple[int, i
             if ("fw", span) not in [(m, s) for m, s, _ in out]:
                 out.append(("fw", span, f"the curve: {b} blocks ending at block {CURVE_END}"))
     return out
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return f"cuda ({torch.cuda.get_device_name(0)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         provenance = {
             "recipe": recipe, "corpus": cfg.corpus, "corpus_manifest_sha256": corpus_manifest_sha256(cfg.corpus),
             "seed": cfg.seed, "steps": cfg.steps, "distill_steps": cfg.distill_steps, "tokens_seen": tokens,
-            "device": device_name(result.device), "wall_seconds": round(wall, 1), "teacher": teacher.model_id,
+            "device": device_label(result.device), "wall_seconds": round(wall, 1), "teacher": teacher.model_id,
             "teacher_weights_hash": teacher.weights_hash, "commit": code, "heldout": {},
             "budget_note": a.note or (f"{a.budget} budget" + (f" with {overrides}" if overrides else "")),
             "trained": time.strftime("%Y-%m-%d", time.gmtime()),
@@ -201,7 +194,7 @@ def write_curve(teacher, code: str) -> None:
     print(f"measuring the zoo's curve: {len(flows)} shipped flows, affine maps, skip-k at every position",
           file=sys.stderr)
     curve = measure_curve(teacher, flows, DEFAULT)
-    curve.update(seconds=round(time.time() - t0, 1), commit=code, device=device_name(str(teacher.device)),
+    curve.update(seconds=round(time.time() - t0, 1), commit=code, device=device_label(str(teacher.device)),
                  command="python scripts/train_zoo.py --curve-only")
     write_json(curve_path(), curve, indent=1)
     print(f"wrote {curve_path()} ({curve['seconds']:.0f} s)", file=sys.stderr)

@@ -57,7 +57,7 @@ class FlowProof:
 _RECORD_FIELDS: dict[str, Any] = {
     "span": object,  # checked by Span.of, whose message says what a span must be
     "name": (str, type(None)), "model": str, "weights_hash": str, "n_layers": int, "data_key": str,
-    "heldout_key": str, "split_rule": str, "teacher_span_params": int, "params": int, "world_size": int,
+    "heldout_key": str, "split_rule": str, "teacher_span_params": int, "params": int, "world_size": int, "device": str,
     "global_batch": int, "batch_plan": str, "steps_done": int, "status": str, "history": list,
     "field_spec": dict, "flow_format": int, "weights_sha256": str, "weights_sha256_previous": str,
 }

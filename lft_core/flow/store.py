@@ -394,7 +394,7 @@ class SavedFlow:
     @property
     def origin_line(self) -> str:
         """Where the flow comes from, in one line: ``shipped: 800+400 steps on mix, cpu (2 threads), 24 min,
-        held-out KL 0.412`` or ``trained here: 400+200 steps on mix, 8 min``."""
+        held-out KL 0.412`` or ``trained here: 400+200 steps on mix, cpu (2 threads), 8 min``."""
         from lft_core.zoo import provenance_line
 
         if self.provenance is not None:
@@ -402,7 +402,8 @@ class SavedFlow:
         flow_steps, distill = self.config.get("steps"), self.config.get("distill_steps") or 0
         elapsed = [e.get("elapsed_s") for e in self.history if isinstance(e.get("elapsed_s"), (int, float))]
         minutes = f", {elapsed[-1] / 60:.0f} min" if elapsed else ""
-        return f"trained here: {flow_steps}+{distill} steps on {trained_on(self.config)}{minutes}"
+        device = f", {self.config['device']}" if isinstance(self.config.get("device"), str) else ""
+        return f"trained here: {flow_steps}+{distill} steps on {trained_on(self.config)}{device}{minutes}"
 
     def trained_for(self, teacher: Teacher) -> bool:
         """True when it was trained for exactly this teacher (model id and weights hash)."""

@@ -353,7 +353,7 @@ def set_up(cfg: TrainConfig, teacher: Teacher, name: str, resume: bool, device: 
     plans = {"flow": BatchPlan(data.windows, cfg.batch, cfg.seed),
              "distill": BatchPlan(data.windows, cfg.distill_batch, cfg.seed)}
     return Run(cfg, name, out_dir, teacher, data, flow, opt, gen, objective, flow_record(cfg, name, teacher, data, flow,
-               dist), dist, device, verbose, history, start_step, plans)
+               dist, device), dist, device, verbose, history, start_step, plans)
 
 
 def new_flow(cfg: TrainConfig, teacher: Teacher, data: PairSource, dist: Dist) -> LatentFlow:
@@ -368,8 +368,12 @@ def new_flow(cfg: TrainConfig, teacher: Teacher, data: PairSource, dist: Dist) -
     return flow
 
 
-def flow_record(cfg: TrainConfig, name: str, teacher: Teacher, data: PairSource, flow: LatentFlow, dist: Dist) -> dict:
-    """The flow's config.json: every setting, and what the weights were trained for and on."""
+def flow_record(cfg: TrainConfig, name: str, teacher: Teacher, data: PairSource, flow: LatentFlow, dist: Dist,
+                device: str = "cpu") -> dict:
+    """The flow's config.json: every setting, and what the weights were trained for and on (the device of the
+    latest run: ``distributed.device_label``)."""
+    from lft_core.distributed import device_label
+
     return {
         **{k: v for k, v in asdict(cfg).items() if k != "name"},
         "span": list(cfg.span),
@@ -383,6 +387,7 @@ def flow_record(cfg: TrainConfig, name: str, teacher: Teacher, data: PairSource,
         "teacher_span_params": teacher.span_params(*cfg.span),
         "params": sum(p.numel() for p in flow.field.parameters()),
         "world_size": dist.world,
+        "device": device_label(device),
         "global_batch": cfg.batch,
         "batch_plan": "epochs of permutation(windows) seeded by (seed, epoch); rank r of W takes rows r::W",
     }
