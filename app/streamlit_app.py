@@ -18,7 +18,8 @@ import streamlit as st  # noqa: E402
 
 from app import frame, pages, state  # noqa: E402
 
-st.set_page_config(page_title="LFT Explorer", page_icon=":material/waves:", layout="wide")
+ICON = Path(__file__).resolve().parent / "static" / "icon.png"  # served by this server: no icon or font host is asked
+st.set_page_config(page_title="LFT Explorer", page_icon=str(ICON), layout="wide")
 state.init_state()
 state.sync_span_query()
 state.sync_text_query()
