@@ -200,6 +200,11 @@ def test_demo_then_every_page_in_a_real_browser(app_url, tmp_path):
             str(tmp_path / "profile"), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
             viewport=VIEWPORT,
         )
+        failed: list[str] = []  # nothing may be fetched from the network, and nothing local may fail
+        outside: list[str] = []
+        context.on("requestfailed", lambda r: failed.append(f"{r.url} ({r.failure})"))
+        context.on("request", lambda r: outside.append(r.url) if not r.url.startswith((app_url, "data:", "blob:"))
+                   else None)
         try:
             page = context.new_page()
             prepare_demo(page, app_url)
@@ -220,5 +225,7 @@ def test_demo_then_every_page_in_a_real_browser(app_url, tmp_path):
                 if name in ("span", "trajectories", "crossings", "kl"):  # the demo's story span is in the link
                     assert "span=" in page.url, page.url
                 capture(page, out / f"{name}.png")
+            assert not outside, f"requests that left the machine: {sorted(set(outside))[:5]}"
+            assert not failed, f"failed requests: {failed[:5]}"
         finally:
             context.close()

@@ -172,3 +172,39 @@ def test_a_finished_flow_can_be_resumed_with_distillation_added(tiny_neox, tiny_
     result = train_flow(TrainConfig(**base, distill_steps=5, distill_batch=2), teacher=tiny_neox, resume=True,
                         verbose=False)
     assert result.steps == 7
+
+
+def test_train_says_its_total_steps_and_time_before_it_starts(tiny_neox, tiny_neox_dir, capsys, tmp_path):
+    """`train --steps 2` with the default recipe's 200 distillation steps says so (and, once steps of that kind
+    were timed here, how long it will take) before any work."""
+    from cli_helpers import run_cli
+    from lft_core.flow.training import training_estimate
+    from lft_core.run import timings
+
+    base = dict(model=str(tiny_neox_dir), span=(1, 3), steps=4, batch=2, seq_len=16, windows=4, heldout_windows=1,
+                eval_every=100, distill_steps=4, distill_batch=2, seed=7)
+    cfg = TrainConfig(**base, name="obj-estimate")
+    for stage in ("flow", "distill"):  # a clean slate for these step kinds
+        from lft_core.flow.training import step_timing_op
+
+        op = step_timing_op(cfg, stage, "cpu")
+        data = timings._read()
+        data.pop(op, None)
+        from lft_core.atomic import write_json
+
+        write_json(timings._path(), data)
+    assert training_estimate(cfg).seconds is None
+    assert "8 steps in all (4 flow steps + 4 distillation steps), no time estimate yet" in training_estimate(cfg).line()
+    train_flow(cfg, teacher=tiny_neox, verbose=False)
+    est = training_estimate(cfg)
+    assert est.flow_step_s > 0 and est.distill_step_s > 0
+    assert est.seconds == pytest.approx(4 * est.flow_step_s + 4 * est.distill_step_s)
+    stop = tmp_path / "stop"
+    stop.write_text("")  # stopped before its first step: only what it says before starting matters here
+    rc, err = run_cli(["train", "--model", tiny_neox_dir, "--span", "1:3", "--steps", "2", "--batch", "2",
+                       "--seq-len", "16", "--windows", "4", "--heldout-windows", "1", "--distill-batch", "2",
+                       "--name", "obj-estimate-cli", "--stop-file", stop], capsys)
+    assert rc == 0, err
+    first = err.splitlines()[0]
+    assert first.startswith("training obj-estimate-cli: 202 steps in all (2 flow steps + 200 distillation steps), "
+                            "about "), first

@@ -12,7 +12,7 @@ from app.figures.training import training_curves
 from lft_core.errors import LFTError
 from lft_core.run.jobs import list_jobs, read_job, start_job, stop_job
 from lft_core.flow.store import being_trained, delete_flow, list_flows
-from lft_core.flow.training import more_steps
+from lft_core.flow.training import more_steps, training_estimate
 from lft_core.zoo import copy_flow
 from lft_core.run.sweep import parse_grid, plan_sweep, saved_train_config
 from lft_core.run.sweep import cli_args as sweep_cli_args
@@ -74,6 +74,22 @@ def training_now(name: str) -> bool:
 
 
 # -- one flow -----------------------------------------------------------------------------------------------
+
+
+def step_costs(span) -> str:
+    """What one flow step and one distillation step of the form's settings cost here (from earlier runs)."""
+    ss = st.session_state
+    cfg = TrainConfig(model=state.model_spec(), span=span, method=ss.get("w_method", D.method), k=int(ss.get("w_k", D.k)),
+                      batch=int(ss.get("w_batch", D.batch)), seq_len=state.seq_len(),
+                      distill_batch=int(ss.get("w_distill_batch", D.distill_batch)))
+    est = training_estimate(cfg)
+    if est.flow_step_s is None and est.distill_step_s is None:
+        return "Start shows the total number of steps; no step of these settings was timed on this machine yet."
+    each = [f"{what} step ≈ {secs:.2f} s" for what, secs in (("a flow", est.flow_step_s),
+                                                               ("a distillation", est.distill_step_s)) if secs]
+    return "On this machine " + " and ".join(each) + " (measured by earlier runs)."
+
+
 if state.presenter():
     st.caption("Presenter mode: the training forms are hidden (switch it off in the sidebar to train).")
 else:
@@ -89,7 +105,8 @@ else:
                                     help="Then fine-tune on KL(teacher ‖ spliced model) through the rest of the model: "
                                          "the lever that lowers KL most (docs/RESULTS.md). 0: off.")
         st.caption(f"The defaults are the project's default recipe: {D.steps} steps of {method_label(D.method)}, then "
-                   f"{D.distill_steps} distillation steps; about 10 minutes for a 6-block span on 2 CPU cores.")
+                   f"{D.distill_steps} distillation steps; about 10 minutes for a 6-block span on 2 CPU cores. "
+                   f"{step_costs(span)}")
         col5, col6, col7, col8 = st.columns(4)
         batch = col5.number_input("Batch (windows)", min_value=1, max_value=256, key="w_batch", persist_state=KEEP)
         lr = col6.number_input("Learning rate", min_value=1e-6, max_value=1.0, step=1e-4, format="%.4f", key="w_lr",
@@ -134,6 +151,7 @@ else:
                 raise LFTError(f"a flow named {flow_name!r} exists or is being trained; give another name")
             job = start_job("train", cfg.cli_args(), label=flow_name)
             st.session_state["train_job"] = job.id
+            st.session_state["train_started_line"] = f"Training **{flow_name}**: {training_estimate(cfg).line()}."
             st.toast(f"Training {flow_name} started")
         except LFTError as e:
             st.error(str(e))
@@ -309,6 +327,8 @@ def jobs_panel() -> None:
                     pass
         if not jobs:
             st.caption("No training is running.")
+        if line := st.session_state.get("train_started_line"):
+            st.caption(line)
         for job in jobs:
             draw_job(job)
         running = {j.id for j in jobs if j.status in ACTIVE}

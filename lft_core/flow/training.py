@@ -453,6 +453,60 @@ def checkpoint(run: Run, step: int, status: str) -> None:
 HISTORY_FIELDS = ("step", "loss", "lr", "tokens_per_s", "heldout_nmse", "elapsed_s")
 
 
+def step_timing_op(cfg: TrainConfig, stage: str, device: str) -> str:
+    """The ``timings`` name of one training step's duration: what its cost depends on (the model, the device, the
+    method's k, the batch and window length; a distillation step also runs blocks n … L − 1)."""
+    where = "cuda" if str(device).startswith("cuda") else "cpu"
+    if stage == "flow":
+        return f"flow step {cfg.model} {where} {cfg.method} k{cfg.k} {cfg.batch}x{cfg.seq_len}"
+    return f"distill step {cfg.model} {where} k{cfg.k} {cfg.distill_batch}x{cfg.seq_len} from block {cfg.span.n}"
+
+
+@dataclass(frozen=True)
+class TrainingEstimate:
+    """What a run of ``cfg`` will do before it starts: its steps, and seconds per step measured on this machine
+    (None until a run of the same kind was timed here)."""
+
+    steps: int
+    distill_steps: int
+    flow_step_s: float | None
+    distill_step_s: float | None
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + self.distill_steps
+
+    @property
+    def seconds(self) -> float | None:
+        need = [(self.steps, self.flow_step_s), (self.distill_steps, self.distill_step_s)]
+        if any(n > 0 and per is None for n, per in need):
+            return None
+        return sum(n * per for n, per in need if n > 0)
+
+    def line(self) -> str:
+        """``402 steps in all (2 flow steps + 400 distillation steps), about 14 min here`` (or "no estimate yet")."""
+        parts = f"{self.steps} flow step{'s' * (self.steps != 1)}"
+        if self.distill_steps:
+            parts += f" + {self.distill_steps} distillation step{'s' * (self.distill_steps != 1)}"
+        secs = self.seconds
+        if secs is None:
+            when = "no time estimate yet (none of these steps was timed on this machine)"
+        elif secs < 90:
+            when = f"about {secs:.0f} s on this machine"
+        else:
+            when = f"about {secs / 60:.0f} min on this machine"
+        return f"{self.total_steps} steps in all ({parts}), {when}"
+
+
+def training_estimate(cfg: TrainConfig, device: str | None = None) -> TrainingEstimate:
+    """The steps of ``cfg`` and their cost here, from the step durations earlier runs recorded (``timings``)."""
+    from lft_core.run import timings
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return TrainingEstimate(cfg.steps, cfg.distill_steps, timings.estimate(step_timing_op(cfg, "flow", device)),
+                            timings.estimate(step_timing_op(cfg, "distill", device)))
+
+
 def train_loop(run: Run, progress: Callable[[dict], None] | None, should_stop: Callable[[], bool] | None
                ) -> TrainResult:
     """Steps ``run.start_step`` … ``cfg.total_steps``: the flow steps, then the distillation steps; a progress
@@ -465,6 +519,7 @@ def train_loop(run: Run, progress: Callable[[dict], None] | None, should_stop: C
     t0 = time.perf_counter()
     elapsed0 = float(run.history[-1].get("elapsed_s", 0.0)) if run.history else 0.0  # earlier runs' wall time
     loss_value, stopped, step = float("nan"), False, run.start_step
+    spent: dict[str, list[float]] = {"flow": [], "distill": []}  # step durations, for estimates of later runs
     bar = tqdm(total=total, initial=run.start_step, desc=f"{cfg.method} {cfg.span.m}:{cfg.span.n}",
                disable=not run.verbose)
     with bar:  # closed also when a step fails, so that the error line stays the last line on stderr
@@ -483,6 +538,7 @@ def train_loop(run: Run, progress: Callable[[dict], None] | None, should_stop: C
                 checkpoint(run, step, "failed")
                 raise LFTError(f"training diverged at step {step} (loss {e.loss}); try a lower learning "
                                f"rate") from None
+            spent[stage].append(time.perf_counter() - step_start)
             tokens = (cfg.batch if stage == "flow" else cfg.distill_batch) * cfg.seq_len
             event = {"step": step + 1, "steps": total, "stage": stage, "loss": loss_value, "lr": lr,
                      "tokens_per_s": tokens / max(time.perf_counter() - step_start, 1e-9),
@@ -502,6 +558,12 @@ def train_loop(run: Run, progress: Callable[[dict], None] | None, should_stop: C
                 checkpoint(run, step + 1, "running")
         else:
             step = total
+    if dist.main:
+        from lft_core.run import timings
+
+        for stage, durations in spent.items():
+            if len(durations) >= 3:  # the first step of a stage pays for warm-up: the median of the rest
+                timings.record(step_timing_op(cfg, stage, run.device), float(np.median(durations[1:])))
     run.flow.eval()
     nmse_value = agree(lambda: heldout_nmse(run.flow, data.held_x0, data.held_x1, cfg.k), dist)
     if run.history and run.history[-1].get("heldout_nmse") is None:  # stopped between evaluations: keep the last

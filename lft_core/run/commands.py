@@ -80,6 +80,9 @@ def cmd_train(a: argparse.Namespace) -> dict:
 
     cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
     check_before_loading(cfg, a.resume)  # every setting, the name, a resume's settings: before the model loads
+    from lft_core.flow.training import training_estimate
+
+    print(f"training {cfg.name or cfg.default_name()}: {training_estimate(cfg).line()}", file=sys.stderr)
     stop_file = Path(a.stop_file) if a.stop_file else None
     progress = _progress_writer(Path(a.progress_file)) if a.progress_file else None
 
