@@ -8,8 +8,10 @@ Session-state keys, all of them, by kind:
   (the activation cache used for analysis),
   ``span`` (a ``Span``, mirrored in the URL as ``?span=m:n`` so a link reproduces the view);
 * the story a link reproduces (besides the span): ``w_text`` (one text for Trajectories, Crossings and Per-token
-  KL; saved by lft_core.data.texts and named in the URL as ``?text=<id>``), ``k`` and ``proj`` (inputs of
-  several pages, in the URL as ``?k=`` and ``?proj=``), the flows a page shows (``?flows=a,b``, handed to the page once as ``_link_flows``),
+  KL; saved by lft_core.data.texts and named in the URL as ``?text=<id>``), every input that changes a number
+  on a page (``LINKED``: ``k``, ``proj``, Per-token KL's skip-k and baselines, Trajectories' "start at 0",
+  Crossings' tokens; in the URL by their link names, ``_linked_pending`` lists those a link set that their page has not taken yet), the
+  flows a page shows (``?flows=a,b``, handed to the page once as ``_link_flows``),
   ``presenter`` (the sidebar's presenter-mode toggle, bound to ``?presenter=``); bookkeeping ``_span_qp``,
   ``_span_error``, ``_text_qp``, ``_text_error``, ``_flows_qp``, ``_visited`` (page titles opened);
 * widget keys ``w_<page>_<input>``: each page's own inputs, all drawn with ``persist_state=KEEP`` so they survive
@@ -33,7 +35,7 @@ its content), app.uploads (uploaded corpus files), app.figures (every figure, no
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import streamlit as st
 
@@ -220,14 +222,42 @@ def sync_text_query() -> None:
             st.session_state["_text_error"] = f"the link's text: {e}"
 
 
-LINKED = {"k": (int, range(1, 9)), "proj": (str, ("PCA", "UMAP"))}
-"""Widget keys a link carries as themselves (``?k=3&proj=UMAP``): (type, allowed values)."""
+def _flag(text: str) -> bool | None:
+    return {"true": True, "1": True, "false": False, "0": False}.get(text.strip().lower())
+
+
+LINKED: dict[str, tuple[str, Callable[[str], Any], Any]] = {
+    # URL name: (session key, parse, allowed values)
+    "k": ("k", int, range(1, 9)),
+    "proj": ("proj", str, ("PCA", "UMAP")),
+    "skip": ("w_kl_skip", _flag, (True, False)),  # Per-token KL: compare with skip-k, how many blocks, baselines
+    "skipk": ("w_kl_skip_k", int, range(1, 257)),
+    "centre": ("w_traj_centre", _flag, (True, False)),  # Trajectories: every token starts at 0
+    "tokens": ("w_cross_n", int, range(16, 257, 16)),  # Crossings: how many tokens, from where
+    "from": ("w_cross_source", str, ("Corpus windows", "My text")),
+}
+"""Inputs a link carries (``?k=3&proj=UMAP&skipk=2``): every input that changes a number on a page, by URL name.
+The fitted baselines' toggles join them by name (``?affine=true``: ``linked_inputs``)."""
+
+
+def linked_inputs() -> dict[str, tuple[str, Callable[[str], Any], Any]]:
+    """``LINKED`` and, for every fitted baseline, its toggles on Per-token KL (``?affine=``) and Trajectories
+    (``?traj_affine=``)."""
+    from lft_core.analysis.baselines import fitted_baselines
+
+    out = dict(LINKED)
+    for b in fitted_baselines():
+        out[b.name] = (f"w_kl_{b.name}", _flag, (True, False))
+        out[f"traj_{b.name}"] = (f"w_traj_{b.name}", _flag, (True, False))
+    return out
 
 
 def sync_linked_query() -> None:
-    """Frame, every run: a new ``?k=`` or ``?proj=`` in the URL sets that input; otherwise the current value is
-    written into the URL (the same for every page, so a page switch keeps it)."""
-    for name, (kind, allowed) in LINKED.items():
+    """Frame, every run: a new value of a linked input in the URL sets that input (``took_link`` tells the page
+    that owns it, once, so the page keeps it over its own default); otherwise the current value is written into
+    the URL (the same for every page, so a page switch keeps it)."""
+    now = st.session_state.setdefault("_linked_pending", [])
+    for name, (key, kind, allowed) in linked_inputs().items():
         given = st.query_params.get(name)
         seen = f"_{name}_qp"
         if given is not None and given != st.session_state.get(seen):
@@ -236,15 +266,30 @@ def sync_linked_query() -> None:
                 value = kind(given)
             except ValueError:
                 value = None
-            if value in allowed:
-                st.session_state[name] = value
+            if value is not None and value in allowed:
+                st.session_state[key] = value
+                if key not in now:
+                    now.append(key)
             else:
-                st.session_state["_link_error"] = f"the link's {name}={given!r} is not one of {list(allowed)}"
-        elif name in st.session_state:
-            text = str(st.session_state[name])
+                shown = [v for v in allowed][:8] if not isinstance(allowed, range) else \
+                    f"{allowed.start}..{allowed.stop - 1}"
+                st.session_state["_link_error"] = f"the link's {name}={given!r} is not one of {shown}"
+        elif key in st.session_state:
+            value = st.session_state[key]
+            text = str(value).lower() if isinstance(value, bool) else str(value)
             st.session_state[seen] = text
             if given != text:
                 st.query_params[name] = text
+
+
+def took_link(key: str) -> bool:
+    """True (once) when a link set the input ``key`` and its page has not run since: the page keeps the link's
+    value over its own default."""
+    pending = st.session_state.get("_linked_pending", [])
+    if key in pending:
+        pending.remove(key)
+        return True
+    return False
 
 
 def sync_flows_query() -> None:

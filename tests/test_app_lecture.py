@@ -205,3 +205,58 @@ def test_prepare_the_demo_starts_one_background_job(monkeypatch):
         assert {j.id for j in list_jobs("demo")} - before == {new[0].id}
     finally:
         stop_job(new[0].id, kill_after=30)
+
+
+def _params(at: AppTest) -> dict:
+    return {k: (v[0] if isinstance(v, list) else v) for k, v in at.query_params.items()}
+
+
+def test_per_token_kl_skips_a_quarter_of_the_chosen_flows_span(tiny_flow):
+    """Span 5:25 chosen, the only flow replaces 2:4: the default skip follows the flow (1 block from 2), not the
+    chosen span (5 blocks)."""
+    at = start({"span": (5, 25)})
+    go(at, "kl")
+    clean(at)
+    assert at.selectbox(key="w_kl_flow").value == "tiny-fw"
+    assert at.number_input(key="w_kl_skip_k").value == 1
+    assert any(label.startswith("skip 1 block from 2") for label in at.session_state["kl_result"].kl)
+
+
+def test_a_per_token_kl_link_brings_back_every_number_in_a_fresh_session(tiny_flow):
+    at = start({"span": TINY_SPAN})
+    go(at, "kl")
+    clean(at)
+    at.number_input(key="w_kl_skip_k").set_value(2)
+    at.toggle(key="w_kl_affine").set_value(True)
+    at = next(b for b in at.button if b.label == "Compute KL").click().run()
+    clean(at)
+    first = {label: float(sum(v) / len(v)) for label, v in at.session_state["kl_result"].kl.items()}
+    params = _params(at)
+    assert params["skipk"] == "2" and params["affine"] == "true"
+    fresh = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    for key, value in SMALL.items():
+        fresh.session_state[key] = value
+    fresh.query_params.update(params)
+    fresh.run()
+    go(fresh, "kl")
+    clean(fresh)
+    again = {label: float(sum(v) / len(v)) for label, v in fresh.session_state["kl_result"].kl.items()}
+    assert again == pytest.approx(first) and any(label.startswith("skip 2 blocks") for label in again)
+
+
+def test_a_trajectories_link_keeps_start_every_token_at_0(tiny_flow):
+    at = start({"span": TINY_SPAN})
+    go(at, "trajectories")
+    clean(at)
+    before = at.checkbox(key="w_traj_centre").value
+    at = at.checkbox(key="w_traj_centre").set_value(not before).run()
+    params = _params(at)
+    assert params["centre"] == str(not before).lower()
+    fresh = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    for key, value in SMALL.items():
+        fresh.session_state[key] = value
+    fresh.query_params.update(params)
+    fresh.run()
+    go(fresh, "trajectories")
+    clean(fresh)
+    assert fresh.checkbox(key="w_traj_centre").value is (not before)

@@ -29,11 +29,21 @@ default_flow = best.name if best else (flows[0].name if flows else NO_FLOW)
 if (asked := state.linked_flows()) is not None:  # a link names the flow
     st.session_state["w_kl_flow"] = next((name for name in asked if name in by_name), default_flow)
     st.session_state["_kl_span"] = span
-elif st.session_state.get("_kl_span") != span:  # the span changed: its flow and a quarter of its blocks skipped
+elif st.session_state.get("_kl_span") != span:  # the span changed: its flow
     st.session_state["w_kl_flow"] = default_flow
-    st.session_state["w_kl_skip_k"] = max(1, int(span.blocks / 4 + 0.5))
     st.session_state["_kl_span"] = span
 state.valid_choice("w_kl_flow", options, default_flow)
+# the blocks skipped follow the span the comparison uses (the chosen flow's, else the current one): a quarter of
+# its blocks, as the paper compares 6 replaced with 2 skipped and 12 with 3; a link's own count is kept
+if st.session_state.get("w_kl_skip_k", 1) > teacher.n_layers:  # a link's count beyond this model
+    st.session_state["w_kl_skip_k"] = teacher.n_layers
+chosen_now = by_name.get(st.session_state["w_kl_flow"])
+used = chosen_now.span if chosen_now is not None else span
+linked_skip = state.took_link("w_kl_skip_k")
+if st.session_state.get("_kl_skip_span") != used:
+    if not linked_skip:
+        st.session_state["w_kl_skip_k"] = max(1, int(used.blocks / 4 + 0.5))
+    st.session_state["_kl_skip_span"] = used
 st.session_state.setdefault("k", 3)
 st.session_state.setdefault("w_kl_skip", True)
 FITTED = fitted_baselines()  # each offered as a toggle (``baselines.BASELINES``), off by default
