@@ -162,6 +162,15 @@ class StoryOpening:
         """The best-trained FW flow and the best-trained SFM flow of the span, those that exist."""
         return [f for f in (self.best(method) for method in STORY_METHODS) if f is not None]
 
+    def no_flow_here(self) -> str:
+        """One line for a page that shows flows of the current span when it has none: what is shown and what to
+        do (the spans that have flows, or how to get one)."""
+        spans = sorted({f.span for f in self.flows})
+        where = (f"spans with flows: {', '.join(str(s) for s in spans[:8])} (pick one on **Choose a span**)"
+                 if spans else "prepare the demo on **Start here**")
+        return (f"No flow is trained for span {self.span} yet, so no flow is shown: train one on **Train**, or "
+                f"{where}.")
+
 
 def story_opening() -> StoryOpening:
     """The chosen teacher (or stop the page), the current span checked against it, and its saved flows."""

@@ -71,15 +71,24 @@ def next_page_link(page: pages.Page) -> None:
                      icon=":material/arrow_forward:")
 
 
+def choices_line(slot=None) -> None:
+    """The sidebar's model, corpus, windows and span, in ``slot`` (default: the one this run's sidebar made)."""
+    slot = slot or st.session_state.get("_sidebar_choices")
+    if slot is None:
+        return
+    span = st.session_state.get(SPAN)
+    builtin = BUILTINS.get(corpus_spec())
+    corpus = builtin.label[0].lower() + builtin.label[1:] if builtin else Path(corpus_spec()).name
+    slot.caption(f"**Model** `{model_spec()}`  \n**Corpus** {corpus}  \n"
+                 f"**Windows** {n_windows()} × {seq_len()} tokens  \n**Span** {span if span else 'not chosen yet'}")
+
+
 def sidebar_status() -> None:
     """The sidebar of every page: the choices, the demo's state and every running job, kept current."""
     from lft_core.run.jobs import list_jobs
 
-    span = st.session_state.get(SPAN)
-    builtin = BUILTINS.get(corpus_spec())
-    corpus = builtin.label[0].lower() + builtin.label[1:] if builtin else Path(corpus_spec()).name
-    st.caption(f"**Model** `{model_spec()}`  \n**Corpus** {corpus}  \n"
-               f"**Windows** {n_windows()} × {seq_len()} tokens  \n**Span** {span if span else 'not chosen yet'}")
+    st.session_state["_sidebar_choices"] = slot = st.empty()  # redrawn when the page corrects the span
+    choices_line(slot)
     running = [j for j in list_jobs() if j.status in ("running", "stopping")]
 
     @st.fragment(run_every=3 if running else None)

@@ -190,6 +190,9 @@ def current_span(teacher: Teacher) -> Span:
         span = fallback
     if st.session_state.get(SPAN) != span:
         set_span(span)
+        from app.frame import choices_line
+
+        choices_line()  # the sidebar was drawn with the span the link asked for
     return span
 
 
@@ -300,9 +303,19 @@ def sync_flows_query() -> None:
         st.session_state["_link_flows"] = [name for name in given.split(",") if name]
 
 
-def linked_flows() -> list[str] | None:
-    """The flow names a just-opened link asks for (once), or None."""
-    return st.session_state.pop("_link_flows", None)
+def linked_flows(known: Sequence[str] | None = None) -> list[str] | None:
+    """The flow names a just-opened link asks for (once), or None. With ``known`` (the flows this page can show),
+    only those, and one line on the page names the others and what to do."""
+    asked = st.session_state.pop("_link_flows", None)
+    if asked is None or known is None:
+        return asked
+    missing = [name for name in asked if name not in known]
+    if missing:
+        st.warning(f"The link names flow{'s' if len(missing) > 1 else ''} {', '.join(repr(n) for n in missing)}, "
+                   f"which {'are' if len(missing) > 1 else 'is'} not trained for this model on this server; "
+                   "showing the page's default instead. Choose a flow below, or train it on the **Train** page.",
+                   icon=":material/link_off:")
+    return [name for name in asked if name in known]
 
 
 def link_flows(names: Sequence[str]) -> None:

@@ -203,6 +203,11 @@ def test_train_page_lists_flows_and_runs_a_job(tiny_flow):
     at = click(at, "Start training")
     assert_clean(at)
     job_id = at.session_state["train_job"]
+    # right after Start the sidebar names the job, and the page says how many steps it runs
+    sidebar = [c.value for c in at.sidebar.caption]
+    assert any("apptest-job" in c for c in sidebar) or any("ended" in c or "complete" in c for c in sidebar), sidebar
+    assert not any("No background job is running" in c for c in sidebar) or read_job(job_id).status != "running"
+    assert any("2 steps in all (1 flow step + 1 distillation step)" in c.value for c in at.caption)
     deadline = time.time() + 180
     while read_job(job_id).status in ("running", "stopping") and time.time() < deadline:
         time.sleep(1)

@@ -33,7 +33,7 @@ n_tokens = col_n.slider("Tokens", 16, 256, 64, step=16, key="w_cross_n", persist
                         disabled=source == "My text")
 best = story.best()
 options = [NONE] + list(by_name)
-if (asked := state.linked_flows()) is not None:  # a link names the flow
+if (asked := state.linked_flows(list(by_name))) is not None:  # a link names the flow
     st.session_state["w_cross_flow"] = next((name for name in asked if name in by_name), NONE)
     st.session_state["_cross_flow_span"] = span
 elif st.session_state.get("_cross_flow_span") != span:  # the span changed since the flow was chosen
@@ -50,7 +50,8 @@ st.session_state.setdefault("k", (flow_cfg.k or 3) if flow_cfg else 3)
 k = col_k.slider("k", 1, 8, key="k", persist_state=state.KEEP, disabled=flow_cfg is None,
                  help="the flow's integration steps")
 if not flows:
-    st.caption(f"No flow is trained for span {m}:{n} yet; train one to see which tokens it misroutes.")
+    st.info(story.no_flow_here() + " The crossings below are the data's own; a flow shows which of them it "
+            "misroutes.", icon=":material/info:")
 text = None
 if source == "My text":
     text = state.story_text("Text", height=90)
@@ -100,9 +101,16 @@ table = result.crossing_table().round({"t*": 3, "distance": 2, "saving": 1})
 
 cols = st.columns(4)
 cols[0].metric("Tokens", N)
-cols[1].metric("Recoupling ratio R", f"{result.ratio:.3f}", help="share of tokens the optimal assignment moves")
+cols[1].metric("Recoupling ratio R", f"{result.ratio:.3f}",
+               help=f"Share of these {N} tokens the optimal assignment moves. R depends on the tokens it is "
+                    "measured on: the Choose a span page measures it on its own sample (256 token pairs of the "
+                    "cached windows by default), so the two pages give different values for one span; more "
+                    "tokens give a steadier value.")
 cols[2].metric("Crossing pairs", f"{len(table)} of {N * (N - 1) // 2}")
 cols[3].metric("Tokens in a crossing", f"{result.coupling.crossings.share:.0%}")
+
+st.caption(f"R here is measured on these {N} tokens; the **Choose a span** page measures it on its own larger sample "
+           "of token pairs, so the two differ for the same span (a sampling difference, not a contradiction).")
 
 col_fig, col_tab = st.columns([1, 1])
 with col_tab:

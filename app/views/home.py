@@ -89,8 +89,9 @@ visited = st.session_state.get("_visited", set())
 entries = list_entries()
 cached = any(len((e["meta"] or {}).get("layers", [])) == ((e["meta"] or {}).get("n_layers", -2) + 1) for e in entries)
 trained = any(f.status == "complete" for f in list_flows() if f.error is None)
-done = [cached, state.SPAN in st.session_state or pages.SPAN.title in visited, trained] + \
-       [page.title in visited for page in pages.PATH[3:]]
+demo_ready = demo is not None and demo.ready  # the demo does steps 1-3: cache, span, flows
+done = [cached or demo_ready, state.SPAN in st.session_state or pages.SPAN.title in visited or demo_ready,
+        trained or demo_ready] + [page.title in visited for page in pages.PATH[3:]]
 following = next((i for i, d in enumerate(done) if not d), None)
 for i, (page, is_done) in enumerate(zip(pages.PATH, done)):
     mark = ":green[:material/check_circle:] done" if is_done else (
@@ -98,5 +99,7 @@ for i, (page, is_done) in enumerate(zip(pages.PATH, done)):
     col_link, col_state = st.columns([3, 2], vertical_alignment="center")
     col_link.page_link(page.file, label=f"{i + 1}. {page.step}")
     col_state.markdown(mark)
-st.caption("Steps 1–3 are done for you by the demo. Words you do not know are in the **Glossary** of the sidebar; "
-           "**Presenter mode** there enlarges everything for a projector.")
+st.caption(("Steps 1–3 were done for you by the demo. " if demo_ready else
+            "**Prepare the demo** above does steps 1–3 for you. ")
+           + "Words you do not know are in the **Glossary** of the sidebar; **Presenter mode** there enlarges "
+             "everything for a projector.")

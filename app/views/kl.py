@@ -26,7 +26,7 @@ if not flows:
 options = list(by_name) + [NO_FLOW]
 best = story.best()
 default_flow = best.name if best else (flows[0].name if flows else NO_FLOW)
-if (asked := state.linked_flows()) is not None:  # a link names the flow
+if (asked := state.linked_flows(list(by_name))) is not None:  # a link names the flow
     st.session_state["w_kl_flow"] = next((name for name in asked if name in by_name), default_flow)
     st.session_state["_kl_span"] = span
 elif st.session_state.get("_kl_span") != span:  # the span changed: its flow

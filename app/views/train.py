@@ -74,6 +74,8 @@ def training_now(name: str) -> bool:
 
 
 # -- one flow -----------------------------------------------------------------------------------------------
+if toast := st.session_state.pop("_train_toast", None):  # a job started in the previous run
+    st.toast(toast)
 
 
 def step_costs(span) -> str:
@@ -152,9 +154,11 @@ else:
             job = start_job("train", cfg.cli_args(), label=flow_name)
             st.session_state["train_job"] = job.id
             st.session_state["train_started_line"] = f"Training **{flow_name}**: {training_estimate(cfg).line()}."
-            st.toast(f"Training {flow_name} started")
+            st.session_state["_train_toast"] = f"Training {flow_name} started"
         except LFTError as e:
             st.error(str(e))
+        else:
+            st.rerun()  # the sidebar (drawn before this page) shows the new job at once
 
     # -- a sweep ------------------------------------------------------------------------------------------------
 
@@ -205,7 +209,8 @@ else:
             else:
                 job = start_job("sweep", sweep_cli_args(plan, base), label=f"sweep {plan.prefix}")
                 st.session_state["sweep_job"] = job.id
-                st.toast(plan.summary())
+                st.session_state["_train_toast"] = plan.summary()
+                st.rerun()  # the sidebar (drawn before this page) shows the new job at once
         except LFTError as e:
             st.error(str(e))
 

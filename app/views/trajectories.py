@@ -29,8 +29,11 @@ if not flows:
 else:
     # one FW and one SFM flow of this span if there are (the best trained of each), else the first two
     default = [f.name for f in story.best_of_each()] or [f.name for f in story.here[:2]]
-    if (asked := state.linked_flows()) is not None:  # a link names the flows
-        st.session_state[FLOWS] = [name for name in asked if name in by_name]
+    if not story.here:
+        st.info(story.no_flow_here() + " The teacher's path and the straight path are drawn; flows of another span "
+                "can be chosen below (their span is then shown).", icon=":material/info:")
+    if (asked := state.linked_flows(list(by_name))) is not None:  # a link names the flows
+        st.session_state[FLOWS] = [name for name in asked if name in by_name] or default
         st.session_state["_traj_flows_span"] = span
     elif st.session_state.get("_traj_flows_span") != span:  # the span changed since the flows were chosen
         st.session_state[FLOWS] = default
