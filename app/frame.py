@@ -7,11 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
 from app import pages
-from app.figures.style import to_html
+from app.figures.style import presenter_figure, to_html
 from app.progress import job_progress
 from app.state import SPAN, corpus_spec, demo_status, model_spec, n_windows, presenter, seq_len
 from lft_core.data.corpus import BUILTINS
@@ -23,11 +22,20 @@ from lft_core.data.corpus import BUILTINS
 
 PRESENTER_CSS = """<style>
 .stMainBlockContainer p, .stMainBlockContainer li, .stMainBlockContainer label p { font-size: 1.3rem !important; }
-.stMainBlockContainer h1 { font-size: 3rem !important; }
-.stMainBlockContainer h2, .stMainBlockContainer h3 { font-size: 2rem !important; }
-[data-testid="stMetricValue"] { font-size: 2.6rem !important; }
-[data-testid="stMetricLabel"] p { font-size: 1.2rem !important; }
+.stMainBlockContainer h1 { font-size: 3.2rem !important; }
+.stMainBlockContainer h2, .stMainBlockContainer h3 { font-size: 2.2rem !important; }
+.stMainBlockContainer [data-testid="stMetricValue"], .stMainBlockContainer [data-testid="stMetricValue"] * {
+  font-size: 3rem !important; }
+.stMainBlockContainer [data-testid="stMetricLabel"], .stMainBlockContainer [data-testid="stMetricLabel"] * {
+  font-size: 1.3rem !important; }
+.stMainBlockContainer [data-testid="stMetricDelta"], .stMainBlockContainer [data-testid="stMetricDelta"] * {
+  font-size: 1.3rem !important; }
+.stMainBlockContainer [data-testid="stCaptionContainer"], .stMainBlockContainer [data-testid="stCaptionContainer"] * {
+  font-size: 1.1rem !important; }
+.stMainBlockContainer .lft-token { font-size: 1.35rem !important; }
 </style>"""
+"""Presenter mode's text sizes: every one at least as large as the normal page's (a metric's value is 2.25rem
+there; a broad rule for paragraphs once shrank it to 1.3rem), checked in the browser by measured font sizes."""
 
 GLOSSARY = {
     "span [m, n)": "the blocks m … n−1 of the model that one learned layer replaces; h_m goes in, h_n should come out.",
@@ -119,7 +127,7 @@ def sidebar_status() -> None:
 def show_figure(fig, name: str, key: str | None = None, **kwargs):
     """Draw a plotly figure (PNG export is in its modebar) with a 'Download HTML' button under it."""
     if presenter():
-        fig = go.Figure(fig).update_layout(font=dict(size=17), title_font=dict(size=22))
+        fig = presenter_figure(fig)
     event = st.plotly_chart(fig, key=key, theme=None, config={"displaylogo": False,
                                                                 "toImageButtonOptions": {"filename": name}}, **kwargs)
     st.download_button("Download HTML", data=lambda: to_html(fig), file_name=f"{name}.html",

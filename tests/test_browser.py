@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from urllib.parse import unquote
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,75 @@ def per_token_kl(page) -> None:
     assert "top 5" in (tokens.nth(3).get_attribute("title") or "")
 
 
+CELL_CENTRE = """([m, n]) => {
+    const gd = document.querySelector('[data-testid="stPlotlyChart"] .js-plotly-plot');
+    const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis, box = gd.getBoundingClientRect();
+    return [box.left + xa._offset + xa.l2p(n), box.top + ya._offset + ya.l2p(m)];
+}"""
+
+
+def pick_spans_by_clicking_cells(page) -> None:
+    """The recoupling heatmap: a click on the centre of cell (m, n) chooses exactly span m:n (a click marker wider
+    than its cell used to hand it to the next row's span)."""
+    for m, n in ((3, 9), (1, 7), (12, 18), (20, 24)):
+        x, y = page.evaluate(CELL_CENTRE, [m, n])
+        page.mouse.click(x, y)
+        wait_idle(page)
+        deadline = time.time() + 20
+        while f"span={m}:{n}" not in unquote(page.url) and time.time() < deadline:
+            time.sleep(0.2)
+        assert f"span={m}:{n}" in unquote(page.url), (m, n, unquote(page.url))
+        page.locator('[data-testid="stPlotlyChart"]').first.wait_for(state="visible", timeout=60_000)
+
+
+TEXT_SIZES = """() => {
+    const size = (root) => {  // the font size of the first visible text under root (px), or null
+        if (!root) return null;
+        const walk = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+        for (let t = walk.nextNode(); t; t = walk.nextNode()) {
+            if (t.textContent.trim()) return parseFloat(getComputedStyle(t.parentElement).fontSize);
+        }
+        return null;
+    };
+    const q = (sel) => document.querySelector(sel);
+    const main = q('[data-testid="stMain"]');
+    const title = main.querySelector('.js-plotly-plot .gtitle');
+    const svg = main.querySelector('.js-plotly-plot .main-svg');
+    const tbox = title ? title.getBoundingClientRect() : null, sbox = svg ? svg.getBoundingClientRect() : null;
+    return {
+        metric: size(main.querySelector('[data-testid="stMetricValue"]')),
+        metric_label: size(main.querySelector('[data-testid="stMetricLabel"]')),
+        heading: size(main.querySelector('h1')),
+        paragraph: size(main.querySelector('[data-testid="stMarkdownContainer"] p')),
+        caption: size(main.querySelector('[data-testid="stCaptionContainer"]')),
+        token: size(main.querySelector('.lft-token')),
+        plot_title: title ? parseFloat(title.style.fontSize || getComputedStyle(title).fontSize) : null,
+        plot_tick: size(main.querySelector('.js-plotly-plot .xtick')),
+        title_inside: !!(tbox && sbox && tbox.top >= sbox.top - 1 && tbox.right <= sbox.right + 1),
+    };
+}"""
+
+
+def presenter_mode_enlarges_every_text(page, out: Path) -> None:
+    """Per-token KL with and without presenter mode: every measured text at least as large, the key numbers and
+    the plot's title larger, the title inside its figure."""
+    normal = page.evaluate(TEXT_SIZES)
+    page.get_by_text("Presenter mode", exact=True).click()
+    wait_idle(page)
+    page.locator('[data-testid="stPlotlyChart"]').first.wait_for(state="visible", timeout=60_000)
+    time.sleep(1.0)
+    big = page.evaluate(TEXT_SIZES)
+    capture(page, out / "presenter-kl.png")
+    page.get_by_text("Presenter mode", exact=True).click()
+    wait_idle(page)
+    for key in ("metric", "metric_label", "heading", "paragraph", "caption", "token", "plot_title", "plot_tick"):
+        assert normal[key] is not None and big[key] is not None, (key, normal, big)
+        assert big[key] >= normal[key], (key, normal[key], big[key])
+    for key in ("metric", "heading", "plot_title", "token"):
+        assert big[key] > normal[key], (key, normal[key], big[key])
+    assert big["title_inside"], big
+
+
 def test_demo_then_every_page_in_a_real_browser(app_url, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -211,8 +281,17 @@ def test_demo_then_every_page_in_a_real_browser(app_url, tmp_path):
             capture(page, out / "home.png")
             for title, name in PAGES:
                 go(page, title)
+                if name == "span":
+                    page.locator('[data-testid="stPlotlyChart"]').first.wait_for(state="visible", timeout=180_000)
+                    story = unquote(page.url).split("span=")[1].split("&")[0]
+                    pick_spans_by_clicking_cells(page)
+                    m, n = (int(v) for v in story.split(":"))
+                    x, y = page.evaluate(CELL_CENTRE, [m, n])  # the story's span again, by a click too
+                    page.mouse.click(x, y)
+                    wait_idle(page)
                 if name == "kl":
                     per_token_kl(page)
+                    presenter_mode_enlarges_every_text(page, ARTIFACTS)
                 elif name in BUTTONS:
                     if name == "compare" and not FULL:
                         for label, value in COMPARE_SMALL.items():

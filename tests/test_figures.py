@@ -421,3 +421,18 @@ def test_a_flow_has_one_colour_on_every_figure():
                                                        "affine": np.ones(3)}, flow=FLOWS[0])
     assert [t.line.color for t in kl.data] == [colour, SKIP_COLOUR, AFFINE_COLOUR]
     assert skip_kl_bars(pd.DataFrame({"k": [1], "kl": [0.3]})).data[0].marker.color == SKIP_COLOUR
+
+
+def test_presenter_figures_enlarge_every_text_and_keep_the_title_whole():
+    from app.figures.kl import kl_per_position
+    from app.figures.style import presenter_figure
+
+    fig = kl_per_position(["a", "b", "c"], {"LFT, k = 3": [0.1, 0.2, 0.3], "skip 2": [0.2, 0.1, 0.5]}, flow="f")
+    big = presenter_figure(fig)
+    assert big.layout.font.size > (fig.layout.font.size or 12)
+    assert big.layout.title.font.size > fig.layout.title.font.size
+    assert big.layout.xaxis.tickfont.size > 12 and big.layout.legend.font.size > (fig.layout.legend.font.size or 12)
+    lines = big.layout.title.text.count("<br>") + 1
+    assert big.layout.margin.t >= 40 + lines * big.layout.title.font.size  # room for every line under the toolbar
+    assert big.layout.height - big.layout.margin.t == fig.layout.height - fig.layout.margin.t  # the plot keeps its size
+    assert fig.layout.title.font.size == 16  # the original is untouched

@@ -60,13 +60,25 @@ def log_colour_range(values: np.ndarray, lowest: float = 1e-3, highest_floor: fl
     return floor, top
 
 
+PLOT_MARGIN_PX = 150  # title, axis titles and ticks: the part of a heatmap's height that is not cells
+
+
+def marker_size(L: int, height: int) -> int:
+    """The click marker of a cell: 60% of the cell's height in pixels (the cells are square, and the figure is at
+    least as wide as it is tall: a full-width chart), at least 3 px."""
+    cell = (height - PLOT_MARGIN_PX) / max(L, 1)
+    return max(3, int(cell * 0.6))
+
+
 def span_heatmap(matrix: np.ndarray, span: tuple[int, int] | None, title: str, value: str, zmax: float,
                  colorscale: str = "Viridis", height: int = 620, fmt: str = ".4g", clipped: bool = False,
                  log_floor: float | None = None) -> go.Figure:
     """A value for every span [m, n): x = end n, y = start m (m grows downwards); only m < n is filled.
 
     ``matrix`` shape (L+1, L+1) with NaN where m >= n. A transparent marker sits on every cell so that a
-    click selects the span (plotly heatmaps do not report clicks); the chosen span is outlined. Colour scale:
+    click selects the span (plotly heatmaps do not report clicks), smaller than the cell: plotly gives a click to
+    any marker that covers the cursor, so a marker wider than its cell would hand clicks on a cell's centre to the
+    neighbouring span. The chosen span is outlined. Colour scale:
     linear from 0 to ``zmax``; ``clipped``: some values exceed ``zmax`` (they take the top colour; the colour
     bar says so, its top tick reads '≥ zmax'). With ``log_floor``, the colour is log10 of the value from
     log_floor (values at or below it, zeros included, share the lowest colour; tick '≤ log_floor') to zmax,
@@ -100,7 +112,7 @@ def span_heatmap(matrix: np.ndarray, span: tuple[int, int] | None, title: str, v
     ))
     fig.add_trace(go.Scatter(
         x=n_vals, y=m_vals, mode="markers", name="spans", showlegend=False,
-        marker=dict(symbol="square", size=max(6, min(22, 560 // max(L, 1))), color="rgba(0,0,0,0)"),
+        marker=dict(symbol="square", size=marker_size(L, height), color="rgba(0,0,0,0)"),
         customdata=np.stack([m_vals, n_vals, v_vals, n_vals - m_vals], axis=1),
         hovertemplate=("span %{customdata[0]}:%{customdata[1]}<br>m = %{customdata[0]}, n = %{customdata[1]}"
                        f"<br>blocks replaced: %{{customdata[3]}}<br>{html.escape(value)} = %{{customdata[2]:{fmt}}}"

@@ -52,6 +52,46 @@ def _finish(fig: go.Figure, title: str | None, height: int, **layout) -> go.Figu
     return fig
 
 
+PRESENTER_SCALE = 1.4  # presenter mode: every text of a figure this much larger (never smaller)
+
+
+def presenter_figure(fig: go.Figure, scale: float = PRESENTER_SCALE) -> go.Figure:
+    """A copy of ``fig`` for a projector: the base font and every font a figure sets itself (title, legend, axis
+    titles and ticks, annotations, colour bars, trace labels) ``scale`` times larger; the title re-wrapped for its
+    larger letters and the top margin and height grown with it, so no title is cut and the plot keeps its size."""
+    out = go.Figure(fig)
+    lay = out.layout
+
+    def bigger(font, default: float) -> dict:
+        size = font.size if font is not None and font.size else default
+        return dict(size=round(size * scale, 1))
+
+    out.update_layout(font=bigger(lay.font, 12))
+    raw = (lay.title.text or "").replace("<br>", " ") if lay.title else ""
+    if raw:
+        lines = textwrap.wrap(raw, int(TITLE_CHARS / scale), break_long_words=False, break_on_hyphens=False) or [raw]
+        old_top = lay.margin.t if lay.margin and lay.margin.t is not None else MODEBAR_BAND + 34
+        top = MODEBAR_BAND + 12 + int(22 * scale) * len(lines)
+        height = (lay.height or 450) + max(0, top - old_top)
+        out.update_layout(title=dict(text="<br>".join(lines), font=bigger(lay.title.font, 16),
+                                     y=1 - MODEBAR_BAND / height), margin=dict(t=max(top, old_top)), height=height)
+    if lay.legend is not None:
+        out.update_layout(legend=dict(font=bigger(lay.legend.font, 12)))
+    for name in [k for k in lay.to_plotly_json() if k.startswith(("xaxis", "yaxis"))]:
+        axis = lay[name]
+        out.layout[name].update(title=dict(font=bigger(axis.title.font if axis.title else None, 14)),
+                                tickfont=bigger(axis.tickfont, 12))
+    for annotation in out.layout.annotations or ():
+        annotation.font = bigger(annotation.font, 12)
+    for trace in out.data:
+        if getattr(trace, "textfont", None) is not None and trace.textfont.size:
+            trace.textfont.size = round(trace.textfont.size * scale, 1)
+        colorbar = getattr(trace, "colorbar", None)
+        if colorbar is not None and trace.type in ("heatmap", "contour"):
+            trace.colorbar.tickfont = bigger(colorbar.tickfont, 12)
+    return out
+
+
 def _legend_below(rows: int = 1, **extra) -> dict:
     """A horizontal legend under the x-axis title (so it never covers data): positioned in pixels below the plot
     area through ``yref='container'`` at the bottom of the figure; pair with ``_bottom_margin(rows)``."""

@@ -38,6 +38,7 @@ def recoupling_matrix(cache_key: str, pairs: int, seed: int = 0) -> tuple[np.nda
 
 
 AFFINE_HELDOUT_WINDOWS = 4  # held-out windows that choose each span's ridge strength and score it
+HEATMAP_HEIGHT = 760  # px: cells of about 20 px for 30 blocks
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
@@ -115,15 +116,17 @@ else:
                 state.set_span(picked)
                 st.rerun()
 
-    col_r, col_a = st.columns(2)
-    with col_r:
-        event = frame.show_figure(recoupling_heatmap(matrix, span, int(pairs)), f"recoupling_{state.model_spec()}",
-                                  key="heatmap", on_select="rerun", selection_mode="points")
+    # one map per tab, each the page's full width: cells large enough to hit at 1280 px
+    tab_r, tab_a = st.tabs(["Recoupling ratio R", "Affine baseline (held-out NMSE)"])
+    with tab_r:
+        event = frame.show_figure(recoupling_heatmap(matrix, span, int(pairs), height=HEATMAP_HEIGHT),
+                                  f"recoupling_{state.model_spec()}", key="heatmap", on_select="rerun",
+                                  selection_mode="points")
         pick_from(event, "r")
         st.markdown("**How much would flow matching mix tokens here?** R is the share of tokens that optimal "
                     "transport pairs with another token's target. Most spans have a small R, so the colours are on "
                     "a log scale; hover a cell for its exact value.")
-    with col_a:
+    with tab_a:
         with engine.engine_errors():
             affine = progress.with_progress(f"Fitting the affine replacement of all {L * (L + 1) // 2} spans (ridge "
                                             "least squares)",
@@ -131,8 +134,9 @@ else:
                                             affine_matrix, state.model_spec(), state.corpus_spec(), state.seq_len(),
                                             state.n_windows(), cache.key)
         st.session_state["affine_matrix"] = affine
-        event = frame.show_figure(affine_heatmap(affine, span), f"affine_nmse_{state.model_spec()}",
-                                  key="affine_heatmap", on_select="rerun", selection_mode="points")
+        event = frame.show_figure(affine_heatmap(affine, span, height=HEATMAP_HEIGHT),
+                                  f"affine_nmse_{state.model_spec()}", key="affine_heatmap", on_select="rerun",
+                                  selection_mode="points")
         pick_from(event, "affine")
         st.markdown("**How linear is this span?** The held-out NMSE ‖x̂ − h_n‖² / ‖h_n‖² of h_n ≈ h_m + A·h_m + b "
                     "fitted in closed form: a flow must beat this to be worth training.")
