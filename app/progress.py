@@ -92,6 +92,11 @@ def job_progress(job) -> tuple[float | None, str]:
         if last.get("eta_s") is not None:
             line += eta
         return max(0.0, (last["step"] - 1) / last["steps"]), line
+    if job.kind == "compare" and last.get("steps"):  # unit i of N of an evaluation (lft_core.analysis.compare_eval)
+        line = f"{last['step']} of {last['steps']}: {last.get('label', '')}"
+        if last.get("eta_s") is not None:
+            line += eta
+        return min(1.0, last["step"] / last["steps"]), line
     done = tqdm_progress(job.log_tail(5), "caching")
     if done:
         return done[0] / max(done[1], 1), f"{done[0]}/{done[1]} windows"

@@ -31,6 +31,17 @@ def open_page(page: str, state: dict | None = None, query: dict | None = None) -
     return at
 
 
+def wait_for_jobs(kind: str, seconds: float = 300) -> None:
+    """Wait until no job of ``kind`` runs (a page's button started one in the background)."""
+    from lft_core.run.jobs import list_jobs
+
+    deadline = time.time() + seconds
+    while any(j.status in ("running", "stopping") for j in list_jobs(kind)) and time.time() < deadline:
+        time.sleep(0.5)
+    failed = [j for j in list_jobs(kind)[:1] if j.status == "failed"]
+    assert not failed, failed[0].log_tail(10)
+
+
 def errors(at: AppTest) -> list[str]:
     return [e.value for e in at.error]
 
@@ -142,11 +153,17 @@ def test_span_page_heatmap_and_url(small_cache):
     # the slider moves the span and the link follows
     at.slider(key="w_span_slider").set_range(3, 9).run()
     assert at.session_state["span"] == (3, 9) and at.query_params["span"] == "3:9"
-    # skip-k KL behind a button
+    # skip-k KL behind a button: a background job computes every position once; the page reads it back
     at = click(at, "Compute skip-k KL")
+    assert_clean(at)
+    wait_for_jobs("compare")
+    at.run()
     assert_clean(at)
     skip = at.session_state["skip_table"]
     assert list(skip["k"]) == [1, 2, 3] and (skip["kl"] > 0).all()
+    assert not [b for b in at.button if b.label.startswith("Compute skip-k KL")]  # saved: no second computation
+    at.slider(key="w_span_slider").set_range(5, 8).run()  # another span reads the same grid at once
+    assert list(at.session_state["skip_table"]["skipped blocks"]) == ["5..5", "5..6", "5..7"]
 
 
 def test_span_page_affine_heatmap(small_cache, smol):

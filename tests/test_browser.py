@@ -158,6 +158,8 @@ PAGES = (("Setup & cache", "setup"), ("Choose a span", "span"), ("Train", "train
          ("Latent trajectories", "trajectories"), ("Coupling crossings", "crossings"), ("Per-token KL", "kl"),
          ("Compare spans", "compare"), ("Teaching lab (2-D)", "toy"))
 BUTTONS = {"span": "Compute skip-k KL", "compare": "Evaluate", "toy": "Train SFM and FW"}
+DONE_WHEN = {"span": "computed once for every position", "compare": "by a background job and saved"}
+"""The text that appears when a page's background evaluation (started by its button) has ended."""
 COMPARE_SMALL = {"Held-out windows": 1, "Tokens per window": 16, "skip-k up to k =": 1}
 """The Compare page's evaluation on a small sample in the test (its defaults, 4 x 128 tokens and skip-k up to 3 at
 every position, take about a minute on 2 cores); LFT_SCREENSHOTS=1 keeps the defaults."""
@@ -298,6 +300,9 @@ def test_demo_then_every_page_in_a_real_browser(app_url, tmp_path):
                             set_number(page, label, value)
                     page.get_by_role("button", name=BUTTONS[name]).first.click()
                     wait_idle(page)
+                    if name in DONE_WHEN:  # a background job: its result appears when it ends
+                        page.get_by_text(DONE_WHEN[name]).first.wait_for(timeout=600_000)
+                        wait_idle(page)
                 if name not in ("setup", "train"):
                     page.locator('[data-testid="stPlotlyChart"]').first.wait_for(state="visible", timeout=180_000)
                 assert page.locator('[data-testid="stException"]').count() == 0, title

@@ -6,11 +6,15 @@ import pandas as pd
 import streamlit as st
 
 from app import engine, frame, pages, progress, state
+from app.progress import fmt_seconds
 from app.figures.compare import kl_vs_blocks_figure, recipe_curves, recipe_nmse_errorbars
 from lft_core.analysis import comparison as cmp
 from lft_core.analysis import recipes
-from lft_core.analysis.baselines import FitData, fitted_baselines
+from lft_core.analysis.baselines import fitted_baselines
 from lft_core import zoo
+from lft_core.analysis.compare_eval import CompareRequest, request_key, saved_comparison
+from lft_core.errors import LFTError
+from lft_core.run.jobs import list_jobs, read_job, start_job
 from lft_core.span import Span
 
 X_CHOICES = {"training step": "step", "wall time (s)": "seconds"}
@@ -130,68 +134,41 @@ st.caption(" ".join(notes))
 st.subheader("KL and perplexity on held-out text")
 
 
-@st.cache_data(max_entries=16, show_spinner=False)
-def heldout_ids(spec: str, corpus_spec: str, windows: int, seq_len: int):
-    from lft_core.analysis.evaluation import eval_windows
+def evaluation_job(request: CompareRequest, key: str, n_spans: int) -> None:
+    """No saved result for this request: its job's progress when one runs (any session), else what it will
+    evaluate and the button that starts it in the background."""
+    label = f"compare {key}"
+    running = [j for j in list_jobs("compare") if j.label == label and j.status in ("running", "stopping")]
+    if not running:
+        failed = [j for j in list_jobs("compare")[:5] if j.label == label and j.status == "failed"]
+        if failed:
+            st.error(f"The last evaluation of these settings failed: {failed[0].error_line() or failed[0].log_tail(3)}")
+        st.caption(f"Evaluation: {len(request.flows)} flow(s), "
+                   + "".join(f"{name} baselines of {n_spans} span(s), " for name in request.baselines)
+                   + ("skip-k at every start position (computed once per text and reused)" if request.best
+                      else f"skip-k in {n_spans} span(s)")
+                   + f", on {request.windows} held-out windows × {request.seq_len} tokens. It runs in the "
+                     "background: leave the page and come back, the result is saved.")
+        if st.button(f"Evaluate {len(request.flows)} flow(s)", type="primary", key="cmp_eval"):
+            try:
+                job = start_job("compare", ["--model", state.model_spec(), *request.cli_args()], label=label)
+                st.session_state["cmp_job"] = job.id
+            except LFTError as e:
+                st.error(str(e))
+                return
+            st.rerun()
+        return
 
-    return eval_windows(engine.get_teacher(spec), corpus_spec, windows=windows, seq_len=seq_len)
+    @st.fragment(run_every=2)
+    def watch() -> None:
+        job = read_job(running[0].id)
+        if job.status not in ("running", "stopping"):
+            st.rerun(scope="app")  # finished: the page reads the saved result
+        fraction, line = progress.job_progress(job)
+        st.progress(fraction or 0.0, text=f"Evaluating in the background: {line}")
+        st.caption("You can leave this page: the evaluation goes on and its result is saved.")
 
-
-@st.cache_data(max_entries=128, show_spinner=False)
-def evaluate_flow(spec: str, corpus_spec: str, name: str, stamp: float, windows: int, seq_len: int) -> dict:
-    """The flow at its own k: KL, PPL, NMSE (and the teacher's PPL) on the held-out windows."""
-    from lft_core.analysis.evaluation import evaluate
-
-    flow, cfg = engine.load_flow(name, spec, stamp)
-    k = int(cfg.get("k", 3))
-    result = evaluate(engine.get_teacher(spec), flow, None, heldout_ids(spec, corpus_spec, windows, seq_len), ks=[k],
-                      skips=[], best_skip=False)
-    row = result.rows[0]
-    return {"flow": name, "span": str(Span.of(flow.span)), "k": k, "KL": row.kl, "PPL": row.ppl, "NMSE": row.nmse,
-            "teacher PPL": result.teacher_ppl}
-
-
-@st.cache_data(max_entries=64, show_spinner=False)
-def evaluate_baseline(spec: str, corpus_spec: str, name: str, span: tuple[int, int], fit: FitData, windows: int,
-                      seq_len: int, _prepared) -> dict:
-    """The fitted baseline ``name`` of ``span`` (fitted on ``fit``) on the held-out windows (``_prepared`` is that
-    fit: the key is ``name``, ``span`` and ``fit``)."""
-    from lft_core.analysis.evaluation import evaluate
-
-    result = evaluate(engine.get_teacher(spec), None, span, heldout_ids(spec, corpus_spec, windows, seq_len), ks=[],
-                      skips=[], best_skip=False, baselines=[_prepared])
-    row = result.rows[0]
-    return {"baseline": name, "span": str(Span.of(span)), "KL": row.kl, "PPL": row.ppl, "NMSE": row.nmse}
-
-
-@st.cache_data(max_entries=32, show_spinner=False)
-def skip_grid(spec: str, corpus_spec: str, windows: int, seq_len: int, ks: tuple[int, ...], starts: tuple[int, ...],
-              _progress=None) -> list:
-    """Skip-k for every k of ``ks`` from every start of ``starts`` on the held-out windows (``_progress(done,
-    total)`` is not part of the key)."""
-    return cmp.skip_kl_grid(engine.get_teacher(spec), heldout_ids(spec, corpus_spec, windows, seq_len), ks, starts,
-                            progress=_progress)
-
-
-def skip_grid_with_bar(bar, before: int, total: int, what: str, *args) -> list:
-    """``skip_grid(*args)`` in a worker (``progress.in_worker``) while ``bar`` counts the start positions done (i of N),
-    as units ``before`` … ``before + N`` of ``total``."""
-    windows, starts = args[2], args[5]
-    n, per_batch = max(1, len(starts)), 8  # skip_kl_grid's batch of windows
-    batches = -(-windows // per_batch)
-    counted = {"done": 0}
-
-    def poll() -> None:
-        done = counted["done"]
-        b = min(done // n, batches - 1)
-        i = done - b * n if done < batches * n else n
-        text = f"Evaluating skip-k {what} ({min(i + 1, n)} of {n})"
-        if batches > 1:
-            text += f", windows {b * per_batch + 1}–{min((b + 1) * per_batch, windows)} of {windows}"
-        bar.progress(min(1.0, (before + n * done / (batches * n)) / total), text=text)
-
-    poll()
-    return progress.in_worker(skip_grid, *args, poll=poll, _progress=lambda done, _total: counted.update(done=done))
+    watch()
 
 
 st.session_state.setdefault("w_cmp_windows", 4)
@@ -215,55 +192,26 @@ best = col_best.toggle("skip-k at its best position", key="w_cmp_best", persist_
 with_baselines = tuple(b.name for b, col in zip(FITTED, col_fitted)
                        if col.toggle(f"{b.name} baseline", key=f"w_cmp_{b.name}", persist_state=state.KEEP,
                                      help=f"Add the {b.label} of each flow's span ({b.help}): a flow must beat it."))
-ks = tuple(range(1, int(skip_max) + 1))
+request = CompareRequest(tuple(f.name for f in chosen), state.corpus_spec(), int(windows), int(seq), int(skip_max),
+                         bool(best), with_baselines)
+key = request_key(request, teacher.model_id, teacher.weights_hash,
+                  {f.name: str(f.config.get("weights_sha256")) for f in chosen})
 spans = sorted({f.span for f in chosen})
-starts = cmp.grid_starts(teacher.n_layers, ks, None if best else spans)
-params = (state.model_spec(), state.corpus_spec(), tuple(engine.flow_key(f) for f in chosen), int(windows), int(seq),
-          with_baselines, ks, bool(best))
-if st.button(f"Evaluate {len(chosen)} flow(s)", type="primary", key="cmp_eval"):
-    st.session_state["cmp_params"] = params
-if st.session_state.get("cmp_params") != params:
-    st.caption(f"Evaluation: {len(chosen)} flow(s), "
-               + "".join(f"{name} baselines of {len(spans)} span(s), " for name in with_baselines)
-               + (f"skip-k at all {len(starts)} start positions" if best else f"skip-k in {len(spans)} span(s)")
-               + f", on {int(windows)} held-out windows × {int(seq)} tokens.")
+saved = saved_comparison(key)
+if saved is None:
+    evaluation_job(request, key, len(spans))
     st.stop()
 
-spec, corpus = params[0], params[1]
-flow_rows: list[dict] = []
-baseline_rows: list[dict] = []
+flow_rows = saved["flow_rows"]
+baseline_rows = [{k: v for k, v in row.items() if k != "members"} for row in saved["baseline_rows"]]
 baselines_of: dict[str, list[dict]] = {}
-grid: list = []
-with engine.engine_errors():
-    fits: dict[tuple, list] = {}  # (baseline, span, fit data) -> flows sharing that fitted baseline
-    for name in with_baselines:
-        for f in chosen:
-            fits.setdefault((name, tuple(f.span), engine.fit_data(f.config)), []).append(f)
-    total = len(chosen) + len(fits) + len(starts)
-    bar = st.progress(0.0, text="Evaluating...")
-    done = 0
-    for i, f in enumerate(chosen):
-        bar.progress(done / total, text=f"Evaluating flow {f.name} ({i + 1} of {len(chosen)})")
-        flow_rows.append(evaluate_flow(spec, corpus, f.name, f.stamp, int(windows), int(seq)))
-        done += 1
-    for i, ((baseline, span, fit), members) in enumerate(fits.items()):
-        bar.progress(done / total, text=f"Evaluating the {baseline} baseline of span {Span.of(span)} ({i + 1} of "
-                                        f"{len(fits)})")
-        prepared = engine.get_baseline(baseline, Span.of(span), members[0].config)
-        row = evaluate_baseline(spec, corpus, baseline, span, fit, int(windows), int(seq), prepared)
-        same_span = [key for key in fits if key[:2] == (baseline, span)]
-        label = f"{baseline} {Span.of(span)}" + (f" ({fit.corpus}, {fit.windows} × {fit.seq_len})"
-                                                 if len(same_span) > 1 else "")
-        row = {**row, "name": label}
-        baseline_rows.append(row)
-        for m in members:
-            baselines_of.setdefault(m.name, []).append(row)
-        done += 1
-    if starts:
-        what = "at every position" if best else "in the spans"
-        grid = skip_grid_with_bar(bar, done, total, what, spec, corpus, int(windows), int(seq), ks, tuple(starts))
-    bar.empty()
-
+for row, clean in zip(saved["baseline_rows"], baseline_rows):
+    for member in row["members"]:
+        baselines_of.setdefault(member, []).append(clean)
+grid = [cmp.SkipKL(int(r["k"]), int(r["start"]), float(r["kl"]), float(r["ppl"])) for r in saved["grid"]]
+st.caption(f"Evaluated in {fmt_seconds(saved.get('seconds'))} by a background job and saved: every session asking for "
+           "the same flows and settings reads it back (skip-k at every position is computed once per text and "
+           "reused everywhere). `python -m lft_core compare " + " ".join(request.cli_args()) + "` does the same.")
 teacher_ppl = flow_rows[0]["teacher PPL"] if flow_rows else None
 skip_rows = cmp.skip_in_span(grid, spans, max_k=int(skip_max))
 best_rows = cmp.best_skips(grid) if best else {}

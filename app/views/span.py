@@ -7,7 +7,10 @@ import streamlit as st
 
 from app import engine, frame, pages, progress, state
 from app.figures.span import affine_heatmap, recoupling_heatmap, skip_kl_bars
-from lft_core.span import Span, grid_frame, lowest_of_length
+from lft_core.analysis.compare_eval import read_skip_grid, skip_grid_path
+from lft_core.errors import LFTError
+from lft_core.run.jobs import list_jobs, read_job, start_job
+from lft_core.span import grid_frame, lowest_of_length
 
 frame.page_intro(
     pages.SPAN,
@@ -49,18 +52,6 @@ def affine_matrix(spec: str, corpus_spec: str, seq_len: int, windows: int, cache
 
     return affine_grid_cached(engine.get_teacher(spec), corpus_spec, seq_len, windows, AFFINE_HELDOUT_WINDOWS,
                               progress=False).matrix
-
-
-@st.cache_data(max_entries=32, show_spinner=False)
-def skip_kl(spec: str, corpus_spec: str, span: Span, ks: tuple[int, ...], windows: int,
-            seq_len: int) -> pd.DataFrame:
-    from lft_core.analysis.evaluation import eval_windows, evaluate
-
-    teacher = engine.get_teacher(spec)
-    ids = eval_windows(teacher, corpus_spec, windows=windows, seq_len=seq_len)
-    result = evaluate(teacher, None, span, ids, ks=[], skips=list(ks), best_skip=False)
-    return pd.DataFrame([{"k": r.k, "skipped blocks": f"{r.start}..{r.start + r.k - 1}", "kl": r.kl, "ppl": r.ppl}
-                         for r in result.rows]).assign(teacher_ppl=result.teacher_ppl)
 
 
 # -- controls -----------------------------------------------------------------------------------------------
@@ -165,20 +156,45 @@ st.subheader("Reference: skipping blocks")
 st.markdown(f"KL(teacher ‖ model) of next-token distributions when the first k blocks of the span are simply "
             f"removed (skip-k), on held-out windows. A flow replacing {span.blocks} blocks should beat "
             "skipping fewer blocks.")
-ks = tuple(range(1, min(3, span.blocks) + 1))
-SKIP_EVAL_WINDOWS = 4  # held-out windows for the skip-k reference (a few seconds on 2 cores)
-key = (state.model_spec(), state.corpus_spec(), span, ks, SKIP_EVAL_WINDOWS, min(state.seq_len(), 128))
-if st.button(f"Compute skip-k KL for k = {', '.join(map(str, ks))}", key="skip_button"):
-    st.session_state["skip_shown"] = key
-if st.session_state.get("skip_shown") == key:
-    with engine.engine_errors():
-        skip_table = progress.with_progress(f"Running the teacher with 1 to {len(ks)} blocks removed",
-                                            f"skip-k {len(ks)}", skip_kl, *key)
+SKIP_KS = (1, 2, 3)  # the grid the Compare page's default evaluation uses too: computed once, read by both
+SKIP_EVAL_WINDOWS = 4  # held-out windows, as Compare's default
+seq = min(state.seq_len(), 128)
+with engine.engine_errors():
+    grid_path = skip_grid_path(teacher, state.corpus_spec(), SKIP_EVAL_WINDOWS, seq, SKIP_KS)
+grid = read_skip_grid(grid_path)
+if grid is None:
+    label = f"skip-k grid {grid_path.stem}"
+    running = [j for j in list_jobs("compare") if j.label == label and j.status in ("running", "stopping")]
+    if running:
+        @st.fragment(run_every=2)
+        def watch() -> None:
+            job = read_job(running[0].id)
+            if job.status not in ("running", "stopping"):
+                st.rerun(scope="app")
+            fraction, line = progress.job_progress(job)
+            st.progress(fraction or 0.0, text=f"Skip-k at every position, in the background: {line}")
+
+        watch()
+    elif st.button("Compute skip-k KL for k = 1, 2, 3 at every position (once, in the background)",
+                   key="skip_button"):
+        try:
+            start_job("compare", ["--skip-only", "--model", state.model_spec(), "--corpus", state.corpus_spec(),
+                                  "--windows", str(SKIP_EVAL_WINDOWS), "--seq-len", str(seq), "--skip-max", "3"],
+                      label=label)
+        except LFTError as e:
+            st.error(str(e))
+        else:
+            st.rerun()
+else:
+    at = {(r.start, r.k): r for r in grid}
+    skip_table = pd.DataFrame([{"k": k, "skipped blocks": f"{span.m}..{span.m + k - 1}", "kl": at[(span.m, k)].kl,
+                                "ppl": at[(span.m, k)].ppl} for k in SKIP_KS
+                               if k <= span.blocks and (span.m, k) in at])
     st.session_state["skip_table"] = skip_table
     col_t, col_f = st.columns([1, 1])
     with col_t:
-        st.caption(f"{SKIP_EVAL_WINDOWS} held-out windows of {key[-1]} tokens; teacher perplexity "
-                   f"{skip_table['teacher_ppl'].iloc[0]:.2f}.")
-        frame.show_table(skip_table.drop(columns="teacher_ppl"), f"skip_kl_{span}", key="skip_table_df")
+        st.caption(f"{SKIP_EVAL_WINDOWS} held-out windows of {seq} tokens; computed once for every position (the "
+                   "Compare page reads the same grid).")
+        frame.show_table(skip_table, f"skip_kl_{span}", key="skip_table_df")
     with col_f:
         frame.show_figure(skip_kl_bars(skip_table), f"skip_kl_{span}", key="skip_fig")

@@ -184,6 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--progress-file", help=argparse.SUPPRESS)
     w.add_argument("--stop-file", help=argparse.SUPPRESS)
 
+    c = sub.add_parser("compare", help="the Compare page's evaluation of saved flows against skip-k (at every "
+                                       "position) and fitted baselines, saved under cache/evaluations and reused; "
+                                       "--skip-only: only the skip-k grid (saved under cache/grids)")
+    c.add_argument("--flows", default="", help="comma list of saved flow names (empty with --skip-only)")
+    c.add_argument("--model", default="smollm2-135m")
+    c.add_argument("--corpus", default=DEFAULT_CORPUS, help="the held-out text's corpus")
+    c.add_argument("--windows", type=_positive, default=4, help="held-out windows")
+    c.add_argument("--seq-len", type=_positive, default=128, help="tokens per window")
+    c.add_argument("--skip-max", type=_positive, default=3, help="skip-k for k = 1 .. this")
+    c.add_argument("--no-best", dest="best", action="store_false",
+                   help="skip-k only in the flows' spans, not at every position")
+    c.add_argument("--baselines", default="", help="comma list of fitted baselines (affine)")
+    c.add_argument("--skip-only", action="store_true", help="only the skip-k grid at every position")
+    c.add_argument("--json", metavar="PATH")
+    c.add_argument("--progress-file", help=argparse.SUPPRESS)
+
     e = sub.add_parser("eval", help="KL / NMSE / PPL of a flow against the teacher and layer skipping")
     e.add_argument("--flow", required=True, help="a saved flow's name (cache/flows/NAME), or a folder given as a "
                                                  "path (with a /, or starting with . or ~)")

@@ -410,7 +410,52 @@ def cmd_demo(a: argparse.Namespace) -> dict:
     return result.to_json()
 
 
+def cmd_compare(a: argparse.Namespace) -> dict:
+    """The Compare page's evaluation (``analysis.compare_eval``): saved and reused; progress as job events."""
+    from lft_core.analysis.baselines import parse_names
+    from lft_core.analysis.compare_eval import (CompareRequest, request_key, run_comparison, save_comparison,
+                                                saved_comparison, skip_grid_cached)
+    from lft_core.data.corpus import load_corpus
+    from lft_core.flow.store import read_flow_config
+
+    flows = tuple(dict.fromkeys(n.strip() for n in a.flows.split(",") if n.strip()))
+    if not flows and not a.skip_only:
+        raise LFTError("--flows is empty: name saved flows (see `python -m lft_core flows`), or ask --skip-only")
+    configs = {name: read_flow_config(name) for name in flows}  # a missing flow is refused before the model loads
+    baselines = tuple(parse_names(a.baselines)) if a.baselines else ()
+    load_corpus(a.corpus)
+    write = _progress_writer(Path(a.progress_file)) if a.progress_file else None
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int, what: str) -> None:
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / done * (total - done) if done else None
+        if write is not None:
+            write({"step": done, "steps": total, "label": what, "eta_s": eta})
+        print(f"[{done}/{total}] {what}", file=sys.stderr)
+
+    teacher = _teacher(a)
+    request = CompareRequest(flows, a.corpus, a.windows, a.seq_len, a.skip_max, a.best, baselines)
+    if a.skip_only:
+        grid = skip_grid_cached(teacher, a.corpus, a.windows, a.seq_len, request.ks,
+                                lambda d, t: progress(d, t, "skip-k at every position"))
+        print(f"skip-k grid: {len(grid)} rows (k = 1..{a.skip_max} at every position)")
+        return {"grid": [dataclasses.asdict(r) for r in grid]}
+    key = request_key(request, teacher.model_id, teacher.weights_hash,
+                      {n: str(c.get("weights_sha256")) for n, c in configs.items()})
+    result = saved_comparison(key)
+    if result is None:
+        result = run_comparison(teacher, request, progress)
+        save_comparison(key, result)
+    else:
+        progress(1, 1, "done (saved earlier)")
+    for row in result["flow_rows"]:
+        print(f"{row['flow']}: span {row['span']} k={row['k']} KL {row['KL']:.4f} PPL {row['PPL']:.3f}")
+    return {**result, "key": key}
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], dict]] = {
+    "compare": cmd_compare,
     "cache": cmd_cache, "train": cmd_train, "eval": cmd_eval, "recoupling": cmd_recoupling, "toy": cmd_toy,
     "flows": cmd_flows, "bench": cmd_bench, "baselines": cmd_baselines, "sweep": cmd_sweep, "demo": cmd_demo,
 }

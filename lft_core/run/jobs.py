@@ -32,7 +32,7 @@ from lft_core.atomic import DamagedRecord, read_record, write_json, write_text
 from lft_core.errors import LFTError
 from lft_core.paths import REPO_ROOT, cache_dir
 
-KINDS = ("cache", "train", "eval", "recoupling", "toy", "sweep", "demo")
+KINDS = ("cache", "train", "eval", "recoupling", "toy", "sweep", "demo", "compare")
 INTERNAL_FLAGS = ("--json", "--progress-file", "--stop-file")
 """Flags ``start_job`` adds for the job's own files; ``Job.command`` leaves them out."""
 
@@ -96,6 +96,8 @@ def start_job(kind: str, cli_args: list[str], label: str = "") -> Job:
     args = [kind, *cli_args, "--json", str(d / "result.json")]
     if kind in ("train", "sweep", "demo"):
         args += ["--progress-file", str(d / "progress.jsonl"), "--stop-file", str(d / "STOP")]
+    elif kind == "compare":
+        args += ["--progress-file", str(d / "progress.jsonl")]
     meta = {"id": job_id, "kind": kind, "label": label or " ".join(cli_args), "args": args,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "pid": None}
     write_json(d / "job.json", meta)
@@ -128,6 +130,7 @@ JOB_FIELDS = {"kind": str, "args": list, "created": str}
 EVENT_FIELDS = {"step": int, "steps": int, "loss": (int, float)}  # one training progress event
 KIND_EVENT_FIELDS = {"sweep": {"step": int, "steps": int, "label": str}}  # run i of N: flow; others: EVENT_FIELDS
 KIND_EVENT_FIELDS["demo"] = {"step": int, "steps": int}  # step i of N of the demo (lft_core.run.demo), label, eta_s
+KIND_EVENT_FIELDS["compare"] = {"step": int, "steps": int}  # unit i of N of an evaluation, label, eta_s
 RESULT_FIELDS = {"train": {"name": str, "final_loss": (int, float), "heldout_nmse": (int, float),
                            "seconds": (int, float), "device": str},
                  "sweep": {"sweep": str, "runs": list, "stopped": bool},
