@@ -263,6 +263,36 @@ def presenter_mode_enlarges_every_text(page, out: Path) -> None:
     assert big["title_inside"], big
 
 
+METRICS = """() => Array.from(document.querySelectorAll('[data-testid="stMain"] [data-testid="stMetric"]'))
+    .map(m => m.innerText.replace(/\\s+/g, ' ').trim())"""
+LINKED_PAGES = ("span", "crossings", "kl")
+"""Pages whose link, opened in a fresh browser session, must show the same numbers (their metrics)."""
+
+
+def same_numbers_in_a_fresh_session(context, url: str, expected: list[str], name: str) -> None:
+    """Open ``url`` in a new page of a fresh browser context (a new Streamlit session) and compare its metrics."""
+    fresh = context.browser.new_context(viewport=VIEWPORT) if context.browser else None
+    if fresh is None:  # a persistent context has no browser object: a new page is a new session too
+        page = context.new_page()
+    else:
+        page = fresh.new_page()
+    try:
+        page.goto(url, timeout=60_000)
+        wait_idle(page)
+        if name == "kl":  # the form computes on its first run; the numbers appear once it is idle
+            page.locator(".lft-token").first.wait_for(state="visible", timeout=60_000)
+        deadline = time.time() + 30
+        got = page.evaluate(METRICS)
+        while got != expected and time.time() < deadline:
+            time.sleep(0.5)
+            got = page.evaluate(METRICS)
+        assert got == expected, (name, url, expected, got)
+    finally:
+        page.close()
+        if fresh is not None:
+            fresh.close()
+
+
 def test_demo_then_every_page_in_a_real_browser(app_url, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -308,6 +338,10 @@ def test_demo_then_every_page_in_a_real_browser(app_url, tmp_path):
                 assert page.locator('[data-testid="stException"]').count() == 0, title
                 if name in ("span", "trajectories", "crossings", "kl"):  # the demo's story span is in the link
                     assert "span=" in page.url, page.url
+                if name in LINKED_PAGES:  # the link brings back every number, in a session of its own
+                    expected = page.evaluate(METRICS)
+                    assert expected, name
+                    same_numbers_in_a_fresh_session(context, page.url, expected, name)
                 capture(page, out / f"{name}.png")
             assert not outside, f"requests that left the machine: {sorted(set(outside))[:5]}"
             assert not failed, f"failed requests: {failed[:5]}"
