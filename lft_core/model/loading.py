@@ -94,8 +94,12 @@ def embedded_model_folder(name: str = DEFAULT_MODEL) -> Path:
             except (OSError, json.JSONDecodeError):
                 pass
         with atomic_folder(target, replace=True) as tmp:
-            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            # local_files_only: the GGUF is on disk, and the tokenizer's saved config records this flag, so the
+            # converted folder (and its weights hash, which shipped flows are matched by) is the same whether or not
+            # HF_HUB_OFFLINE was set when it was converted
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+                                                         local_files_only=True)
             # The weights are dequantised to float32 already; drop the GGUF quantiser marker so that
             # save_pretrained writes a plain safetensors checkpoint.
             model.hf_quantizer = None
