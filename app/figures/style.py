@@ -53,6 +53,7 @@ def _finish(fig: go.Figure, title: str | None, height: int, **layout) -> go.Figu
 
 
 PRESENTER_SCALE = 1.4  # presenter mode: every text of a figure this much larger (never smaller)
+PRESENTER_TITLE_CHARS = 34  # characters per title line at that size
 
 
 def presenter_figure(fig: go.Figure, scale: float = PRESENTER_SCALE) -> go.Figure:
@@ -69,7 +70,9 @@ def presenter_figure(fig: go.Figure, scale: float = PRESENTER_SCALE) -> go.Figur
     out.update_layout(font=bigger(lay.font, 12))
     raw = (lay.title.text or "").replace("<br>", " ") if lay.title else ""
     if raw:
-        lines = textwrap.wrap(raw, int(TITLE_CHARS / scale), break_long_words=False, break_on_hyphens=False) or [raw]
+        # TITLE_CHARS fits a half-page column at the normal size; larger letters in a column that may be narrower
+        # (Per-token KL's chart takes 3/5 of the page) fit about this many
+        lines = textwrap.wrap(raw, PRESENTER_TITLE_CHARS, break_long_words=False, break_on_hyphens=False) or [raw]
         old_top = lay.margin.t if lay.margin and lay.margin.t is not None else MODEBAR_BAND + 34
         top = MODEBAR_BAND + 12 + int(22 * scale) * len(lines)
         height = (lay.height or 450) + max(0, top - old_top)
