@@ -197,6 +197,7 @@ request = CompareRequest(tuple(f.name for f in chosen), state.corpus_spec(), int
 key = request_key(request, teacher.model_id, teacher.weights_hash,
                   {f.name: str(f.config.get("weights_sha256")) for f in chosen})
 spans = sorted({f.span for f in chosen})
+st.session_state["compare_request"] = request
 saved = saved_comparison(key)
 if saved is None:
     evaluation_job(request, key, len(spans))
