@@ -103,6 +103,31 @@ def job_progress(job) -> tuple[float | None, str]:
     return None, "starting (loading the model and the data)"
 
 
+def running_job(kind: str, label: str):
+    """The running (or stopping) job of ``kind`` with ``label``, any session's, or None."""
+    from lft_core.run.jobs import list_jobs
+
+    return next((j for j in list_jobs(kind) if j.label == label and j.status in ("running", "stopping")), None)
+
+
+def watch_job(job_id: str, what: str, note: str = "") -> None:
+    """A fragment that redraws ``job_id``'s progress bar (``what: <its progress line>``) every 2 s and reruns the
+    page when the job has ended (the page then reads the job's saved result)."""
+    from lft_core.run.jobs import read_job
+
+    @st.fragment(run_every=2)
+    def watch() -> None:
+        job = read_job(job_id)
+        if job.status not in ("running", "stopping"):
+            st.rerun(scope="app")
+        fraction, line = job_progress(job)
+        st.progress(fraction or 0.0, text=f"{what}: {line}")
+        if note:
+            st.caption(note)
+
+    watch()
+
+
 def fmt_seconds(seconds: float | None) -> str:
     """``42 s``, ``3 min 05 s``, ``1 h 02 min``; ``?`` for an unknown time."""
     if seconds is None:

@@ -211,6 +211,14 @@ def _params(at: AppTest) -> dict:
     return {k: (v[0] if isinstance(v, list) else v) for k, v in at.query_params.items()}
 
 
+def open_link(params: dict, page: str) -> AppTest:
+    """A fresh session opening a link with ``params`` on ``page`` (the frame runs first, as in a browser)."""
+    fresh = start(query=params)
+    go(fresh, page)
+    clean(fresh)
+    return fresh
+
+
 def test_per_token_kl_skips_a_quarter_of_the_chosen_flows_span(tiny_flow):
     """Span 5:25 chosen, the only flow replaces 2:4: the default skip follows the flow (1 block from 2), not the
     chosen span (5 blocks)."""
@@ -233,13 +241,7 @@ def test_a_per_token_kl_link_brings_back_every_number_in_a_fresh_session(tiny_fl
     first = {label: float(sum(v) / len(v)) for label, v in at.session_state["kl_result"].kl.items()}
     params = _params(at)
     assert params["skipk"] == "2" and params["affine"] == "true"
-    fresh = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
-    for key, value in SMALL.items():
-        fresh.session_state[key] = value
-    fresh.query_params.update(params)
-    fresh.run()
-    go(fresh, "kl")
-    clean(fresh)
+    fresh = open_link(params, "kl")
     again = {label: float(sum(v) / len(v)) for label, v in fresh.session_state["kl_result"].kl.items()}
     assert again == pytest.approx(first) and any(label.startswith("skip 2 blocks") for label in again)
 
@@ -252,11 +254,5 @@ def test_a_trajectories_link_keeps_start_every_token_at_0(tiny_flow):
     at = at.checkbox(key="w_traj_centre").set_value(not before).run()
     params = _params(at)
     assert params["centre"] == str(not before).lower()
-    fresh = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
-    for key, value in SMALL.items():
-        fresh.session_state[key] = value
-    fresh.query_params.update(params)
-    fresh.run()
-    go(fresh, "trajectories")
-    clean(fresh)
+    fresh = open_link(params, "trajectories")
     assert fresh.checkbox(key="w_traj_centre").value is (not before)

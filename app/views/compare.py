@@ -14,7 +14,7 @@ from lft_core.analysis.baselines import fitted_baselines
 from lft_core import zoo
 from lft_core.analysis.compare_eval import CompareRequest, request_key, saved_comparison
 from lft_core.errors import LFTError
-from lft_core.run.jobs import list_jobs, read_job, start_job
+from lft_core.run.jobs import list_jobs, start_job
 from lft_core.span import Span
 
 X_CHOICES = {"training step": "step", "wall time (s)": "seconds"}
@@ -138,8 +138,8 @@ def evaluation_job(request: CompareRequest, key: str, n_spans: int) -> None:
     """No saved result for this request: its job's progress when one runs (any session), else what it will
     evaluate and the button that starts it in the background."""
     label = f"compare {key}"
-    running = [j for j in list_jobs("compare") if j.label == label and j.status in ("running", "stopping")]
-    if not running:
+    running = progress.running_job("compare", label)
+    if running is None:
         failed = [j for j in list_jobs("compare")[:5] if j.label == label and j.status == "failed"]
         if failed:
             st.error(f"The last evaluation of these settings failed: {failed[0].error_line() or failed[0].log_tail(3)}")
@@ -158,17 +158,8 @@ def evaluation_job(request: CompareRequest, key: str, n_spans: int) -> None:
                 return
             st.rerun()
         return
-
-    @st.fragment(run_every=2)
-    def watch() -> None:
-        job = read_job(running[0].id)
-        if job.status not in ("running", "stopping"):
-            st.rerun(scope="app")  # finished: the page reads the saved result
-        fraction, line = progress.job_progress(job)
-        st.progress(fraction or 0.0, text=f"Evaluating in the background: {line}")
-        st.caption("You can leave this page: the evaluation goes on and its result is saved.")
-
-    watch()
+    progress.watch_job(running.id, "Evaluating in the background",
+                       "You can leave this page: the evaluation goes on and its result is saved.")
 
 
 st.session_state.setdefault("w_cmp_windows", 4)

@@ -9,7 +9,7 @@ from app import engine, frame, pages, progress, state
 from app.figures.span import affine_heatmap, recoupling_heatmap, skip_kl_bars
 from lft_core.analysis.compare_eval import read_skip_grid, skip_grid_path
 from lft_core.errors import LFTError
-from lft_core.run.jobs import list_jobs, read_job, start_job
+from lft_core.run.jobs import start_job
 from lft_core.span import grid_frame, lowest_of_length
 
 frame.page_intro(
@@ -164,17 +164,9 @@ with engine.engine_errors():
 grid = read_skip_grid(grid_path)
 if grid is None:
     label = f"skip-k grid {grid_path.stem}"
-    running = [j for j in list_jobs("compare") if j.label == label and j.status in ("running", "stopping")]
-    if running:
-        @st.fragment(run_every=2)
-        def watch() -> None:
-            job = read_job(running[0].id)
-            if job.status not in ("running", "stopping"):
-                st.rerun(scope="app")
-            fraction, line = progress.job_progress(job)
-            st.progress(fraction or 0.0, text=f"Skip-k at every position, in the background: {line}")
-
-        watch()
+    running = progress.running_job("compare", label)
+    if running is not None:
+        progress.watch_job(running.id, "Skip-k at every position, in the background")
     elif st.button("Compute skip-k KL for k = 1, 2, 3 at every position (once, in the background)",
                    key="skip_button"):
         try:
