@@ -15,6 +15,7 @@ already exported with the same recipe is skipped. CUDA when present (bf16 autoca
 
     python scripts/train_zoo.py --which high --steps 800 --distill-steps 400     # the CPU run of this task
     python scripts/train_zoo.py --budget gpu --curve                              # a GPU machine: everything
+    python scripts/train_zoo.py --fits-only                  # only the shipped flows' affine fits (zoo/baselines)
 """
 from __future__ import annotations
 
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-curve", action="store_true",
                    help="do not re-measure the zoo's curve (lft_core/zoo/curve.json) after training")
     p.add_argument("--curve-only", action="store_true", help="only re-measure the zoo's curve of the shipped flows")
+    p.add_argument("--fits-only", action="store_true",
+                   help="only fit the shipped flows' fitted baselines (affine) into lft_core/zoo/baselines")
     a = p.parse_args(argv)
 
     from lft_core.flow.config import TrainConfig
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                                          if v is not None}}
     code = commit()  # the code that trains: read once, before training (the tree may change while it runs)
     teacher = load_teacher(a.model, device=a.device)
-    todo = [] if a.curve_only else plan(teacher, which, a.curve)
+    todo = [] if a.curve_only or a.fits_only else plan(teacher, which, a.curve)
     only = {n.strip() for n in a.only.split(",")} if a.only else None
     for method, span, why in todo:
         name = zoo_name(method, span)
@@ -176,7 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         h = provenance["heldout"]
         print(f"{name}: exported ({time.time() - t0:.0f} s here); held-out KL {h['kl']:.4f}, NMSE {h['nmse']:.4f}, "
               f"PPL {h['ppl']:.3f} (teacher {h['teacher_ppl']:.3f})", file=sys.stderr)
-    if not (a.dry_run or a.no_curve):
+    if not a.dry_run:
+        from lft_core.zoo import ship_fits
+
+        for path in ship_fits(teacher):
+            print(f"shipped fit {path.relative_to(ROOT)}", file=sys.stderr)
+    if not (a.dry_run or a.no_curve or a.fits_only):
         write_curve(teacher, code)
     return 0
 

@@ -259,3 +259,68 @@ def test_affine_grid_drops_massive_activations():
     grid = affine_grid(lambda i: train[i], lambda i: held[i], L)
     assert grid.massive_dropped == 15 + 3 and grid.tokens == 30 * 8 - 15
     assert grid.matrix[0, L] < 1e-3, grid.matrix
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fits kept on disk
+
+
+def test_a_fit_is_kept_read_back_and_refitted_when_damaged(tiny_neox):
+    from lft_core.analysis.baselines import FitData, fit_file, fit_key, prepare, slow_fit, stored_fit
+
+    data = FitData("english", 24, 5, 2)  # windows no other test caches
+    span = (1, 3)
+    assert stored_fit("affine", tiny_neox, span, data) is None
+    assert slow_fit("affine", tiny_neox, span, data)  # the hidden states are not cached: a job on a real model
+    first = prepare("affine", tiny_neox, span, data, progress=False)
+    path = fit_file(fit_key("affine", tiny_neox, span, data))
+    assert path.is_file() and not slow_fit("affine", tiny_neox, span, data)
+    again = stored_fit("affine", tiny_neox, span, data)
+    for name in ("weight", "bias", "mu", "sigma"):
+        assert torch.equal(again.replacement.get_buffer(name), first.replacement.get_buffer(name))
+    assert again.replacement.ridge == first.replacement.ridge
+    assert again.replacement.heldout_nmse == first.replacement.heldout_nmse
+    path.write_bytes(path.read_bytes()[:100])  # a torn file reads as no fit, and the next use fits again
+    assert stored_fit("affine", tiny_neox, span, data) is None
+    refit = prepare("affine", tiny_neox, span, data, progress=False)
+    assert torch.equal(refit.replacement.weight, first.replacement.weight)
+    assert stored_fit("affine", tiny_neox, span, data) is not None
+
+
+def test_the_fit_key_names_everything_the_fit_depends_on(tiny_neox):
+    from lft_core.analysis.baselines import FitData, fit_key
+
+    data = FitData("english", 24, 5, 2)
+    keys = {fit_key("affine", tiny_neox, (1, 3), data), fit_key("affine", tiny_neox, (0, 3), data),
+            fit_key("affine", tiny_neox, (1, 3), FitData("english", 24, 6, 2)),
+            fit_key("affine", tiny_neox, (1, 3), FitData("english", 16, 5, 2)),
+            fit_key("affine", tiny_neox, (1, 3), FitData("english", 24, 5, 2, sink_weight=1.0)),
+            fit_key("affine", tiny_neox, (1, 3), FitData("builtin", 24, 5, 2))}
+    assert len(keys) == 6 and fit_key("affine", tiny_neox, (1, 3), data).startswith("affine-1-3-")
+
+
+def test_cli_fit_only_keeps_the_fit_and_evaluates_nothing(tiny_neox, tiny_neox_dir, tmp_path, capsys):
+    from lft_core.analysis.baselines import FitData, stored_fit
+
+    out = tmp_path / "f.json"
+    rc = main(["baselines", "--model", str(tiny_neox_dir), "--span", "0:2", "--baselines", "affine", "--fit-only",
+               "--corpus", "english", "--seq-len", "24", "--fit-windows", "4", "--heldout-windows", "2",
+               "--sink-weight", "3", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    data = json.loads(out.read_text())
+    assert data["span"] == [0, 2] and "rows" not in data
+    fit = data["fits"]["affine"]
+    assert fit["key"].startswith("affine-0-2-") and fit["heldout_nmse"] > 0
+    kept = stored_fit("affine", tiny_neox, (0, 2), FitData("english", 24, 4, 2, 3.0))
+    assert kept is not None and kept.replacement.ridge == fit["ridge"]
+    assert stored_fit("affine", tiny_neox, (0, 2), FitData("english", 24, 4, 2)) is None  # another sink weight
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["baselines", "--spans", "all", "--fit-only"], "--fit-only goes with --span"),
+    (["baselines", "--span", "1:3", "--fit-only", "--baselines", "skip"], "none of skip is fitted"),
+])
+def test_cli_fit_only_bad_input(argv, match, capsys):
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err.strip().splitlines()[-1] and "Traceback" not in err

@@ -248,3 +248,37 @@ def test_each_shipped_flow_reproduces_its_recorded_heldout_kl(smol, monkeypatch)
         again = heldout_metrics(smol, f.dir, h["corpus"], h["seq_len"], h["windows"])
         assert round(again["kl"], 3) == round(h["kl"], 3), (f.name, again["kl"], h["kl"])
         assert abs(again["nmse"] - h["nmse"]) < 5e-4
+
+
+def test_the_zoo_ships_the_affine_fit_of_each_flow_span(smol, monkeypatch):
+    """A page that puts the affine baseline beside a shipped flow reads the zoo's fit: nothing is fitted or cached
+    first (the fit on the flow's 1,024 training windows would cache them first)."""
+    from lft_core.analysis.baselines import SHIPPED_FITS, FitData, fit_key, slow_fit, stored_fit
+    from lft_core.zoo import shipped_flows
+
+    monkeypatch.delenv("LFT_ZOO_DIR", raising=False)
+    keys = set()
+    for f in shipped_flows():
+        data = FitData.of_flow(f.config)
+        key = fit_key("affine", smol, f.span, data)
+        assert (SHIPPED_FITS / f"{key}.safetensors").is_file(), f.name
+        got = stored_fit("affine", smol, f.span, data)
+        assert got is not None and tuple(got.replacement.span) == f.span and 0 < got.replacement.heldout_nmse < 1
+        assert not slow_fit("affine", smol, f.span, data)
+        keys.add(key)
+    assert {p.stem for p in SHIPPED_FITS.glob("*.safetensors")} == keys  # no stale fit ships
+
+
+@pytest.mark.slow
+def test_each_shipped_affine_fit_is_what_a_fit_here_gives(smol, monkeypatch):
+    import torch
+
+    from lft_core.analysis.baselines import FitData, get_baseline, stored_fit
+    from lft_core.zoo import shipped_flows
+
+    monkeypatch.delenv("LFT_ZOO_DIR", raising=False)
+    for f in shipped_flows():
+        data = FitData.of_flow(f.config)
+        here = get_baseline("affine").fit(smol, f.span, data, progress=False)
+        shipped = stored_fit("affine", smol, f.span, data).replacement
+        assert torch.allclose(here.weight, shipped.weight, atol=1e-5) and here.ridge == shipped.ridge

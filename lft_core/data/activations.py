@@ -188,6 +188,15 @@ def delete_entry(key: str, root: Path | None = None) -> None:
         shutil.rmtree(root / key, ignore_errors=True)
 
 
+def cached_layers(teacher, corpus: Corpus, seq_len: int, n_windows: int, split: str = "train",
+                  root: Path | None = None) -> list[int]:
+    """The layers the cache entry of these windows lists (its meta.json; not validated: a quick look to tell
+    whether ``ensure_activations`` would have to compute anything)."""
+    key = cache_key(teacher.model_id, teacher.weights_hash, corpus.id, corpus.content_hash, seq_len, n_windows, split)
+    meta = _read_meta((root or cache_dir("activations")) / key)
+    return list(meta.get("layers", [])) if meta else []
+
+
 def ensure_activations(
     teacher,
     corpus: Corpus,

@@ -234,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     a_.add_argument("--seq-len", type=_positive, default=128)
     a_.add_argument("--fit-windows", type=_positive, default=256, help="training windows the affine map is fitted on")
     a_.add_argument("--heldout-windows", type=_positive, default=16, help="held-out windows that choose the ridge")
+    a_.add_argument("--sink-weight", type=float, default=None,
+                    help="weight of each window's first token in the fit (default: seq_len / 2, the flows' rule)")
+    a_.add_argument("--fit-only", action="store_true",
+                    help="--span: fit the fitted baselines (kept in cache/baselines for every later use), evaluate "
+                         "nothing")
     a_.add_argument("--grid-windows", type=_positive, default=16,
                     help="--spans: training windows of the all-layer cache (the recoupling grid's)")
     a_.add_argument("--grid-heldout-windows", type=_positive, default=4, help="--spans: held-out windows scored")

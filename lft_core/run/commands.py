@@ -206,6 +206,34 @@ def cmd_eval(a: argparse.Namespace) -> dict:
     return {**result.to_json(), "flow_source": flow_source}
 
 
+def _fit_baselines(a: argparse.Namespace) -> dict:
+    """``baselines --span M:N --fit-only``: fit the fitted baselines of the span and keep them (the app's background
+    fit); the JSON names each fit, where it is kept and what it chose."""
+    from lft_core.analysis.baselines import BASELINES, FitData, fit_file, fit_key, get_baseline, prepare
+
+    if a.span is None:
+        raise LFTError("--fit-only goes with --span M:N")
+    if a.text:
+        raise LFTError("--fit-only evaluates nothing: leave out --text")
+    names = [n for n in (a.baselines or list(BASELINES)) if get_baseline(n).fitted]
+    if not names:
+        raise LFTError(f"--fit-only: none of {', '.join(a.baselines)} is fitted (fitted baselines: "
+                       f"{', '.join(b for b in BASELINES if get_baseline(b).fitted)})")
+    teacher = _teacher(a)
+    span = teacher.check_span(*a.span)
+    data = FitData(a.corpus, a.seq_len, a.fit_windows, a.heldout_windows, a.sink_weight)
+    fits = {}
+    for name in names:
+        t0 = time.perf_counter()
+        p = prepare(name, teacher, span, data)
+        summary = p.baseline.fit_summary(p.replacement)
+        key = fit_key(name, teacher, span, data)
+        fits[name] = {"key": key, "file": str(fit_file(key)), "seconds": round(time.perf_counter() - t0, 3), **summary}
+        print(f"{name} fit of {span}: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()
+                                                     if isinstance(v, (int, float))), file=sys.stderr)
+    return {"span": list(span), "model_id": teacher.model_id, "fits": fits}
+
+
 def cmd_baselines(a: argparse.Namespace) -> dict:
     if (a.span is None) == (a.spans is None):
         raise LFTError("give either --span M:N (baselines of one span) or --spans all (the affine grid)")
@@ -214,6 +242,8 @@ def cmd_baselines(a: argparse.Namespace) -> dict:
     for k in a.skip:
         if k < 1:
             raise LFTError(f"--skip values must be at least 1, got {k}")
+    if a.fit_only:
+        return _fit_baselines(a)
     if not a.skip and (not a.baselines or "skip" in a.baselines):
         raise LFTError("--skip '' leaves the skip baseline nothing to evaluate: give at least one k (e.g. --skip 1) "
                        "or leave skip out of --baselines")
@@ -229,7 +259,7 @@ def cmd_baselines(a: argparse.Namespace) -> dict:
     from lft_core.analysis.evaluation import eval_windows, evaluate
 
     span = teacher.check_span(*a.span)
-    data = FitData(a.corpus, a.seq_len, a.fit_windows, a.heldout_windows)
+    data = FitData(a.corpus, a.seq_len, a.fit_windows, a.heldout_windows, a.sink_weight)
     t0 = time.perf_counter()
     prepared, fit = [], {"windows": a.fit_windows, "heldout_windows": a.heldout_windows, "seq_len": a.seq_len,
                          "corpus": a.corpus}

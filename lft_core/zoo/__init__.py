@@ -12,7 +12,9 @@ hash, the commit of the code) and its held-out metrics, measured on the shipped 
 * ``provenance_of(folder)``: the provenance a store folder carries when it is an installed shipped flow;
 * ``copy_flow(src, dest)``: a saved flow copied under a new name with a fresh optimiser state, so ``train --resume``
   trains it further;
-* ``export_flow(...)``: write a trained flow into the zoo (``scripts/train_zoo.py``).
+* ``export_flow(...)``: write a trained flow into the zoo (``scripts/train_zoo.py``);
+* ``ship_fits(teacher)``: the fitted baselines (affine) of the shipped flows' spans, on each flow's own training
+  data, written into ``lft_core/zoo/baselines`` so that a page comparing with them never fits first.
 """
 from __future__ import annotations
 
@@ -265,6 +267,28 @@ def export_flow(src: Path, name: str, provenance: dict, dtype: str = "float16", 
 # ---------------------------------------------------------------------------------------------------------
 # The zoo's curve: the paper's plot (KL against blocks replaced or removed) for the shipped flows, measured once
 # by the zoo script and shipped beside them (``curve.json``), so Compare draws it without any evaluation.
+
+def ship_fits(teacher: Teacher) -> list[Path]:
+    """Fit every kept baseline (``baselines.keeps_fits``) of each shipped flow of ``teacher`` on the flow's own
+    training data and copy the fit into the zoo's fits (``baselines.SHIPPED_FITS``); returns the files."""
+    from lft_core.analysis.baselines import SHIPPED_FITS, FitData, fit_file, fit_key, fitted_baselines, prepare
+    from lft_core.atomic import write_bytes
+
+    out = []
+    for flow in shipped_flows():
+        if flow.config.get("weights_hash") != teacher.weights_hash:
+            continue
+        data = FitData.of_flow(flow.config)
+        for baseline in (b for b in fitted_baselines() if b.keeps_fits):
+            prepare(baseline.name, teacher, flow.span, data)
+            key = fit_key(baseline.name, teacher, flow.span, data)
+            target = SHIPPED_FITS / f"{key}.safetensors"
+            if target not in out:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write_bytes(target, fit_file(key).read_bytes())
+                out.append(target)
+    return out
+
 
 CURVE_FILE = "curve.json"
 CURVE_WINDOWS = 32
