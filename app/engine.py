@@ -12,11 +12,12 @@ from typing import Iterator
 import streamlit as st
 
 from app import pages
-from app.progress import with_progress
+from app.progress import watch_job, with_progress
 from app.state import corpus_spec, current_span, model_spec, seq_len
-from lft_core.analysis.baselines import FitData, Prepared, prepare
+from lft_core.analysis.baselines import FitData, Prepared, fit_key, prepare, slow_fit
 from lft_core.errors import LFTError
 from lft_core.model.loading import load_teacher
+from lft_core.run.jobs import list_jobs, running_job, start_unique_job
 from lft_core.span import Span
 from lft_core.flow.store import SavedFlow
 from lft_core.model.teacher import Teacher
@@ -127,13 +128,43 @@ def load_baseline(name: str, spec: str, span: Span, data: FitData) -> Prepared:
     return prepare(name, get_teacher(spec), span, data, progress=False)
 
 
-def get_baseline(name: str, span: Span, flow_config: dict | None = None) -> Prepared:
-    """The baseline ``name`` of ``span`` for the current model, fitted once, with a progress bar that says on
-    what."""
-    data = fit_data(flow_config)
+def get_baseline(name: str, span: Span, flow_config: dict | None = None) -> Prepared | None:
+    """The baseline ``name`` of ``span`` for the current model: its kept fit, or fitted here when that takes
+    seconds (the hidden states it needs are cached), with a progress bar that says on what. None when the fit
+    must first compute hidden states (tens of seconds or more): it then runs in a background job (any session's),
+    whose progress is shown here."""
+    data, spec, span = fit_data(flow_config), model_spec(), Span.of(span)
+    if slow_fit(name, get_teacher(spec), span, data):
+        fit_in_background(name, spec, span, data)
+        return None
     return with_progress(f"Fitting the {name} baseline of span {span} on {data.windows} windows × {data.seq_len} "
-                         "tokens (caching their hidden states first if needed)", f"{name} {data.windows}x{data.seq_len}",
-                         load_baseline, name, model_spec(), Span.of(span), data)
+                         "tokens", f"{name} {data.windows}x{data.seq_len}", load_baseline, name, spec, span, data)
+
+
+def fit_in_background(name: str, spec: str, span: Span, data: FitData) -> None:
+    """The background fit of baseline ``name`` (``baselines --fit-only``): started once for all sessions, its
+    progress shown until it is kept; a failed one is shown with its error and a button to try again."""
+    label = f"fit {fit_key(name, get_teacher(spec), span, data)}"
+    job = running_job("baselines", label)
+    if job is None:
+        last = next((j for j in list_jobs("baselines") if j.label == label), None)
+        if last is not None and last.status == "failed" and not st.session_state.get(f"_retry_{label}"):
+            st.error(f"Fitting the {name} baseline of span {span} failed: {last.error_line() or last.log_tail(3)}")
+            if st.button(f"Try the {name} fit again", key=f"retry_{label}"):
+                st.session_state[f"_retry_{label}"] = True
+                st.rerun()
+            return
+        st.session_state.pop(f"_retry_{label}", None)
+        try:
+            job = start_unique_job("baselines", ["--model", spec, "--span", f"{span.m}:{span.n}", "--baselines", name,
+                                                 "--fit-only", *data.cli_args()], label)
+        except LFTError as e:
+            st.error(str(e))
+            return
+    watch_job(job.id, f"Fitting the {name} baseline of span {span} in the background",
+              f"It first caches the hidden states of the {data.windows} windows × {data.seq_len} tokens it is fitted "
+              "on (about 45 s for 1,024 windows on 2 CPU cores); the page adds it when the fit is done, and every "
+              "later use reads the kept fit. The rest of the page does not wait.")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -103,13 +103,6 @@ def job_progress(job) -> tuple[float | None, str]:
     return None, "starting (loading the model and the data)"
 
 
-def running_job(kind: str, label: str):
-    """The running (or stopping) job of ``kind`` with ``label``, any session's, or None."""
-    from lft_core.run.jobs import list_jobs
-
-    return next((j for j in list_jobs(kind) if j.label == label and j.status in ("running", "stopping")), None)
-
-
 def watch_job(job_id: str, what: str, note: str = "") -> None:
     """A fragment that redraws ``job_id``'s progress bar (``what: <its progress line>``) every 2 s and reruns the
     page when the job has ended (the page then reads the job's saved result)."""

@@ -47,9 +47,73 @@ def test_the_start_page_marks_the_demos_steps_done(tiny_flow, monkeypatch):
              or m.value == ":material/radio_button_unchecked:"]
     assert sum("done" in m for m in marks[:3]) == 3 and not any("next" in m for m in marks[:3]), marks
     assert any("Steps 1–3 were done for you by the demo" in c.value for c in at.caption)
+    footer = [link.label for link in at.get("page_link") if link.label.startswith("Next:")]
+    assert footer == ["Next: look at the latent trajectories"], footer  # step 4, not step 1
 
 
 def test_crossings_says_why_its_r_differs_from_the_span_pages(tiny_flow):
     at = open_page("crossings", {"span": TINY_SPAN})
     assert_clean(at)
     assert any("R here is measured on these" in c.value for c in at.caption)
+
+
+def test_an_affine_fit_that_must_cache_hidden_states_runs_in_the_background(tiny_flow, smol, monkeypatch):
+    """The affine toggle on Per-token KL when the fit would first cache hidden states: the page starts one
+    background fit (shown with its progress), shows the other models at once, and adds the affine row when the
+    kept fit is there."""
+    from lft_core.analysis import baselines
+    from lft_core.analysis.baselines import FitData, fit_file, fit_key
+    from lft_core.run.jobs import list_jobs
+    from test_app_pages import wait_for_jobs
+
+    data = FitData.of_flow(tiny_flow)
+    key = fit_key("affine", smol, TINY_SPAN, data)
+    fit_file(key).unlink(missing_ok=True)  # another test may have kept this fit
+    monkeypatch.setattr(baselines.AffineBaseline, "slow_fit", lambda self, teacher, span, data: True)
+    at = open_page("kl", {"span": TINY_SPAN}, query={"affine": "true"})
+    assert_clean(at)
+    assert at.toggle(key="w_kl_affine").value is True
+    assert "affine" not in at.session_state["kl_result"].kl  # the page did not wait for the fit
+    jobs = [j for j in list_jobs("baselines") if j.label == f"fit {key}"]
+    assert len(jobs) == 1 and "--fit-only" in jobs[0].args and "2:4" in jobs[0].args
+    bars = [p.proto.text for p in at.get("progress")]
+    assert any("Fitting the affine baseline of span 2:4 in the background" in t for t in bars), bars
+    wait_for_jobs("baselines", 180)
+    assert fit_file(key).is_file()
+    at.run()
+    assert_clean(at)
+    assert "affine" in at.session_state["kl_result"].kl
+    assert len([j for j in list_jobs("baselines") if j.label == f"fit {key}"]) == 1  # the kept fit is read
+
+
+def test_a_failed_background_fit_is_shown_with_its_error_and_a_button_to_try_again(tiny_flow, smol, monkeypatch):
+    import shutil
+
+    from lft_core.analysis import baselines
+    from lft_core.analysis.baselines import FitData, fit_file, fit_key
+    from lft_core.atomic import write_json
+    from lft_core.run import jobs
+
+    key = fit_key("affine", smol, TINY_SPAN, FitData.of_flow(tiny_flow))
+    fit_file(key).unlink(missing_ok=True)
+    monkeypatch.setattr(baselines.AffineBaseline, "slow_fit", lambda self, teacher, span, data: True)
+    failed = jobs.jobs_dir() / "29990101-000000-failed"  # the newest job: a fit of this span that failed
+    failed.mkdir(parents=True)
+    write_json(failed / "job.json", {"id": failed.name, "kind": "baselines", "label": f"fit {key}",
+                                     "args": ["baselines", "--fit-only"], "created": "2999-01-01T00:00:00+00:00",
+                                     "pid": None})
+    (failed / "log.txt").write_text("error: the disk is full\n")
+    (failed / "exit_code").write_text("2")
+    started = []
+    monkeypatch.setattr(jobs, "start_job", lambda kind, args, label="": started.append(label) or jobs.read_job(
+        failed.name))
+    try:
+        at = open_page("kl", {"span": TINY_SPAN}, query={"affine": "true"})
+        assert not at.exception
+        assert any("Fitting the affine baseline of span 2:4 failed: the disk is full" in e.value for e in at.error)
+        assert not started  # a failed fit is not started again on its own, at every rerun
+        assert "affine" not in at.session_state["kl_result"].kl  # the rest of the page is there
+        next(b for b in at.button if b.label == "Try the affine fit again").click().run()
+        assert started == [f"fit {key}"]
+    finally:
+        shutil.rmtree(failed, ignore_errors=True)

@@ -73,3 +73,41 @@ def test_surgery_is_per_thread_and_nests(tiny_neox):
     assert torch.equal(skipped, teacher.logits(ids, Skip(0, 2)))
     assert torch.equal(nested, teacher.logits(ids, Skip(0, 3)))
     assert torch.equal(teacher.logits(ids), plain)
+
+
+def test_ten_sessions_asking_for_the_same_background_work_start_it_once(monkeypatch):
+    """``start_unique_job`` under one lock: the same (kind, label) asked by ten threads at once starts one job;
+    another label starts its own."""
+    import os
+    import shutil
+
+    from lft_core.atomic import write_json
+    from lft_core.run import jobs
+
+    started = []
+
+    def fake_start(kind, args, label=""):  # a job "running" as this process, so it stays running
+        job_id = f"test-unique-{len(started)}-{threading.get_ident()}"
+        started.append(job_id)
+        d = jobs.jobs_dir() / job_id
+        d.mkdir(parents=True)
+        write_json(d / "job.json", {"id": job_id, "kind": kind, "label": label, "args": [kind, *args],
+                                    "created": "2026-01-01T00:00:00+00:00", "pid": os.getpid()})
+        return jobs.read_job(job_id)
+
+    monkeypatch.setattr(jobs, "start_job", fake_start)
+    got = []
+    try:
+        threads = [threading.Thread(target=lambda: got.append(jobs.start_unique_job("baselines", ["x"], "fit same")))
+                   for _ in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(started) == 1 and {j.id for j in got} == {started[0]}
+        assert jobs.running_job("baselines", "fit same").id == started[0]
+        other = jobs.start_unique_job("baselines", ["y"], "fit other")
+        assert len(started) == 2 and other.id == started[1] and other.status == "running"
+    finally:
+        for job_id in started:
+            shutil.rmtree(jobs.jobs_dir() / job_id, ignore_errors=True)

@@ -14,7 +14,7 @@ from lft_core.analysis.baselines import fitted_baselines
 from lft_core import zoo
 from lft_core.analysis.compare_eval import CompareRequest, request_key, saved_comparison
 from lft_core.errors import LFTError
-from lft_core.run.jobs import list_jobs, start_job
+from lft_core.run.jobs import list_jobs, running_job, start_unique_job
 from lft_core.span import Span
 
 X_CHOICES = {"training step": "step", "wall time (s)": "seconds"}
@@ -138,7 +138,7 @@ def evaluation_job(request: CompareRequest, key: str, n_spans: int) -> None:
     """No saved result for this request: its job's progress when one runs (any session), else what it will
     evaluate and the button that starts it in the background."""
     label = f"compare {key}"
-    running = progress.running_job("compare", label)
+    running = running_job("compare", label)
     if running is None:
         failed = [j for j in list_jobs("compare")[:5] if j.label == label and j.status == "failed"]
         if failed:
@@ -151,7 +151,7 @@ def evaluation_job(request: CompareRequest, key: str, n_spans: int) -> None:
                      "background: leave the page and come back, the result is saved.")
         if st.button(f"Evaluate {len(request.flows)} flow(s)", type="primary", key="cmp_eval"):
             try:
-                job = start_job("compare", ["--model", state.model_spec(), *request.cli_args()], label=label)
+                job = start_unique_job("compare", ["--model", state.model_spec(), *request.cli_args()], label)
                 st.session_state["cmp_job"] = job.id
             except LFTError as e:
                 st.error(str(e))

@@ -65,8 +65,9 @@ with st.form("kl_form"):
                                  persist_state=state.KEEP, help="Removed from the first block of the span.")
     use_fitted = [b.name for b, col in zip(FITTED, col_fitted)
                   if col.toggle(b.name, key=f"w_kl_{b.name}", persist_state=state.KEEP,
-                                help=f"Also compare with the {b.label} of the span ({b.help}; the first time: "
-                                     "seconds to a minute).")]
+                                help=f"Also compare with the {b.label} of the span ({b.help}; fitted once and "
+                                     "kept: the first fit takes seconds, or longer in the background when the "
+                                     "hidden states it needs are not cached yet).")]
     st.form_submit_button("Compute KL", type="primary")
 state.link_flows([flow_choice] if flow_choice in by_name else [])
 
@@ -107,10 +108,12 @@ def kl_for_text(spec: str, text: str, flow_key: tuple[str, float] | None, k: int
 
 
 flow_key = engine.flow_key(flow_cfg)
+ready: list[str] = []  # fitted (or kept) now; a fit that must cache hidden states runs in the background meanwhile
 for name in use_fitted:
-    with engine.engine_errors():  # fitted here, with its progress bar
-        engine.get_baseline(name, Span(m, n), flow_cfg.config if flow_cfg else None)
-baseline_keys = tuple((name, Span(m, n), engine.fit_data(flow_cfg.config if flow_cfg else None)) for name in use_fitted)
+    with engine.engine_errors():
+        if engine.get_baseline(name, Span(m, n), flow_cfg.config if flow_cfg else None) is not None:
+            ready.append(name)
+baseline_keys = tuple((name, Span(m, n), engine.fit_data(flow_cfg.config if flow_cfg else None)) for name in ready)
 with engine.engine_errors():
     result = progress.with_progress("Running the teacher and the models compared", "kl text", kl_for_text,
                                     state.model_spec(), text, flow_key, int(k), m, int(skip_k) if use_skip else None,

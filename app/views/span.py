@@ -9,7 +9,7 @@ from app import engine, frame, pages, progress, state
 from app.figures.span import affine_heatmap, recoupling_heatmap, skip_kl_bars
 from lft_core.analysis.compare_eval import read_skip_grid, skip_grid_path
 from lft_core.errors import LFTError
-from lft_core.run.jobs import start_job
+from lft_core.run.jobs import running_job, start_unique_job
 from lft_core.span import grid_frame, lowest_of_length
 
 frame.page_intro(
@@ -164,15 +164,15 @@ with engine.engine_errors():
 grid = read_skip_grid(grid_path)
 if grid is None:
     label = f"skip-k grid {grid_path.stem}"
-    running = progress.running_job("compare", label)
+    running = running_job("compare", label)
     if running is not None:
         progress.watch_job(running.id, "Skip-k at every position, in the background")
     elif st.button("Compute skip-k KL for k = 1, 2, 3 at every position (once, in the background)",
                    key="skip_button"):
         try:
-            start_job("compare", ["--skip-only", "--model", state.model_spec(), "--corpus", state.corpus_spec(),
-                                  "--windows", str(SKIP_EVAL_WINDOWS), "--seq-len", str(seq), "--skip-max", "3"],
-                      label=label)
+            start_unique_job("compare", ["--skip-only", "--model", state.model_spec(), "--corpus", state.corpus_spec(),
+                                         "--windows", str(SKIP_EVAL_WINDOWS), "--seq-len", str(seq), "--skip-max", "3"],
+                             label)
         except LFTError as e:
             st.error(str(e))
         else:

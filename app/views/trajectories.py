@@ -123,10 +123,12 @@ def trajectories(spec: str, flow_keys: tuple[tuple[str, str, float], ...], text:
 flow_keys = tuple((label, *engine.flow_key(f)) for label, f in flow_names.items())
 first = next(iter(flow_names.values()), None)
 config = first.config if first is not None else None
+ready: list[str] = []  # fitted (or kept) now; a fit that takes minutes runs in the background meanwhile
 for name in with_baselines:
     with engine.engine_errors():
-        engine.get_baseline(name, span, config)  # fitted here, with its progress bar; cached for trajectories()
-baseline_keys = tuple((name, engine.fit_data(config)) for name in with_baselines)
+        if engine.get_baseline(name, span, config) is not None:  # cached for trajectories()
+            ready.append(name)
+baseline_keys = tuple((name, engine.fit_data(config)) for name in ready)
 with engine.engine_errors():
     df = progress.with_progress(f"Running the teacher and {len(flow_keys)} flow(s), projecting with {method}",
                                 f"trajectories {method} {len(positions)} tokens {len(flow_keys)} flows", trajectories,

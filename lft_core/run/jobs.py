@@ -32,7 +32,7 @@ from lft_core.atomic import DamagedRecord, read_record, write_json, write_text
 from lft_core.errors import LFTError
 from lft_core.paths import REPO_ROOT, cache_dir
 
-KINDS = ("cache", "train", "eval", "recoupling", "toy", "sweep", "demo", "compare")
+KINDS = ("cache", "train", "eval", "recoupling", "toy", "sweep", "demo", "compare", "baselines")
 INTERNAL_FLAGS = ("--json", "--progress-file", "--stop-file")
 """Flags ``start_job`` adds for the job's own files; ``Job.command`` leaves them out."""
 
@@ -108,6 +108,20 @@ def start_job(kind: str, cli_args: list[str], label: str = "") -> Job:
     meta["pid"] = proc.pid
     write_json(d / "job.json", meta)
     return read_job(job_id)
+
+
+def start_unique_job(kind: str, cli_args: list[str], label: str) -> Job:
+    """The running job of ``kind`` and ``label`` (any session's), or a new one started: under one lock, so ten
+    sessions asking for the same work at once start it once."""
+    from filelock import FileLock
+
+    with FileLock(str(jobs_dir() / ".start.lock")):
+        return running_job(kind, label) or start_job(kind, cli_args, label)
+
+
+def running_job(kind: str, label: str) -> Job | None:
+    """The running (or stopping) job of ``kind`` with ``label``, any session's, or None."""
+    return next((j for j in list_jobs(kind) if j.label == label and j.status in ("running", "stopping")), None)
 
 
 def _alive(pid: int | None) -> bool:
