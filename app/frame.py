@@ -69,11 +69,33 @@ def visited(page: pages.Page) -> None:
     st.session_state.setdefault("_visited", set()).add(page.title)
 
 
+def path_done(demo=None) -> list[bool]:
+    """For each step of ``pages.PATH``: done in this session or by the demo (``demo``: its status, read when not
+    given). The demo does steps 1-3 (cache, span, flows); the later steps are done once their page was opened."""
+    from app import state
+    from lft_core.data.activations import list_entries
+    from lft_core.flow.store import list_flows
+
+    demo = demo if demo is not None else state.demo_status()
+    demo_ready = demo is not None and demo.ready
+    visited = st.session_state.get("_visited", set())
+    cached = demo_ready or any(len((e["meta"] or {}).get("layers", [])) == ((e["meta"] or {}).get("n_layers", -2) + 1)
+                               for e in list_entries())
+    trained = demo_ready or any(f.status == "complete" for f in list_flows() if f.error is None)
+    chosen = demo_ready or SPAN in st.session_state or pages.SPAN.title in visited
+    return [cached, chosen, trained] + [page.title in visited for page in pages.PATH[3:]]
+
+
 def next_page_link(page: pages.Page) -> None:
-    """The frame, after every page: a link to the next page of the path."""
+    """The frame, under every page: a link to the next page of the path; under the start page, to the first step
+    not done yet (``path_done``)."""
     order = (pages.HOME,) + pages.PATH
-    if page in order and order.index(page) < len(pages.PATH):
+    target = None
+    if page == pages.HOME:
+        target = next((p for p, done in zip(pages.PATH, path_done()) if not done), None)
+    elif page in order and order.index(page) < len(pages.PATH):
         target = pages.PATH[order.index(page)]
+    if target is not None:
         st.divider()
         st.page_link(target.file, label=f"Next: {target.step[0].lower() + target.step[1:]}",
                      icon=":material/arrow_forward:")

@@ -10,11 +10,10 @@ import shlex
 
 import streamlit as st
 
-from app import pages, progress, state
-from lft_core.data.activations import list_entries
+from app import frame, pages, progress, state
 from lft_core.errors import LFTError
-from lft_core.run.jobs import list_jobs, start_job
 from lft_core.flow.store import list_flows
+from lft_core.run.jobs import list_jobs, start_job
 
 st.title("LFT Explorer")
 st.markdown(
@@ -85,13 +84,8 @@ demo_panel()
 
 # -- the path -------------------------------------------------------------------------------------------------
 st.subheader("The path through the pages")
-visited = st.session_state.get("_visited", set())
-entries = list_entries()
-cached = any(len((e["meta"] or {}).get("layers", [])) == ((e["meta"] or {}).get("n_layers", -2) + 1) for e in entries)
-trained = any(f.status == "complete" for f in list_flows() if f.error is None)
 demo_ready = demo is not None and demo.ready  # the demo does steps 1-3: cache, span, flows
-done = [cached or demo_ready, state.SPAN in st.session_state or pages.SPAN.title in visited or demo_ready,
-        trained or demo_ready] + [page.title in visited for page in pages.PATH[3:]]
+done = frame.path_done(demo)
 following = next((i for i, d in enumerate(done) if not d), None)
 for i, (page, is_done) in enumerate(zip(pages.PATH, done)):
     mark = ":green[:material/check_circle:] done" if is_done else (
