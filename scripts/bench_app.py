@@ -1,4 +1,6 @@
-"""Time the app's pages in AppTest (first run, then warm) and the per-token KL page on a ~200-token text.
+"""Time the app's pages in AppTest (first run, then warm), the per-token KL page on a ~200-token text, the
+affine baseline beside a flow (Per-token KL, Trajectories), and the background evaluations (Compare's default
+evaluation and Choose a span's skip-k grid, as the pages start them: ``python -m lft_core compare``).
 
     .venv/bin/python -m lft_core demo            # first: the demo's cache, grids and flows
     .venv/bin/python scripts/bench_app.py        # then: every page on the demo's story (its default view)
@@ -15,6 +17,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from lft_core.run.jobs import list_jobs  # noqa: E402
 
 PAGES = ["home", "setup", "span", "train", "trajectories", "crossings", "kl", "compare", "toy"]
 TEXT = ("The river flows quietly through the old town, past the market and the stone bridge. " * 12).strip()
@@ -48,6 +52,43 @@ def main() -> None:
     next(b for b in at.button if b.label.startswith("Compute")).click().run()
     print(f"\nKL page, text of {n_tokens} tokens: text -> coloured tokens "
           f"{time.perf_counter() - t:.2f} s; exception: {bool(at.exception)}")
+    background = [j.id for j in list_jobs("baselines")]
+    at.toggle(key="w_kl_affine").set_value(True)
+    t = time.perf_counter()
+    next(b for b in at.button if b.label.startswith("Compute")).click().run()
+    shown = "affine" in at.session_state["kl_result"].kl
+    print(f"KL page, the affine toggle on: {time.perf_counter() - t:.2f} s in the foreground; affine row shown: "
+          f"{shown}; background fits started: {len([j for j in list_jobs('baselines') if j.id not in background])}")
+    t = time.perf_counter()
+    _, at = run_page("trajectories", state)
+    at.checkbox(key="w_traj_affine").check().run()
+    print(f"Trajectories, the affine end point on: {time.perf_counter() - t:.2f} s (page and toggle); "
+          f"exception: {bool(at.exception)}")
+    background_evaluations()
+
+
+def background_evaluations() -> None:
+    """Compare's default evaluation and the span page's skip-k grid, run as the pages' jobs run them (a fresh
+    process each: model loading included), first with nothing saved, then read back."""
+    import subprocess
+
+    _, at = run_page("compare", {})
+    request = at.session_state["compare_request"]
+    spec = at.session_state.get("model_spec", "smollm2-135m")
+    commands = {
+        "skip-k grid (Choose a span's button: k = 1..3 at every position, 4 x 128 tokens)":
+            ["compare", "--skip-only", "--model", spec, "--corpus", request.corpus, "--windows", "4",
+             "--seq-len", "128", "--skip-max", "3"],
+        f"Compare's default evaluation ({len(request.flows)} flows, baselines {', '.join(request.baselines)}, "
+        "skip-k grid already saved)": ["compare", "--model", spec, *request.cli_args()],
+    }
+    for what, args in commands.items():
+        t = time.perf_counter()
+        run = subprocess.run([sys.executable, "-m", "lft_core", *args], cwd=ROOT, capture_output=True, text=True)
+        print(f"{what}: {time.perf_counter() - t:.1f} s (exit {run.returncode})", flush=True)
+    t = time.perf_counter()
+    _, at = run_page("compare", {})
+    print(f"Compare page with the saved evaluation: {time.perf_counter() - t:.2f} s; exception: {bool(at.exception)}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ default cache and grids, but tiny flows given through LFT_DEMO_ARGS: about half 
 every page of the path, checks each draws without an exception and screenshots it into tests/artifacts/; on the
 per-token KL page it enters a sentence and checks the coloured tokens, on the Compare page it evaluates the flows on
 a small held-out sample (the page's full evaluation is test_app_compare's).
-The test takes about 75 s on 2 quiet cores. With LFT_SCREENSHOTS=1 the demo runs with the default recipe
+The test takes about 2 minutes on 2 quiet cores. With LFT_SCREENSHOTS=1 the demo runs with the default recipe
 (about 40 minutes on 2 CPU cores; or point LFT_DEMO_CACHE at a cache folder where `python -m lft_core demo` has
 run) and the screenshots go to docs/screenshots/ for the README. Skipped (with the reason) when /usr/bin/chromium
 or playwright is missing.
@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from urllib.parse import unquote
 from pathlib import Path
 
@@ -158,6 +159,9 @@ PAGES = (("Setup & cache", "setup"), ("Choose a span", "span"), ("Train", "train
          ("Latent trajectories", "trajectories"), ("Coupling crossings", "crossings"), ("Per-token KL", "kl"),
          ("Compare spans", "compare"), ("Teaching lab (2-D)", "toy"))
 BUTTONS = {"span": "Compute skip-k KL", "compare": "Evaluate", "toy": "Train SFM and FW"}
+"""The button each page is pressed at. Without LFT_SCREENSHOTS=1 the span page's is left alone: its job (skip-k
+for k = 1..3 at every position on 4 x 128 tokens, 80 s on 2 cores) would be most of this test's time, and a
+background evaluation in the browser is already exercised by Compare's (the span button: test_app_pages)."""
 DONE_WHEN = {"span": "computed once for every position", "compare": "by a background job and saved"}
 """The text that appears when a page's background evaluation (started by its button) has ended."""
 COMPARE_SMALL = {"Held-out windows": 1, "Tokens per window": 16, "skip-k up to k =": 1}
@@ -280,6 +284,8 @@ def same_metrics(got: list[str], expected: list[str]) -> bool:
             continue
         if a.startswith("Tokens misrouted") and b.startswith("Tokens misrouted"):
             if abs(float(a.rsplit(" ", 1)[1].rstrip("%")) - float(b.rsplit(" ", 1)[1].rstrip("%"))) <= 2:
+                warnings.warn(f"Crossings' misrouted share differs between two sessions: {b!r} / {a!r} "
+                              f"(all metrics: {expected} / {got})")
                 continue
         return False
     return True
@@ -340,7 +346,7 @@ def test_demo_then_every_page_in_a_real_browser(app_url, tmp_path):
                 if name == "kl":
                     per_token_kl(page)
                     presenter_mode_enlarges_every_text(page, ARTIFACTS)
-                elif name in BUTTONS:
+                elif name in BUTTONS and (FULL or name != "span"):
                     if name == "compare" and not FULL:
                         for label, value in COMPARE_SMALL.items():
                             set_number(page, label, value)
