@@ -210,6 +210,7 @@ def presenter() -> bool:
 
 
 TEXT = "w_text"  # the text the Trajectories, Crossings and Per-token KL pages analyse (one text for the story)
+STORY_K = "k"  # their k (flow integration steps), one for the story; each page has its own slider (story_k)
 
 
 def sync_text_query() -> None:
@@ -231,7 +232,7 @@ def _flag(text: str) -> bool | None:
 
 LINKED: dict[str, tuple[str, Callable[[str], Any], Any]] = {
     # URL name: (session key, parse, allowed values)
-    "k": ("k", int, range(1, 9)),
+    "k": (STORY_K, int, range(1, 9)),
     "proj": ("proj", str, ("PCA", "UMAP")),
     "skip": ("w_kl_skip", _flag, (True, False)),  # Per-token KL: compare with skip-k, how many blocks, baselines
     "skipk": ("w_kl_skip_k", int, range(1, 257)),
@@ -278,11 +279,7 @@ def sync_linked_query() -> None:
                     f"{allowed.start}..{allowed.stop - 1}"
                 st.session_state["_link_error"] = f"the link's {name}={given!r} is not one of {shown}"
         elif key in st.session_state:
-            value = st.session_state[key]
-            text = str(value).lower() if isinstance(value, bool) else str(value)
-            st.session_state[seen] = text
-            if given != text:
-                st.query_params[name] = text
+            write_link(name, st.session_state[key])
 
 
 def took_link(key: str) -> bool:
@@ -327,6 +324,29 @@ def link_flows(names: Sequence[str]) -> None:
             st.query_params["flows"] = text
         elif "flows" in st.query_params:
             del st.query_params["flows"]
+
+
+def write_link(name: str, value: Any) -> None:
+    """Put a linked input's value into the URL now (``?name=value``), as the frame would at the next run: for a
+    value a page sets while it runs, so that a link copied at once carries it."""
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    st.session_state[f"_{name}_qp"] = text
+    if st.query_params.get(name) != text:
+        st.query_params[name] = text
+
+
+def story_k(where: Any, page: str, label: str, default: int, **kwargs: Any) -> int:
+    """The story's k on ``page`` (``traj``, ``cross``, ``kl``): a slider of the page's own (``w_<page>_k``), started
+    from the shared ``STORY_K`` and writing back to it. One widget key on several pages does not work in a browser:
+    Streamlit scopes a widget to its page and resets it to its default (k = 1) on another page."""
+    st.session_state.setdefault(STORY_K, default)
+    key, seen = f"w_{page}_k", f"_w_{page}_k_story"
+    if key not in st.session_state or st.session_state.get(seen) != st.session_state[STORY_K]:
+        st.session_state[key] = st.session_state[STORY_K]  # k changed on another page, or by a link
+    value = int(where.slider(label, 1, 8, key=key, persist_state=KEEP, **kwargs))
+    st.session_state[STORY_K] = st.session_state[seen] = value
+    write_link("k", value)
+    return value
 
 
 def story_text(label: str = "Text", height: int = 100, help: str | None = None) -> str:

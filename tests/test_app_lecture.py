@@ -112,7 +112,7 @@ def test_inputs_survive_switching_pages(tiny_flow, small_cache):
     at.text_area(key="w_text").input("The cat sat on the mat and looked at the dog.").run()
     tokens = at.multiselect(key="w_traj_tokens").options[1:3]
     at.multiselect(key="w_traj_tokens").set_value(tokens).run()
-    at.slider(key="k").set_value(2).run()
+    at.slider(key="w_traj_k").set_value(2).run()
     at.radio(key="proj").set_value("UMAP").run()
     at.checkbox(key="w_traj_centre").uncheck().run()
     clean(at)
@@ -120,9 +120,10 @@ def test_inputs_survive_switching_pages(tiny_flow, small_cache):
     at.radio(key="w_cross_source").set_value("My text").run()
     clean(at)
     assert at.text_area(key="w_text").value.startswith("The cat sat")  # one text for the story
-    assert at.slider(key="k").value == 2  # and one k
+    assert at.slider(key="w_cross_k").value == 2  # and one k
     go(at, "kl")
     clean(at)
+    assert at.slider(key="w_kl_k").value == 2 and at.query_params["k"] == "2"
     at.toggle(key="w_kl_affine").set_value(True)
     next(b for b in at.button if b.label == "Compute KL").click().run()  # a form's inputs count once submitted
     clean(at)
@@ -131,7 +132,7 @@ def test_inputs_survive_switching_pages(tiny_flow, small_cache):
     clean(at)
     assert at.text_area(key="w_text").value.startswith("The cat sat")
     assert at.multiselect(key="w_traj_tokens").value == tokens
-    assert at.slider(key="k").value == 2 and at.radio(key="proj").value == "UMAP"
+    assert at.slider(key="w_traj_k").value == 2 and at.radio(key="proj").value == "UMAP"
     assert at.checkbox(key="w_traj_centre").value is False
     go(at, "crossings")
     assert at.radio(key="w_cross_source").value == "My text"
@@ -153,7 +154,7 @@ def test_a_link_reproduces_a_trajectories_view(tiny_flow):
     clean(at)
     assert at.text_area(key="w_text").value == text
     assert at.multiselect(key="w_traj_flows").value == ["tiny-fw"]
-    assert at.slider(key="k").value == 2 and at.radio(key="proj").value == "UMAP"
+    assert at.slider(key="w_traj_k").value == 2 and at.radio(key="proj").value == "UMAP"
     assert str(at.session_state["span"]) == "2:4"
     # and the page writes its view into its link
     at.text_area(key="w_text").input("Another sentence for another link.").run()

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import warnings
 from urllib.parse import unquote
 from pathlib import Path
 
@@ -275,20 +274,9 @@ LINKED_PAGES = ("span", "crossings", "kl")
 
 
 def same_metrics(got: list[str], expected: list[str]) -> bool:
-    """Equal metrics, except that Crossings' "tokens misrouted by the flow" may differ by one token of 64 (2
-    points): seen once between two sessions (19% and 20%) with every other number equal; not explained yet."""
-    if len(got) != len(expected):
-        return False
-    for a, b in zip(got, expected):
-        if a == b:
-            continue
-        if a.startswith("Tokens misrouted") and b.startswith("Tokens misrouted"):
-            if abs(float(a.rsplit(" ", 1)[1].rstrip("%")) - float(b.rsplit(" ", 1)[1].rstrip("%"))) <= 2:
-                warnings.warn(f"Crossings' misrouted share differs between two sessions: {b!r} / {a!r} "
-                              f"(all metrics: {expected} / {got})")
-                continue
-        return False
-    return True
+    """Equal metrics. (Crossings' "tokens misrouted by the flow" once differed by one token: its k slider, one
+    widget key on three pages, was reset to 1 by Streamlit on the second page; each page has its own now.)"""
+    return got == expected
 
 
 def same_numbers_in_a_fresh_session(context, url: str, expected: list[str], name: str) -> None:

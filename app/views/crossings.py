@@ -46,9 +46,8 @@ flow_choice = col_flow.selectbox("Trained flow (optional)", options, key="w_cros
                                  help="Flows trained for this span (the best-trained FW flow is preselected).")
 state.link_flows([flow_choice] if flow_choice in by_name else [])
 flow_cfg = by_name.get(flow_choice)
-st.session_state.setdefault("k", (flow_cfg.k or 3) if flow_cfg else 3)
-k = col_k.slider("k", 1, 8, key="k", persist_state=state.KEEP, disabled=flow_cfg is None,
-                 help="the flow's integration steps")
+k = state.story_k(col_k, "cross", "k", (flow_cfg.k or 3) if flow_cfg else 3, disabled=flow_cfg is None,
+                  help="the flow's integration steps")
 if not flows:
     st.info(story.no_flow_here() + " The crossings below are the data's own; a flow shows which of them it "
             "misroutes.", icon=":material/info:")

@@ -44,7 +44,6 @@ if st.session_state.get("_kl_skip_span") != used:
     if not linked_skip:
         st.session_state["w_kl_skip_k"] = max(1, int(used.blocks / 4 + 0.5))
     st.session_state["_kl_skip_span"] = used
-st.session_state.setdefault("k", 3)
 st.session_state.setdefault("w_kl_skip", True)
 FITTED = fitted_baselines()  # each offered as a toggle (``baselines.BASELINES``), off by default
 for b in FITTED:
@@ -57,7 +56,7 @@ with st.form("kl_form"):
     flow_choice = col_f.selectbox("Flow", options, key="w_kl_flow", persist_state=state.KEEP,
                                   disabled=state.presenter(),
                                   format_func=lambda name: by_name[name].label if name in by_name else name)
-    k = col_k.slider("k (flow integration steps)", 1, 8, key="k", persist_state=state.KEEP)
+    k = state.story_k(col_k, "kl", "k (flow integration steps)", 3)
     use_skip = col_skip.toggle("skip-k", key="w_kl_skip", persist_state=state.KEEP,
                                help="Also compare with removing blocks.")
     # the paper compares replacing 6 blocks with skipping 2, and 12 with 3: about a quarter of the span

@@ -78,8 +78,8 @@ if not picked:
 positions = [int(o.split(":", 1)[0]) for o in picked]
 
 col_k, col_proj, col_opts = st.columns([1, 1, 2])
-st.session_state.setdefault("k", (by_name[chosen[0]].k or 3) if chosen else 3)
-k = col_k.slider("k (flow steps)", 1, 8, key="k", persist_state=state.KEEP, disabled=not chosen)
+k = state.story_k(col_k, "traj", "k (flow steps)", (by_name[chosen[0]].k or 3) if chosen else 3,
+                  disabled=not chosen)
 st.session_state.setdefault("proj", "PCA")
 method = col_proj.radio("Projection", ["PCA", "UMAP"], horizontal=True, key="proj", persist_state=state.KEEP)
 st.session_state.setdefault("w_traj_centre", True)
