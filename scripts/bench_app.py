@@ -59,11 +59,22 @@ def main() -> None:
     shown = "affine" in at.session_state["kl_result"].kl
     print(f"KL page, the affine toggle on: {time.perf_counter() - t:.2f} s in the foreground; affine row shown: "
           f"{shown}; background fits started: {len([j for j in list_jobs('baselines') if j.id not in background])}")
+    at.text_area(key="w_text").set_value(" ".join([TEXT] * 3))
     t = time.perf_counter()
+    next(b for b in at.button if b.label.startswith("Compute")).click().run()
+    print(f"KL page, a text of {len(at.session_state['kl_result'].tokens)} tokens with LFT, skip-k and affine: "
+          f"{time.perf_counter() - t:.2f} s; exception: {bool(at.exception)}")
     _, at = run_page("trajectories", state)
+    t = time.perf_counter()
     at.checkbox(key="w_traj_affine").check().run()
-    print(f"Trajectories, the affine end point on: {time.perf_counter() - t:.2f} s (page and toggle); "
-          f"exception: {bool(at.exception)}")
+    print(f"Trajectories, the affine end point on: {time.perf_counter() - t:.2f} s; exception: {bool(at.exception)}")
+    t = time.perf_counter()
+    at.radio(key="proj").set_value("UMAP").run()
+    print(f"Trajectories, PCA to UMAP: {time.perf_counter() - t:.2f} s; exception: {bool(at.exception)}")
+    _, at = run_page("crossings", state)
+    t = time.perf_counter()
+    at.slider(key="w_cross_n").set_value(256).run()
+    print(f"Crossings, 256 tokens: {time.perf_counter() - t:.2f} s; exception: {bool(at.exception)}")
     background_evaluations()
 
 
