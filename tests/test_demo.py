@@ -105,7 +105,8 @@ def test_a_full_tiny_demo(smol):
         assert record is not None and record.status == "complete" and record.steps_done == 2
         assert record.method == info["method"] and tuple(record.span) == tuple(info["span"])
         assert record.config["windows"] == 4 and record.config["seq_len"] == 16
-    assert all(isinstance(s["seconds"], (int, float)) for s in manifest["steps"])
+    # the steps this run did have their seconds (steps another test's demo did on the same cache may have none)
+    assert all(isinstance(s["seconds"], (int, float)) for s in result.steps if not s["already"])
 
     # progress: every event names its step of 7; training events carry the flow's own progress; honest ETA
     if events:  # empty when an earlier test of this session prepared it already

@@ -267,7 +267,7 @@ def save_fit(prepared: Prepared, teacher: Teacher, span: Span | tuple[int, int],
 
 
 def slow_fit(name: str, teacher: Teacher, span: Span | tuple[int, int], data: FitData) -> bool:
-    """True when ``prepare`` would compute hidden states first: no kept fit, and the fit must compute hidden states."""
+    """True when ``prepare`` would take long here: no kept fit, and the fit must compute hidden states first."""
     baseline = get_baseline(name)
     return (baseline.fitted and baseline.keeps_fits and stored_fit(name, teacher, span, data) is None
             and baseline.slow_fit(teacher, Span.of(span), data))
