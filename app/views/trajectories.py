@@ -123,7 +123,7 @@ def trajectories(spec: str, flow_keys: tuple[tuple[str, str, float], ...], text:
 flow_keys = tuple((label, *engine.flow_key(f)) for label, f in flow_names.items())
 first = next(iter(flow_names.values()), None)
 config = first.config if first is not None else None
-ready: list[str] = []  # fitted (or kept) now; a fit that takes minutes runs in the background meanwhile
+ready: list[str] = []  # fitted (or kept) now; a fit that must cache hidden states runs in the background meanwhile
 for name in with_baselines:
     with engine.engine_errors():
         if engine.get_baseline(name, span, config) is not None:  # cached for trajectories()
