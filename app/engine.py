@@ -17,7 +17,7 @@ from app.state import corpus_spec, current_span, model_spec, seq_len
 from lft_core.analysis.baselines import FitData, Prepared, fit_key, prepare, slow_fit
 from lft_core.errors import LFTError
 from lft_core.model.loading import load_teacher
-from lft_core.run.jobs import list_jobs, running_job, start_unique_job
+from lft_core.run.jobs import last_job, running_job, start_unique_job
 from lft_core.span import Span
 from lft_core.flow.store import SavedFlow
 from lft_core.model.teacher import Teacher
@@ -147,7 +147,7 @@ def fit_in_background(name: str, spec: str, span: Span, data: FitData) -> None:
     label = f"fit {fit_key(name, get_teacher(spec), span, data)}"
     job = running_job("baselines", label)
     if job is None:
-        last = next((j for j in list_jobs("baselines") if j.label == label), None)
+        last = last_job("baselines", label)
         if last is not None and last.status == "failed" and not st.session_state.get(f"_retry_{label}"):
             st.error(f"Fitting the {name} baseline of span {span} failed: {last.error_line() or last.log_tail(3)}")
             if st.button(f"Try the {name} fit again", key=f"retry_{label}"):

@@ -14,7 +14,7 @@ from lft_core.analysis.baselines import fitted_baselines
 from lft_core import zoo
 from lft_core.analysis.compare_eval import CompareRequest, request_key, saved_comparison
 from lft_core.errors import LFTError
-from lft_core.run.jobs import list_jobs, running_job, start_unique_job
+from lft_core.run.jobs import last_job, running_job, start_unique_job
 from lft_core.span import Span
 
 X_CHOICES = {"training step": "step", "wall time (s)": "seconds"}
@@ -140,9 +140,9 @@ def evaluation_job(request: CompareRequest, key: str, n_spans: int) -> None:
     label = f"compare {key}"
     running = running_job("compare", label)
     if running is None:
-        failed = [j for j in list_jobs("compare")[:5] if j.label == label and j.status == "failed"]
-        if failed:
-            st.error(f"The last evaluation of these settings failed: {failed[0].error_line() or failed[0].log_tail(3)}")
+        last = last_job("compare", label)
+        if last is not None and last.status == "failed":
+            st.error(f"The last evaluation of these settings failed: {last.error_line() or last.log_tail(3)}")
         st.caption(f"Evaluation: {len(request.flows)} flow(s), "
                    + "".join(f"{name} baselines of {n_spans} span(s), " for name in request.baselines)
                    + ("skip-k at every start position (computed once per text and reused)" if request.best
@@ -200,7 +200,7 @@ baselines_of: dict[str, list[dict]] = {}
 for row, clean in zip(saved["baseline_rows"], baseline_rows):
     for member in row["members"]:
         baselines_of.setdefault(member, []).append(clean)
-grid = [cmp.SkipKL(int(r["k"]), int(r["start"]), float(r["kl"]), float(r["ppl"])) for r in saved["grid"]]
+grid = [cmp.SkipKL.of(r) for r in saved["grid"]]
 st.caption(f"Evaluated in {fmt_seconds(saved.get('seconds'))} by a background job and saved: every session asking for "
            "the same flows and settings reads it back (skip-k at every position is computed once per text and "
            "reused everywhere). `python -m lft_core compare " + " ".join(request.cli_args()) + "` does the same.")

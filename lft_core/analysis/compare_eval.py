@@ -58,7 +58,7 @@ def read_skip_grid(path: Path) -> list[SkipKL] | None:
 
     try:
         data = read_record(path, {"version": int, "rows": list})
-        return [SkipKL(int(r["k"]), int(r["start"]), float(r["kl"]), float(r["ppl"])) for r in data["rows"]]
+        return [SkipKL.of(r) for r in data["rows"]]
     except (DamagedRecord, KeyError, TypeError, ValueError):
         return None
 

@@ -42,6 +42,11 @@ class SkipKL:
     kl: float
     ppl: float
 
+    @classmethod
+    def of(cls, row: Mapping) -> SkipKL:
+        """One row as saved in JSON (``dataclasses.asdict``): a persisted grid, an evaluation, the zoo's curve."""
+        return cls(int(row["k"]), int(row["start"]), float(row["kl"]), float(row["ppl"]))
+
 
 def skip_starts(n_layers: int, k: int) -> range:
     """Every position k blocks can be removed from."""
@@ -272,8 +277,7 @@ def zoo_curve_points(curve: Mapping, paper: bool = True) -> pd.DataFrame:
     """The points of the paper's plot from the zoo's shipped curve (``zoo.read_curve``): the shipped flows (one
     series per method), skip-k at its best position and the affine map of each shipped span, in the columns of
     ``kl_vs_blocks``."""
-    best = {int(r["k"]): SkipKL(int(r["k"]), int(r["start"]), float(r["kl"]), float(r["ppl"]))
-            for r in curve.get("skip_best", [])}
+    best = {int(r["k"]): SkipKL.of(r) for r in curve.get("skip_best", [])}
     baseline_rows = [{"baseline": "affine", "name": f"affine {Span.of(a['span'])}", "span": str(Span.of(a["span"])),
                       "KL": float(a["kl"])} for a in curve.get("affine", [])]
     points = kl_vs_blocks([], [], [], best, baseline_rows, paper=paper)

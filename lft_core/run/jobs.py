@@ -124,6 +124,11 @@ def running_job(kind: str, label: str) -> Job | None:
     return next((j for j in list_jobs(kind) if j.label == label and j.status in ("running", "stopping")), None)
 
 
+def last_job(kind: str, label: str) -> Job | None:
+    """The newest job of ``kind`` with ``label``, whatever its status, or None."""
+    return next((j for j in list_jobs(kind) if j.label == label), None)
+
+
 def _alive(pid: int | None) -> bool:
     if not pid:
         return False
