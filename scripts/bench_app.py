@@ -82,14 +82,14 @@ def background_evaluations() -> None:
     """Compare's default evaluation and the span page's skip-k grid, run as the pages' jobs run them (a fresh
     process each: model loading included), first with nothing saved, then read back."""
     import subprocess
+    from dataclasses import replace
 
     _, at = run_page("compare", {})
     request = at.session_state["compare_request"]
     spec = at.session_state.get("model_spec", "smollm2-135m")
     commands = {
         "skip-k grid (Choose a span's button: k = 1..3 at every position, 4 x 128 tokens)":
-            ["compare", "--skip-only", "--model", spec, "--corpus", request.corpus, "--windows", "4",
-             "--seq-len", "128", "--skip-max", "3"],
+            ["compare", "--skip-only", "--model", spec, *replace(request, flows=(), baselines=()).cli_args()],
         f"Compare's default evaluation ({len(request.flows)} flows, baselines {', '.join(request.baselines)}, "
         "skip-k grid already saved)": ["compare", "--model", spec, *request.cli_args()],
     }

@@ -7,7 +7,7 @@ import streamlit as st
 
 from app import engine, frame, pages, progress, state
 from app.figures.span import affine_heatmap, recoupling_heatmap, skip_kl_bars
-from lft_core.analysis.compare_eval import read_skip_grid, skip_grid_path
+from lft_core.analysis.compare_eval import CompareRequest, read_skip_grid, skip_grid_path
 from lft_core.errors import LFTError
 from lft_core.run.jobs import running_job, start_unique_job
 from lft_core.span import grid_frame, lowest_of_length
@@ -170,9 +170,8 @@ if grid is None:
     elif st.button("Compute skip-k KL for k = 1, 2, 3 at every position (once, in the background)",
                    key="skip_button"):
         try:
-            start_unique_job("compare", ["--skip-only", "--model", state.model_spec(), "--corpus", state.corpus_spec(),
-                                         "--windows", str(SKIP_EVAL_WINDOWS), "--seq-len", str(seq), "--skip-max", "3"],
-                             label)
+            request = CompareRequest((), state.corpus_spec(), SKIP_EVAL_WINDOWS, seq, max(SKIP_KS))
+            start_unique_job("compare", ["--skip-only", "--model", state.model_spec(), *request.cli_args()], label)
         except LFTError as e:
             st.error(str(e))
         else:
