@@ -205,6 +205,32 @@ def test_the_zoo_curve_is_measured_and_drawn_from_its_file(tiny_zoo, smol):
     assert len(points[points["kind"] == "affine"]) == 2 and points["reference"].any()
 
 
+def test_ship_fits_writes_each_span_once_and_runs_again_on_a_cache_without_them(tiny_zoo, smol, tmp_path,
+                                                                             monkeypatch):
+    """``zoo.ship_fits``: one affine fit per shipped span (two flows share each span); a second run, with the cache's
+    own copies gone, finds them shipped and rewrites nothing; a damaged shipped fit is made again."""
+    import shutil
+
+    from lft_core.analysis import baselines
+    from lft_core.analysis.baselines import FitData, fit_key, get_baseline, read_fit
+    from lft_core.paths import cache_dir
+    from lft_core.zoo import ship_fits, shipped_flows
+
+    monkeypatch.setattr(baselines, "SHIPPED_FITS", tmp_path / "fits")
+    files = ship_fits(smol)
+    spans = {f.span for f in shipped_flows()}
+    assert len(files) == len(spans) == 2
+    assert {p.stem for p in files} == {fit_key("affine", smol, f.span, FitData.of_flow(f.config))
+                                       for f in shipped_flows()}
+    stamps = {p: p.stat().st_mtime_ns for p in files}
+    shutil.rmtree(cache_dir("baselines"))
+    assert ship_fits(smol) == files and {p: p.stat().st_mtime_ns for p in files} == stamps
+    files[0].write_bytes(b"not a fit")
+    assert ship_fits(smol) == files
+    span = next(f.span for f in shipped_flows() if files[0].stem.startswith(f"affine-{f.span[0]}-{f.span[1]}-"))
+    assert read_fit(get_baseline("affine"), span, files[0]) is not None
+
+
 def test_more_steps_adds_flow_steps_before_distillation_and_distillation_steps_after():
     from lft_core.flow.training import more_steps
 

@@ -220,10 +220,12 @@ def fit_file(key: str) -> Path:
     return cache_dir("baselines") / f"{key}.safetensors"
 
 
-def _read_fit(baseline: Baseline, span: Span, path: Path) -> Replacement | None:
+def read_fit(baseline: Baseline, span: Span, path: Path) -> Replacement | None:
     """The fit saved at ``path``; None when it is missing or unreadable (it is then fitted again)."""
     from safetensors import safe_open
 
+    if not path.is_file():
+        return None
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -242,10 +244,9 @@ def stored_fit(name: str, teacher: Teacher, span: Span | tuple[int, int], data: 
         return None
     key = fit_key(name, teacher, span, data)
     for path in (fit_file(key), SHIPPED_FITS / f"{key}.safetensors"):
-        if path.is_file():
-            replacement = _read_fit(baseline, span, path)
-            if replacement is not None:
-                return Prepared(baseline, replacement)
+        replacement = read_fit(baseline, span, path)
+        if replacement is not None:
+            return Prepared(baseline, replacement)
     return None
 
 

@@ -271,7 +271,8 @@ def export_flow(src: Path, name: str, provenance: dict, dtype: str = "float16", 
 def ship_fits(teacher: Teacher) -> list[Path]:
     """Fit every kept baseline (``baselines.keeps_fits``) of each shipped flow of ``teacher`` on the flow's own
     training data and copy the fit into the zoo's fits (``baselines.SHIPPED_FITS``); returns the files."""
-    from lft_core.analysis.baselines import SHIPPED_FITS, FitData, fit_file, fit_key, fitted_baselines, prepare
+    from lft_core.analysis.baselines import (SHIPPED_FITS, FitData, fit_file, fit_key, fitted_baselines, prepare,
+                                            read_fit)
     from lft_core.atomic import write_bytes
 
     out = []
@@ -280,13 +281,15 @@ def ship_fits(teacher: Teacher) -> list[Path]:
             continue
         data = FitData.of_flow(flow.config)
         for baseline in (b for b in fitted_baselines() if b.keeps_fits):
-            prepare(baseline.name, teacher, flow.span, data)
             key = fit_key(baseline.name, teacher, flow.span, data)
             target = SHIPPED_FITS / f"{key}.safetensors"
-            if target not in out:
+            if target in out:
+                continue
+            if read_fit(baseline, flow.span, target) is None:  # not shipped yet (or damaged): fit, keep, copy
+                prepare(baseline.name, teacher, flow.span, data)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 write_bytes(target, fit_file(key).read_bytes())
-                out.append(target)
+            out.append(target)
     return out
 
 
